@@ -1,0 +1,32 @@
+# The two commands a newcomer runs. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Several CPU "devices" so the sharding tests run on a laptop.
+TEST_XLA_FLAGS := --xla_force_host_platform_device_count=4
+
+.PHONY: demo test install install-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: install
+	$(BIN)/jaxldm demo
+
+test: install-test
+	XLA_FLAGS=$(TEST_XLA_FLAGS) $(BIN)/python -m pytest -q -n 2 -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,221 @@
+"""The `jaxldm` command. Intentionally thin: parse arguments, call library functions.
+
+Errors a user can cause (files, configs, budgets) become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from collections.abc import Sequence
+
+from jaxldm import __version__
+from jaxldm.config import ConfigError, load_config, split_override_args
+from jaxldm.data.errors import DataError
+
+USER_ERRORS = (DataError, ConfigError)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected integers like 12,64,64, got {text!r}") from None
+
+
+def _floats(text: str) -> tuple[float, ...]:
+  try:
+    return tuple(float(v) for v in text.replace("x", ",").split(",") if v.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected numbers like 10,1.8,1.8, got {text!r}") from None
+
+
+def _shape_and_spacing(args) -> tuple[tuple[int, ...], tuple[float, ...]]:
+  from jaxldm.data.defaults import SIZES
+
+  shape, spacing = SIZES[args.size]
+  shape = args.shape or shape
+  spacing = args.spacing or spacing
+  if len(shape) != 3 or min(shape) < 1:
+    raise DataError(f"--shape must be three positive integers D,H,W, got {shape}")
+  if len(spacing) != 3 or min(spacing) <= 0:
+    raise DataError(f"--spacing must be three positive numbers dz,dy,dx in mm, got {spacing}")
+  return shape, spacing
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+def cmd_data_phantoms(args) -> int:
+  from jaxldm.data import phantoms
+
+  shape, spacing = _shape_and_spacing(args)
+  out = phantoms.write_dataset(args.out, args.n, domain=args.domain, shape=shape, spacing=spacing,
+                               seed=args.seed, dtype=args.dtype, overwrite=args.overwrite,
+                               progress=not args.quiet)
+  print(f"wrote {args.n} {args.domain} phantoms {'x'.join(map(str, shape))} at "
+        f"{'x'.join(f'{s:g}' for s in spacing)} mm to {out}")
+  return 0
+
+
+def cmd_data_inspect(args) -> int:
+  from jaxldm.data import inspect
+
+  report = inspect.inspect_directory(args.dir, csv_path=args.csv, progress=not args.quiet)
+  inspect.render(report)
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+  return 1 if report["problems"] else 0
+
+
+def cmd_data_prepare(args, overrides) -> int:
+  from rich.console import Console
+
+  from jaxldm.data.defaults import build_dataset
+
+  config = load_config(args.config, overrides)
+  dataset = build_dataset(config.data, progress=True)
+  volumes, attributes, mask = dataset.arrays()
+  console = Console()
+  console.print(f"{len(dataset)} volumes -> array {tuple(volumes.shape)} {volumes.dtype}, "
+                f"range [{volumes.min():.3g}, {volumes.max():.3g}], cached in {dataset.cache_dir}")
+  for j, name in enumerate(dataset.columns):
+    present = mask[:, j] > 0
+    vals = attributes[present, j]
+    stats = f"mean {vals.mean():.4g} std {vals.std():.4g}" if vals.size else "no values"
+    console.print(f"  {name:24s} coverage {present.mean():6.1%}  {stats}")
+  return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# config, demo
+# ---------------------------------------------------------------------------------------------
+def cmd_config_show(args, overrides) -> int:
+  from jaxldm.config import to_dict
+
+  config = load_config(args.config, overrides)
+  print(json.dumps(to_dict(config), indent=2))
+  return 0
+
+
+def cmd_demo(args) -> int:
+  """Until the training pipeline lands: the phantom benchmark, written and inspected."""
+  from jaxldm.data import inspect, phantoms
+
+  out = pathlib.Path(args.out)
+  shape, spacing = _shape_and_spacing(args)
+  for domain, n, seed in (("public", args.n, 0), ("private", args.n, 1)):
+    target = out / "phantoms" / domain
+    if (target / "attributes.csv").is_file():
+      print(f"{target} exists; reusing it (delete it to regenerate)")
+      continue
+    phantoms.write_dataset(target, n, domain=domain, shape=shape, spacing=spacing, seed=seed,
+                           progress=True)
+    print(f"wrote {n} {domain} phantoms to {target}")
+  report = inspect.inspect_directory(out / "phantoms" / "private", progress=True)
+  inspect.render(report)
+  return 1 if report["problems"] else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+# ---------------------------------------------------------------------------------------------
+def _add_size_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--size", choices=("tiny", "default", "paper"), default="default",
+                 help="preset shape and spacing: tiny 6x32x32 @ 20x3.6x3.6 mm; default 12x64x64 @ "
+                      "10x1.8x1.8 mm (UK Biobank SAX); paper 13x96x96 @ 10x1.8x1.8 mm")
+  p.add_argument("--shape", type=_ints, help="volume shape D,H,W (overrides --size)")
+  p.add_argument("--spacing", type=_floats, help="voxel spacing dz,dy,dx in mm (overrides --size)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="jaxldm",
+      description="Differentially private 3D latent diffusion models for medical volumes.",
+      epilog="Config overrides: --config.a.b=value after a --config FILE[:variant].")
+  parser.add_argument("--version", action="version", version=f"jaxldm {__version__}")
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+  data = sub.add_parser("data", help="NIfTI datasets and the phantom benchmark",
+                        description="NIfTI datasets and the phantom benchmark.")
+  data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+  data.set_defaults(help_parser=data)
+
+  p = data_sub.add_parser(
+      "phantoms", help="write a procedural cardiac phantom dataset with ground truth",
+      description="Write procedural 3D cardiac short-axis phantoms (.nii.gz) plus attributes.csv "
+                  "with per-subject ground truth (LV/RV volumes, EF, wall thickness, phase, ...). "
+                  "Deterministic for a seed.")
+  p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+  p.add_argument("--n", type=int, default=64, help="number of volumes (default 64)")
+  p.add_argument("--domain", choices=("public", "private"), default="private",
+                 help="public: ACDC-like cohort with pathology and other contrast; private: "
+                      "UK-Biobank-like cohort (default)")
+  p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+  _add_size_args(p)
+  p.add_argument("--dtype", choices=("int16", "float32"), default="int16",
+                 help="stored voxel type; int16 uses scl_slope like scanner output (default)")
+  p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
+  p.set_defaults(func=cmd_data_phantoms)
+
+  p = data_sub.add_parser(
+      "inspect", help="summarise a NIfTI directory",
+      description="Count, shapes, voxel spacings, orientations, intensity ranges, attribute "
+                  "coverage and distributions of a directory of .nii/.nii.gz volumes. Exits 1 "
+                  "if any file or CSV row has a problem (all are listed).")
+  p.add_argument("dir", help="directory of NIfTI volumes")
+  p.add_argument("--csv", help="attribute CSV keyed by subject_id (default DIR/attributes.csv if present)")
+  p.add_argument("--json", help="also write the report as JSON to this file")
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
+  p.set_defaults(func=cmd_data_inspect)
+
+  p = data_sub.add_parser(
+      "prepare", help="preprocess a dataset into its cache, as a config describes it",
+      description="Load, reorient, resample, crop/pad and normalise every volume as the config's "
+                  "`data` group says, fill the cache and print what the model will see.")
+  p.add_argument("--config", required=True, help="config file[:variant], e.g. configs/data.py:tiny")
+  p.set_defaults(func=cmd_data_prepare, takes_overrides=True)
+
+  p = sub.add_parser("config", help="print a resolved config",
+                     description="Print a config after its variant and --config.* overrides.")
+  p.add_argument("--config", required=True, help="config file[:variant]")
+  p.set_defaults(func=cmd_config_show, takes_overrides=True)
+
+  p = sub.add_parser(
+      "demo", help="run the main job end to end",
+      description="Generate the phantom benchmark (public and private domains) and inspect it. "
+                  "Re-running reuses what exists.")
+  p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+  p.add_argument("--n", type=int, default=64, help="volumes per domain (default 64)")
+  _add_size_args(p)
+  p.set_defaults(func=cmd_demo)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = build_parser()
+  try:
+    overrides, rest = split_override_args(argv)
+    args = parser.parse_args(rest)
+    if not hasattr(args, "func"):  # A command group without its subcommand: show its help.
+      (args.help_parser if hasattr(args, "help_parser") else parser).print_help()
+      return 2
+    if getattr(args, "takes_overrides", False):
+      return args.func(args, overrides)
+    if overrides:
+      raise ConfigError(f"{' '.join(overrides)}: config overrides need a command that takes --config")
+    return args.func(args)
+  except USER_ERRORS as e:
+    print(f"jaxldm: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("jaxldm: interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

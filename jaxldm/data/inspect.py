@@ -1,0 +1,218 @@
+"""`jaxldm data inspect DIR`: what is in a NIfTI directory, before anything is trained on it.
+
+Lenient on purpose: a bad file or CSV row is listed as a problem instead of stopping the scan, so
+one run shows everything to fix. The CLI exits non-zero when there are problems.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import pathlib
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from jaxldm.data import nifti
+from jaxldm.data.errors import DataError
+
+MISSING = {"", "na", "nan", "none", "null"}
+SPARK = "▁▂▃▄▅▆▇█"
+ID_HEADERS = ("subject_id", "id", "subject")
+
+
+def _file_summary(path: pathlib.Path) -> dict[str, Any]:
+  """Header facts plus raw intensity statistics (scaled values, before any preprocessing)."""
+  try:
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+  except Exception as e:  # Unreadable files are reported, not fatal, in an inspection.
+    raise DataError(f"cannot read NIfTI file {path}: {type(e).__name__}: {e}") from e
+  if data.ndim not in (3, 4):
+    raise DataError(f"{path} has {data.ndim} dimensions {data.shape}; expected a 3D volume or 4D cine")
+  zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+  if any(not np.isfinite(z) or z <= 0 for z in zooms):
+    raise DataError(f"{path} has voxel spacing {zooms}; every spacing must be > 0")
+  finite = np.isfinite(data)
+  n_bad = int(data.size - finite.sum())
+  if n_bad:
+    raise DataError(f"{path} has {n_bad} NaN/Inf voxels")
+  lo, p1, p99, hi = (float(v) for v in np.percentile(data, [0, 1, 99, 100]))
+  if hi == lo:
+    raise DataError(f"{path} is constant (value {lo:g}); it carries no image")
+  summary = {
+      "file": path.name,
+      "shape": list(data.shape),
+      "spacing": list(zooms),
+      "axcodes": "".join(nib.aff2axcodes(img.affine)),
+      "dtype": str(img.get_data_dtype()),
+      "nifti": 2 if isinstance(img, nib.Nifti2Image) else 1,
+      "frames": int(data.shape[3]) if data.ndim == 4 else 1,
+      "min": lo, "p1": p1, "p99": p99, "max": hi,
+  }
+  # The (D, H, W) order the loader will produce: D is the thickest axis after reorientation.
+  try:
+    summary["canonical_shape"], summary["canonical_spacing"] = nifti.canonical_layout(img)
+  except DataError:
+    raise
+  except Exception:  # Layout is informative only.
+    pass
+  return summary
+
+
+def _read_table(csv_path: pathlib.Path) -> tuple[str, list[str], list[dict[str, str]]]:
+  try:
+    with open(csv_path, newline="") as f:
+      reader = csv.DictReader(f)
+      header = reader.fieldnames or []
+      rows = list(reader)
+  except (OSError, UnicodeDecodeError, csv.Error) as e:
+    raise DataError(f"cannot read attribute CSV {csv_path}: {e}") from e
+  id_col = next((h for h in header if h.strip().lower() in ID_HEADERS), None)
+  if id_col is None:
+    raise DataError(f"attribute CSV {csv_path} has no subject_id column (header: {', '.join(header)})")
+  return id_col, [h for h in header if h != id_col], rows
+
+
+def _histogram(values: np.ndarray, bins: int = 12) -> str:
+  if values.size == 0:
+    return ""
+  counts, _ = np.histogram(values, bins=bins)
+  top = counts.max()
+  return "".join(SPARK[min(len(SPARK) - 1, int(round(c / top * (len(SPARK) - 1))))] if c else " " for c in counts)
+
+
+def _column_stats(raw: list[str]) -> dict[str, Any]:
+  present = [v.strip() for v in raw if v.strip().lower() not in MISSING]
+  coverage = len(present) / len(raw) if raw else 0.0
+  try:
+    values = np.array([float(v) for v in present], dtype=np.float64)
+  except ValueError:
+    counts = collections.Counter(present)
+    return {"kind": "categorical", "coverage": coverage, "counts": dict(counts.most_common(8))}
+  distinct = np.unique(values)
+  if distinct.size <= 5 and np.all(distinct == np.round(distinct)):
+    counts = collections.Counter(values.astype(int).tolist())
+    return {"kind": "categorical", "coverage": coverage, "counts": {str(k): v for k, v in sorted(counts.items())}}
+  return {
+      "kind": "continuous", "coverage": coverage,
+      "mean": float(values.mean()), "std": float(values.std()),
+      "min": float(values.min()), "max": float(values.max()),
+      "histogram": _histogram(values),
+  }
+
+
+def _attribute_report(csv_path: pathlib.Path, volume_ids: list[str]) -> tuple[dict[str, Any], list[str]]:
+  problems = []
+  id_col, columns, rows = _read_table(csv_path)
+  ids = [r[id_col].strip() for r in rows]
+  duplicates = sorted(k for k, v in collections.Counter(ids).items() if v > 1)
+  unknown = sorted(set(ids) - set(volume_ids))
+  without_row = sorted(set(volume_ids) - set(ids))
+  if duplicates:
+    problems.append(f"{csv_path}: duplicate subject ids: {', '.join(duplicates[:5])}" + (" ..." if len(duplicates) > 5 else ""))
+  if unknown:
+    problems.append(f"{csv_path}: {len(unknown)} subject id(s) with no volume: {', '.join(unknown[:5])}" + (" ..." if len(unknown) > 5 else ""))
+  if without_row:
+    problems.append(f"{csv_path}: {len(without_row)} volume(s) with no CSV row: {', '.join(without_row[:5])}" + (" ..." if len(without_row) > 5 else ""))
+  report = {
+      "csv": str(csv_path), "rows": len(rows),
+      "columns": {c: _column_stats([r.get(c) or "" for r in rows]) for c in columns},
+  }
+  return report, problems
+
+
+def _range(values: list[float]) -> dict[str, float]:
+  arr = np.asarray(values, dtype=np.float64)
+  return {"min": float(arr.min()), "median": float(np.median(arr)), "max": float(arr.max())}
+
+
+def inspect_directory(root: str | pathlib.Path, *, csv_path: str | pathlib.Path | None = None,
+                      progress: bool = False) -> dict[str, Any]:
+  """Summarises a NIfTI directory: counts, shapes, spacings, orientations, intensities, attributes.
+
+  Raises DataError only when there is nothing to inspect (missing or empty directory); per-file and
+  per-row problems are collected in `report["problems"]`.
+  """
+  root = pathlib.Path(root)
+  if not root.is_dir():
+    raise DataError(f"{root} is not a directory (expected a directory of .nii/.nii.gz volumes)")
+  paths = sorted(p for p in root.iterdir() if p.is_file() and nifti.is_nifti(p))
+  if not paths:
+    raise DataError(f"{root} contains no .nii or .nii.gz files")
+  files, problems = [], []
+  iterator = paths
+  if progress:
+    from rich.progress import track
+    iterator = track(paths, description=f"reading {root}", transient=True)
+  for path in iterator:
+    try:
+      files.append(_file_summary(path))
+    except DataError as e:
+      problems.append(str(e))
+  report: dict[str, Any] = {"root": str(root), "files": len(paths), "readable": len(files), "problems": problems}
+  if files:
+    report["shapes"] = dict(collections.Counter("x".join(map(str, f["shape"])) for f in files).most_common())
+    if all("canonical_shape" in f for f in files):
+      report["canonical_shapes"] = dict(collections.Counter("x".join(map(str, f["canonical_shape"])) for f in files).most_common())
+    report["spacing"] = [_range([f["spacing"][a] for f in files]) for a in range(3)]
+    report["orientations"] = dict(collections.Counter(f["axcodes"] for f in files).most_common())
+    report["dtypes"] = dict(collections.Counter(f["dtype"] for f in files).most_common())
+    report["nifti_versions"] = dict(collections.Counter(f"NIfTI-{f['nifti']}" for f in files).most_common())
+    report["frames"] = dict(collections.Counter(str(f["frames"]) for f in files).most_common())
+    report["intensity"] = {k: _range([f[k] for f in files]) for k in ("min", "p1", "p99", "max")}
+  if csv_path is None and (root / "attributes.csv").is_file():
+    csv_path = root / "attributes.csv"
+  if csv_path is not None:
+    try:
+      report["attributes"], csv_problems = _attribute_report(pathlib.Path(csv_path), [nifti.subject_id(p) for p in paths])
+      problems.extend(csv_problems)
+    except DataError as e:
+      problems.append(str(e))
+  return report
+
+
+def _fmt(x: float) -> str:
+  return f"{x:.4g}"
+
+
+def render(report: dict[str, Any], console=None) -> None:
+  """Prints an inspection report as rich tables."""
+  from rich.console import Console
+  from rich.table import Table
+
+  console = console or Console()
+  console.print(f"[bold]{report['root']}[/]: {report['files']} NIfTI file(s), {report['readable']} readable")
+  if report.get("shapes"):
+    t = Table(title="volumes", show_header=True, header_style="bold")
+    t.add_column("property")
+    t.add_column("values (count)")
+    t.add_row("shape (file voxel axes)", ", ".join(f"{k} ({v})" for k, v in report["shapes"].items()))
+    if "canonical_shapes" in report:
+      t.add_row("shape as loaded (D,H,W)", ", ".join(f"{k} ({v})" for k, v in report["canonical_shapes"].items()))
+    for axis, s in zip("ijk", report["spacing"]):
+      t.add_row(f"spacing {axis} (mm)", f"min {_fmt(s['min'])}  median {_fmt(s['median'])}  max {_fmt(s['max'])}")
+    t.add_row("orientation", ", ".join(f"{k} ({v})" for k, v in report["orientations"].items()))
+    t.add_row("dtype", ", ".join(f"{k} ({v})" for k, v in report["dtypes"].items()))
+    t.add_row("format", ", ".join(f"{k} ({v})" for k, v in report["nifti_versions"].items()))
+    t.add_row("frames", ", ".join(f"{k} ({v})" for k, v in report["frames"].items()))
+    for k, s in report["intensity"].items():
+      t.add_row(f"intensity {k}", f"min {_fmt(s['min'])}  median {_fmt(s['median'])}  max {_fmt(s['max'])}")
+    console.print(t)
+  attrs = report.get("attributes")
+  if attrs:
+    t = Table(title=f"attributes: {attrs['csv']} ({attrs['rows']} rows)", header_style="bold")
+    for col in ("column", "coverage", "mean ± std", "range", "distribution"):
+      t.add_column(col)
+    for name, s in attrs["columns"].items():
+      if s["kind"] == "continuous":
+        t.add_row(name, f"{s['coverage']:.0%}", f"{_fmt(s['mean'])} ± {_fmt(s['std'])}",
+                  f"{_fmt(s['min'])} .. {_fmt(s['max'])}", s["histogram"])
+      else:
+        t.add_row(name, f"{s['coverage']:.0%}", "", "", "  ".join(f"{k}: {v}" for k, v in s["counts"].items()))
+    console.print(t)
+  for p in report["problems"]:
+    console.print(f"[red]problem[/]: {p}", highlight=False)
+  if report["problems"]:
+    console.print(f"[red]{len(report['problems'])} problem(s) found[/]")
