@@ -1,0 +1,139 @@
+"""Building blocks shared by the autoencoder, the latent UNet and the discriminator.
+
+Arrays are (B, D, H, W, C) with D the slice axis. Normalisation is GroupNorm only: batch statistics
+couple the examples of a batch, which breaks per-example DP-SGD, so BatchNorm never appears here.
+Kernels and strides are per axis so thick-slice MRI can use in-plane (1, 3, 3) kernels and
+(1, 2, 2) strides while isotropic CT uses 3x3x3.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Triple = tuple[int, int, int]
+
+
+def num_groups(channels: int, max_groups: int = 32) -> int:
+  """The largest group count <= max_groups that divides `channels`."""
+  for g in range(min(max_groups, channels), 0, -1):
+    if channels % g == 0:
+      return g
+  return 1
+
+
+class Norm(nn.Module):
+  """GroupNorm with a group count that always divides the channels."""
+  max_groups: int = 32
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.GroupNorm(num_groups=num_groups(x.shape[-1], self.max_groups), epsilon=1e-6,
+                        dtype=self.dtype)(x)
+
+
+class ResBlock3D(nn.Module):
+  """Pre-activation residual block; an optional embedding (e.g. the timestep) is added in the middle."""
+  features: int
+  kernel: Triple = (3, 3, 3)
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, emb=None, *, deterministic: bool = True):
+    h = nn.swish(Norm(dtype=self.dtype)(x))
+    h = nn.Conv(self.features, self.kernel, padding="SAME", dtype=self.dtype, name="conv1")(h)
+    if emb is not None:
+      scale_shift = nn.Dense(2 * self.features, dtype=self.dtype, name="emb_proj")(nn.swish(emb))
+      scale, shift = jnp.split(scale_shift[:, None, None, None, :], 2, axis=-1)
+      h = Norm(dtype=self.dtype)(h) * (1 + scale) + shift
+    else:
+      h = Norm(dtype=self.dtype)(h)
+    h = nn.swish(h)
+    if self.dropout > 0:
+      h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    # Zero-initialised last conv: each block starts as the identity, which keeps deep nets stable.
+    h = nn.Conv(self.features, self.kernel, padding="SAME", dtype=self.dtype,
+                kernel_init=nn.initializers.zeros, name="conv2")(h)
+    if x.shape[-1] != self.features:
+      x = nn.Conv(self.features, (1, 1, 1), dtype=self.dtype, name="skip")(x)
+    return x + h
+
+
+class Downsample(nn.Module):
+  """Strided convolution; stride per axis ((1, 2, 2) keeps the thick-slice axis)."""
+  features: int
+  stride: Triple = (2, 2, 2)
+  kernel: Triple = (3, 3, 3)
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Conv(self.features, self.kernel, strides=self.stride, padding="SAME", dtype=self.dtype)(x)
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour upsampling by `stride` then a convolution (no checkerboard artefacts)."""
+  features: int
+  stride: Triple = (2, 2, 2)
+  kernel: Triple = (3, 3, 3)
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    for axis, s in zip((1, 2, 3), self.stride):
+      if s > 1:
+        x = jnp.repeat(x, s, axis=axis)
+    return nn.Conv(self.features, self.kernel, padding="SAME", dtype=self.dtype)(x)
+
+
+class Attention(nn.Module):
+  """Multi-head attention over a token axis with an optional key mask.
+
+  `x` is (..., Tq, C); `context` (..., Tk, Ck) defaults to `x`; `mask` (..., Tk) with 1 = attend.
+  """
+  heads: int = 4
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, context=None, mask=None):
+    context = x if context is None else context
+    channels = x.shape[-1]
+    heads = math.gcd(self.heads, channels)
+    head_dim = channels // heads
+    q = nn.DenseGeneral((heads, head_dim), dtype=self.dtype, name="q")(x)
+    k = nn.DenseGeneral((heads, head_dim), dtype=self.dtype, name="k")(context)
+    v = nn.DenseGeneral((heads, head_dim), dtype=self.dtype, name="v")(context)
+    logits = jnp.einsum("...qhd,...khd->...hqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+    if mask is not None:
+      big_neg = jnp.finfo(logits.dtype).min
+      logits = jnp.where(mask[..., None, None, :] > 0, logits, big_neg)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    out = jnp.einsum("...hqk,...khd->...qhd", weights, v)
+    return nn.DenseGeneral(channels, axis=(-2, -1), dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                           name="out")(out)
+
+
+def sinusoidal_embedding(values: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Transformer-style embedding of scalars (timesteps, slice indices): (...,) -> (..., dim)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = values.astype(jnp.float32)[..., None] * freqs
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, [(0, 0)] * (emb.ndim - 1) + [(0, 1)])
+  return emb
+
+
+def as_triple(value: int | Sequence[int]) -> Triple:
+  if isinstance(value, int):
+    return (value, value, value)
+  value = tuple(int(v) for v in value)
+  if len(value) != 3:
+    raise ValueError(f"expected 3 values (D, H, W), got {value}")
+  return value  # type: ignore[return-value]

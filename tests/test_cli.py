@@ -1,0 +1,97 @@
+"""The `jaxldm` command: help for every subcommand, phantoms + inspect, one-line errors."""
+
+import hashlib
+import json
+import pathlib
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from jaxldm import cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--shape", "6,24,24", "--spacing", "20,4.8,4.8"]
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, "-m", "jaxldm.cli", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def _digest(directory: pathlib.Path) -> dict[str, str]:
+  return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("command", [[], ["data"], ["data", "phantoms"], ["data", "inspect"],
+                                     ["data", "prepare"], ["config"], ["demo"]])
+def test_every_command_has_help(command, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main([*command, "--help"])
+  assert exit_info.value.code == 0
+  assert "usage: jaxldm" in capsys.readouterr().out
+
+
+def test_phantoms_twice_identical_then_inspect(tmp_path, capsys):
+  a, b = tmp_path / "a", tmp_path / "b"
+  for out in (a, b):
+    assert cli.main(["data", "phantoms", "--out", str(out), "--n", "4", "--domain", "private",
+                     "--seed", "1", "--quiet", *TINY]) == 0
+  assert _digest(a) == _digest(b)
+  assert len(list(a.glob("*.nii.gz"))) == 4
+  capsys.readouterr()
+  report_path = tmp_path / "report.json"
+  assert cli.main(["data", "inspect", str(a), "--json", str(report_path), "--quiet"]) == 0
+  out = capsys.readouterr().out
+  assert "4 NIfTI file(s), 4 readable" in out
+  assert "lv_edv_ml" in out
+  report = json.loads(report_path.read_text())
+  assert report["files"] == 4 and report["problems"] == []
+  assert report["canonical_shapes"] == {"6x24x24": 4}
+  assert report["attributes"]["columns"]["lv_edv_ml"]["coverage"] == 1.0
+  assert report["spacing"][2]["median"] == pytest.approx(20.0)
+
+
+def test_inspect_lists_problems_and_exits_nonzero(tmp_path, capsys):
+  assert cli.main(["data", "phantoms", "--out", str(tmp_path / "d"), "--n", "2", "--quiet", *TINY]) == 0
+  (tmp_path / "d" / "broken.nii.gz").write_bytes(b"not a nifti file at all")
+  capsys.readouterr()
+  assert cli.main(["data", "inspect", str(tmp_path / "d"), "--quiet"]) == 1
+  out = capsys.readouterr().out
+  assert "broken.nii.gz" in out
+  assert "volume(s) with no CSV row: broken" in out
+
+
+def test_prepare_fills_the_cache(tmp_path, capsys):
+  data = tmp_path / "d"
+  assert cli.main(["data", "phantoms", "--out", str(data), "--n", "3", "--quiet", *TINY]) == 0
+  assert cli.main(["data", "prepare", "--config", str(ROOT / "configs/data.py:tiny"),
+                   f"--config.data.root={data}", "--config.data.shape=4,16,16"]) == 0
+  out = capsys.readouterr().out
+  assert "3 volumes -> array (3, 4, 16, 16) float32" in out
+  assert list((data / ".jaxldm_cache").rglob("*.npy"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["data", "inspect", "{tmp}/missing"], "is not a directory"),
+    (["data", "inspect", "{tmp}"], "contains no .nii"),
+    (["data", "prepare", "--config", "configs/data.py", "--config.data.rooot={tmp}"], "unknown config key 'data.rooot'"),
+    (["data", "prepare", "--config", "configs/data.py", "--config.data.root={tmp}"], "{tmp}"),
+    (["config", "--config", "configs/nope.py"], "configs/nope.py does not exist"),
+])
+def test_user_errors_are_one_line_and_nonzero(tmp_path, args, message):
+  result = _run(*[a.format(tmp=tmp_path) for a in args])
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("jaxldm: error: "), result.stderr
+  assert message.format(tmp=tmp_path) in lines[0]
+
+
+def test_phantoms_refuses_nonempty_output(tmp_path):
+  (tmp_path / "keep.txt").write_text("precious")
+  result = _run("data", "phantoms", "--out", str(tmp_path), "--n", "2", "--quiet", *TINY)
+  assert result.returncode == 2
+  assert str(tmp_path) in result.stderr
+  assert (tmp_path / "keep.txt").read_text() == "precious"
