@@ -15,11 +15,10 @@ import nibabel as nib
 import numpy as np
 
 from jaxldm.data import nifti
+from jaxldm.data.dataset import ID_COLUMNS, MISSING_VALUES
 from jaxldm.data.errors import DataError
 
-MISSING = {"", "na", "nan", "none", "null"}
 SPARK = "▁▂▃▄▅▆▇█"
-ID_HEADERS = ("subject_id", "id", "subject")
 
 
 def _file_summary(path: pathlib.Path) -> dict[str, Any]:
@@ -31,9 +30,9 @@ def _file_summary(path: pathlib.Path) -> dict[str, Any]:
     raise DataError(f"cannot read NIfTI file {path}: {type(e).__name__}: {e}") from e
   if data.ndim not in (3, 4):
     raise DataError(f"{path} has {data.ndim} dimensions {data.shape}; expected a 3D volume or 4D cine")
+  # Validates the raw header's spacing too (nibabel silently "fixes" zero/negative pixdim).
+  canonical_shape, canonical_spacing = nifti.canonical_layout(img)
   zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-  if any(not np.isfinite(z) or z <= 0 for z in zooms):
-    raise DataError(f"{path} has voxel spacing {zooms}; every spacing must be > 0")
   finite = np.isfinite(data)
   n_bad = int(data.size - finite.sum())
   if n_bad:
@@ -52,24 +51,19 @@ def _file_summary(path: pathlib.Path) -> dict[str, Any]:
       "min": lo, "p1": p1, "p99": p99, "max": hi,
   }
   # The (D, H, W) order the loader will produce: D is the thickest axis after reorientation.
-  try:
-    summary["canonical_shape"], summary["canonical_spacing"] = nifti.canonical_layout(img)
-  except DataError:
-    raise
-  except Exception:  # Layout is informative only.
-    pass
+  summary["canonical_shape"], summary["canonical_spacing"] = list(canonical_shape), list(canonical_spacing)
   return summary
 
 
 def _read_table(csv_path: pathlib.Path) -> tuple[str, list[str], list[dict[str, str]]]:
   try:
-    with open(csv_path, newline="") as f:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
       reader = csv.DictReader(f)
       header = reader.fieldnames or []
       rows = list(reader)
   except (OSError, UnicodeDecodeError, csv.Error) as e:
     raise DataError(f"cannot read attribute CSV {csv_path}: {e}") from e
-  id_col = next((h for h in header if h.strip().lower() in ID_HEADERS), None)
+  id_col = next((h for h in header if h.strip().lower() in ID_COLUMNS), None)
   if id_col is None:
     raise DataError(f"attribute CSV {csv_path} has no subject_id column (header: {', '.join(header)})")
   return id_col, [h for h in header if h != id_col], rows
@@ -84,7 +78,7 @@ def _histogram(values: np.ndarray, bins: int = 12) -> str:
 
 
 def _column_stats(raw: list[str]) -> dict[str, Any]:
-  present = [v.strip() for v in raw if v.strip().lower() not in MISSING]
+  present = [v.strip() for v in raw if v.strip().lower() not in MISSING_VALUES]
   coverage = len(present) / len(raw) if raw else 0.0
   try:
     values = np.array([float(v) for v in present], dtype=np.float64)
