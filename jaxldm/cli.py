@@ -15,7 +15,10 @@ from jaxldm import __version__
 from jaxldm.config import ConfigError, load_config, split_override_args
 from jaxldm.data.errors import DataError
 
-USER_ERRORS = (DataError, ConfigError)
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+  from jaxldm.train.common import TrainingError
+  return (DataError, ConfigError, TrainingError, FileNotFoundError)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -86,6 +89,26 @@ def cmd_data_prepare(args, overrides) -> int:
     vals = attributes[present, j]
     stats = f"mean {vals.mean():.4g} std {vals.std():.4g}" if vals.size else "no values"
     console.print(f"  {name:24s} coverage {present.mean():6.1%}  {stats}")
+  return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------
+TRAINERS = {
+    "autoencoder": "jaxldm.train.autoencoder",
+    "ldm": "jaxldm.train.ldm",
+}
+
+
+def cmd_train(args, overrides) -> int:
+  import importlib
+
+  config = load_config(args.config, overrides)
+  trainer = config.get("trainer")
+  if trainer not in TRAINERS:
+    raise ConfigError(f"config key 'trainer': {trainer!r} is not one of {', '.join(TRAINERS)}")
+  importlib.import_module(TRAINERS[trainer]).train_and_evaluate(config, args.workdir)
   return 0
 
 
@@ -179,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--config", required=True, help="config file[:variant], e.g. configs/data.py:tiny")
   p.set_defaults(func=cmd_data_prepare, takes_overrides=True)
 
+  p = sub.add_parser(
+      "train", help="train a stage (autoencoder, LDM) as a config says",
+      description="Train the stage named by the config's `trainer` field into WORKDIR. Resumes "
+                  "from the latest checkpoint in WORKDIR automatically.")
+  p.add_argument("--config", required=True, help="config file[:variant], e.g. configs/autoencoder.py:tiny")
+  p.add_argument("--workdir", required=True, help="run directory: config, checkpoints, metrics, samples")
+  p.set_defaults(func=cmd_train, takes_overrides=True)
+
   p = sub.add_parser("config", help="print a resolved config",
                      description="Print a config after its variant and --config.* overrides.")
   p.add_argument("--config", required=True, help="config file[:variant]")
@@ -209,7 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if overrides:
       raise ConfigError(f"{' '.join(overrides)}: config overrides need a command that takes --config")
     return args.func(args)
-  except USER_ERRORS as e:
+  except Exception as e:
+    if not isinstance(e, _user_errors()):
+      raise
     print(f"jaxldm: error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:

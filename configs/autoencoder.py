@@ -1,0 +1,57 @@
+"""First stage: the 3D KL autoencoder, trained (non-privately) on public data.
+
+  jaxldm data phantoms --out runs/phantoms/public --n 64 --domain public --size tiny
+  jaxldm train --config configs/autoencoder.py:tiny --workdir runs/ae \
+      --config.data.root=runs/phantoms/public
+
+Variants: `tiny` (2-core CPU, minutes), `default` (12x64x64 volumes), `paper` (13x96x96, the
+architecture of Daum et al. 2024: in-plane kernels, 4x in-plane compression; an accelerator size).
+"""
+
+import ml_collections
+
+from jaxldm.config import select_variant
+from jaxldm.data.defaults import data_config
+from jaxldm.train.common import optim_config
+
+VARIANTS = ("tiny", "default", "paper")
+
+
+def get_config(arg=None):
+  variant = select_variant(arg, VARIANTS, default="default")
+  tiny = variant == "tiny"
+  c = ml_collections.ConfigDict()
+  c.trainer = "autoencoder"  # Which trainer `jaxldm train` runs.
+  c.seed = 0  # Run seed: init, data order and every key derive from it.
+  c.data = data_config(variant, root="runs/phantoms/public")  # Public data (see jaxldm/data/defaults.py).
+
+  c.model = ml_collections.ConfigDict()
+  c.model.channels = (8, 16) if tiny else (32, 64, 128)  # Channels per level; len-1 down-samplings.
+  c.model.num_res_blocks = 1  # Residual blocks per level.
+  c.model.latent_channels = 2 if tiny else 4  # Channels of the latent.
+  c.model.kernel = (1, 3, 3)  # Conv kernel (D, H, W): in-plane for thick slices; (3, 3, 3) isotropic.
+  c.model.stride = (1, 2, 2)  # Down-sampling stride per level (D, H, W).
+  c.model.attention = not tiny  # Self-attention at the lowest resolution.
+  c.model.dtype = "float32"  # Compute dtype: float32 or bfloat16 (parameters stay float32).
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.kl_weight = 1e-3  # Weight of KL(q(z|x) || N(0, I)) per input voxel.
+  c.loss.adversarial_weight = 0.0 if tiny else 0.05  # Weight of the PatchGAN term; 0 = no critic.
+  c.loss.adversarial_start = 2000  # Step at which the critic and its loss switch on.
+  c.loss.adversarial_loss = "hinge"  # "hinge" or "non_saturating".
+
+  c.disc = ml_collections.ConfigDict()
+  c.disc.channels = (32, 64, 128)  # Critic channels per strided level.
+  c.disc.kernel = (1, 4, 4)  # Critic kernel (D, H, W).
+  c.disc.stride = (1, 2, 2)  # Critic stride (D, H, W).
+
+  c.optim = optim_config(lr=1e-3 if tiny else 2e-4)  # Adam(W) and EMA (see jaxldm/train/common.py).
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 300 if tiny else 20000  # Optimizer steps.
+  c.train.batch_size = 8  # Volumes per step.
+  c.train.log_every = 10  # Steps between metrics.jsonl lines.
+  c.train.sample_every = 100 if tiny else 1000  # Steps between reconstruction PNGs.
+  c.train.checkpoint_every = 100 if tiny else 1000  # Steps between checkpoints.
+  c.train.keep_checkpoints = 2  # Checkpoints kept (oldest deleted).
+  return c

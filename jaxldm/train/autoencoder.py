@@ -1,0 +1,219 @@
+"""Trainer of the first stage: the 3D KL autoencoder (optionally with a PatchGAN critic).
+
+  jaxldm train --config configs/autoencoder.py:tiny --workdir runs/ae
+
+Writes into the workdir: config.json, checkpoints/ (orbax, resumable), metrics.jsonl,
+samples/ (PNG of reconstructions) and autoencoder.json (model config + latent scale factor, which the
+LDM stage reads).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxldm.config import ConfigError, save_config, to_dict
+from jaxldm.data.defaults import build_dataset
+from jaxldm.models import AutoencoderKL, PatchDiscriminator3D, kl_divergence
+from jaxldm.models.layers import as_triple
+from jaxldm.train import common
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_model(model_cfg: ml_collections.ConfigDict | dict) -> AutoencoderKL:
+  m = dict(model_cfg)
+  if m["dtype"] not in DTYPES:
+    raise ConfigError(f"config key 'model.dtype': {m['dtype']!r} is not one of {', '.join(DTYPES)}")
+  return AutoencoderKL(channels=tuple(m["channels"]), num_res_blocks=m["num_res_blocks"],
+                       latent_channels=m["latent_channels"], kernel=as_triple(m["kernel"]),
+                       stride=as_triple(m["stride"]), attention=m["attention"], dtype=DTYPES[m["dtype"]])
+
+
+def check_divisible(shape, model: AutoencoderKL) -> None:
+  for axis, (size, f) in enumerate(zip(shape, model.downsampling)):
+    if size % f:
+      raise ConfigError(f"config key 'data.shape': axis {axis} has {size} voxels, not divisible by the "
+                       f"autoencoder's down-sampling {f} (model.stride ** (len(model.channels) - 1))")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-example losses (ONE example, no batch axis): reused unchanged by DP training.
+# ---------------------------------------------------------------------------------------------
+def generator_loss(model, disc, params, disc_params, example, rng, *, kl_weight, adv_weight, adv_loss):
+  """1. L1 reconstruction, 2. KL to N(0, I) per input voxel, 3. adversarial term (if weighted)."""
+  x = example["volume"][None, ..., None]
+  recon, posterior = model.apply(params, x, rng)
+  l1 = jnp.abs(recon - x).mean()
+  kl = kl_divergence(posterior)[0] / x.size
+  loss = l1 + kl_weight * kl
+  adv = jnp.zeros(())
+  if disc is not None:
+    logits = disc.apply(disc_params, recon)
+    adv = -logits.mean() if adv_loss == "hinge" else jax.nn.softplus(-logits).mean()
+    loss = loss + adv_weight * adv
+  return loss, {"l1": l1, "kl": kl, "adv": adv, "recon": recon[0, ..., 0]}
+
+
+def discriminator_loss(disc, disc_params, real, fake, adv_loss):
+  real_logits = disc.apply(disc_params, real[None, ..., None])
+  fake_logits = disc.apply(disc_params, fake[None, ..., None])
+  if adv_loss == "hinge":
+    return jax.nn.relu(1.0 - real_logits).mean() + jax.nn.relu(1.0 + fake_logits).mean()
+  return jax.nn.softplus(-real_logits).mean() + jax.nn.softplus(fake_logits).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Train step
+# ---------------------------------------------------------------------------------------------
+def make_train_step(model, disc, tx, disc_tx, config):
+  loss_cfg = config.loss
+  adv_on = disc is not None
+
+  def train_step(state: common.TrainState, volumes, rng):
+    # RNG: example i of this step uses fold_in(rng, i) (posterior sampling).
+    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(volumes.shape[0]))
+    active = state.step >= loss_cfg.adversarial_start
+    adv_weight = jnp.where(active, loss_cfg.adversarial_weight, 0.0) if adv_on else 0.0
+    disc_params = state.extra["disc_params"] if adv_on else None
+
+    def batch_loss(params):
+      per_example = functools.partial(generator_loss, model, disc if adv_on else None, params, disc_params,
+                                      kl_weight=loss_cfg.kl_weight, adv_weight=adv_weight,
+                                      adv_loss=loss_cfg.adversarial_loss)
+      losses, aux = jax.vmap(lambda v, k: per_example({"volume": v}, k))(volumes, keys)
+      return losses.mean(), aux
+
+    (loss, aux), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = jax.tree_util.tree_map(lambda p, u: p + u, state.params, updates)
+    ema = common.ema_update(state.ema_params, params, config.optim.ema_decay)
+    metrics = {"loss": loss, "grad_norm": common.global_norm(grads), "l1": aux["l1"].mean(),
+               "kl": aux["kl"].mean(), "adv": aux["adv"].mean()}
+    extra = state.extra
+    if adv_on:
+      fake = jax.lax.stop_gradient(aux["recon"])
+      d_loss_fn = lambda dp: jax.vmap(lambda r, f: discriminator_loss(disc, dp, r, f, loss_cfg.adversarial_loss))(volumes, fake).mean()
+      d_loss, d_grads = jax.value_and_grad(d_loss_fn)(extra["disc_params"])
+      d_updates, d_opt = disc_tx.update(d_grads, extra["disc_opt_state"], extra["disc_params"])
+      new_dp = jax.tree_util.tree_map(lambda p, u: p + u, extra["disc_params"], d_updates)
+      # Before adversarial_start the critic stays as initialised.
+      keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, old)
+      extra = {"disc_params": keep(new_dp, extra["disc_params"]), "disc_opt_state": keep(d_opt, extra["disc_opt_state"])}
+      metrics["disc_loss"] = d_loss
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, extra=extra)
+    return new_state, metrics
+
+  return train_step
+
+
+def estimate_scale_factor(model, params, volumes: np.ndarray, batch_size: int) -> tuple[float, list[int]]:
+  """1 / std of the posterior means over the data (Rombach et al.), so latents have unit variance."""
+  encode = jax.jit(lambda p, x: model.apply(p, x, method=AutoencoderKL.encode).mean)
+  total, total_sq, count, latent_shape = 0.0, 0.0, 0, None
+  for valid, chunk in common.iterate_batches(volumes, batch_size):
+    z = np.asarray(encode(params, jnp.asarray(chunk)[..., None]), dtype=np.float64)[:valid]
+    latent_shape = list(z.shape[1:])
+    total += z.sum()
+    total_sq += np.square(z).sum()
+    count += z.size
+  mean = total / count
+  std = float(np.sqrt(max(total_sq / count - mean ** 2, 1e-12)))
+  return 1.0 / std, latent_shape
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  from rich.console import Console
+  console = Console()
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "samples").mkdir(exist_ok=True)
+  save_config(config, workdir / "config.json")
+
+  # --- data ---------------------------------------------------------------------------------
+  dataset = build_dataset(config.data, progress=True)
+  volumes, _, _ = dataset.arrays()
+  n = len(volumes)
+  console.print(f"data: {n} volumes {tuple(volumes.shape[1:])} from {config.data.root}")
+
+  # --- model --------------------------------------------------------------------------------
+  model = build_model(config.model)
+  check_divisible(volumes.shape[1:], model)
+  init_key = jax.random.PRNGKey(config.seed)
+  dummy = jnp.zeros((1,) + volumes.shape[1:] + (1,), jnp.float32)
+  params = jax.jit(model.init)(init_key, dummy)
+  disc = disc_tx = None
+  extra = None
+  if config.loss.adversarial_weight > 0:
+    disc = PatchDiscriminator3D(channels=tuple(config.disc.channels), kernel=as_triple(config.disc.kernel),
+                                stride=as_triple(config.disc.stride))
+    disc_params = jax.jit(disc.init)(jax.random.fold_in(init_key, 1), dummy)
+    disc_tx = common.make_optimizer(config.optim, config.train.steps)
+    extra = {"disc_params": disc_params, "disc_opt_state": disc_tx.init(disc_params)}
+  tx = common.make_optimizer(config.optim, config.train.steps)
+  state = common.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
+                            ema_params=jax.tree_util.tree_map(jnp.copy, params), extra=extra)
+  console.print(f"autoencoder: {common.count_params(params):,} parameters")
+  (workdir / "parameters.txt").write_text(common.parameter_overview(params))
+
+  # --- checkpoint ---------------------------------------------------------------------------
+  ckpt = common.Checkpointer(workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    state, _ = ckpt.restore(state)
+    console.print(f"resuming from step {int(state.step)}")
+  start = int(state.step)
+  log = common.MetricsLog(workdir, start)
+
+  # --- step ---------------------------------------------------------------------------------
+  train_step = jax.jit(make_train_step(model, disc, tx, disc_tx, config), donate_argnums=0)
+  reconstruct = jax.jit(lambda p, x: model.apply(p, x)[0])
+
+  # --- loop ---------------------------------------------------------------------------------
+  steps, bs = config.train.steps, config.train.batch_size
+  progress, task = common.progress_bar(steps, start, "autoencoder")
+  t_last, s_last = None, start
+  with progress:
+    for step in range(start, steps):
+      idx = common.batch_indices(config.seed, step, n, bs)
+      batch = jnp.asarray(volumes[idx])
+      state, metrics = train_step(state, batch, common.step_key(config.seed, step))
+      done = step + 1
+      if done % config.train.log_every == 0 or done == steps:
+        metrics = jax.device_get(metrics)
+        common.check_finite(done, metrics)
+        log.write(done, metrics)
+        now = time.perf_counter()
+        rate = f"{(done - s_last) / (now - t_last):.2f} it/s" if t_last else ""
+        t_last, s_last = now, done
+        progress.update(task, completed=done, rate=rate, info=f"loss {float(metrics['loss']):.4f}")
+      else:
+        progress.update(task, completed=done)
+      if done % config.train.sample_every == 0 or done == steps:
+        x = jnp.asarray(volumes[:4])[..., None]
+        recon = np.asarray(reconstruct(state.ema_params, x))[..., 0]
+        common.save_mid_slices(np.concatenate([volumes[:4], recon]), workdir / "samples" / f"recon_{done:06d}.png",
+                               titles=["real"] * 4 + ["recon"] * 4, columns=4)
+      if done % config.train.checkpoint_every == 0 or done == steps:
+        ckpt.save(done, state)
+
+  # --- latent scale -------------------------------------------------------------------------
+  scale, latent_shape = estimate_scale_factor(model, state.ema_params, volumes, bs)
+  info = {"scale_factor": scale, "latent_shape": latent_shape, "data_shape": list(volumes.shape[1:]),
+          "model": to_dict(config.model), "steps": int(state.step)}
+  tmp = workdir / "autoencoder.json.tmp"
+  tmp.write_text(json.dumps(info, indent=2) + "\n")
+  os.replace(tmp, workdir / "autoencoder.json")
+  ckpt.close()
+  console.print(f"latent {tuple(latent_shape)}, scale factor {scale:.4f}; wrote {workdir / 'autoencoder.json'}")
+  return info
