@@ -226,8 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _quiet_libraries() -> None:
+  """dp-accounting's RDP orders and orbax log warnings that are noise to a user (absl WARNING)."""
+  import logging
+  logging.getLogger("absl").setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  _quiet_libraries()
   parser = build_parser()
   try:
     overrides, rest = split_override_args(argv)

@@ -1,0 +1,364 @@
+"""Trainer of the second stage: the attribute-conditioned latent diffusion UNet, plain or DP-SGD.
+
+  jaxldm train --config configs/ldm.py:tiny --workdir runs/ldm --config.autoencoder_workdir=runs/ae
+  jaxldm train --config configs/ldm_dp.py:tiny --workdir runs/ldm_dp \
+      --config.autoencoder_workdir=runs/ae --config.pretrained_workdir=runs/ldm
+
+Both modes share the per-example loss (`jaxldm.diffusion.diffusion_loss`). Non-private: shuffled
+fixed-size batches, the mean of per-example losses. Private (`dp.enabled`): Poisson-sampled batches
+padded to one static size, `jaxldm.privacy.noise.private_grad` (per-example clipping, noise once per
+batch, division by the expected batch size), a privacy ledger in the workdir, and a stop before the
+budget would be exceeded. The autoencoder is frozen (trained on public data).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxldm.config import ConfigError, save_config, to_dict
+from jaxldm.data.dataset import read_attributes
+from jaxldm.data.defaults import build_dataset
+from jaxldm.diffusion import diffusion_loss, make_schedule, sample
+from jaxldm.models import AutoencoderKL, LatentUNet
+from jaxldm.models.layers import as_triple
+from jaxldm.train import autoencoder as ae_trainer
+from jaxldm.train import common, partition
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks (also used by `jaxldm sample`)
+# ---------------------------------------------------------------------------------------------
+def build_unet(model_cfg, num_attributes: int, latent_channels: int) -> LatentUNet:
+  m = dict(model_cfg)
+  return LatentUNet(out_channels=latent_channels, base_channels=m["base_channels"],
+                    channel_mult=tuple(m["channel_mult"]), num_res_blocks=m["num_res_blocks"],
+                    attention_levels=tuple(m["attention_levels"]), mid_attention=m["mid_attention"],
+                    heads=m["heads"], kernel=as_triple(m["kernel"]), stride=as_triple(m["stride"]),
+                    num_attributes=num_attributes, context_dim=m["context_dim"],
+                    dtype=ae_trainer.DTYPES[m["dtype"]])
+
+
+def load_autoencoder(workdir: str | pathlib.Path):
+  """(model, EMA params, info) of a trained first stage."""
+  workdir = pathlib.Path(workdir)
+  info_path = workdir / "autoencoder.json"
+  if not info_path.is_file():
+    raise ConfigError(f"config key 'autoencoder_workdir': {info_path} does not exist; train the "
+                      f"autoencoder first (jaxldm train --config configs/autoencoder.py --workdir {workdir})")
+  info = json.loads(info_path.read_text())
+  model = ae_trainer.build_model(info["model"])
+  target = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *info["data_shape"], 1)))
+  params, _ = common.restore_params(workdir / "checkpoints", target)
+  return model, params, info
+
+
+def unet_apply(unet: LatentUNet):
+  def apply_fn(params, x_t, t, attributes, mask):
+    return unet.apply(params, x_t, t, attributes, mask)
+  return apply_fn
+
+
+def attribute_stats(config, attributes: np.ndarray, mask: np.ndarray, columns) -> tuple[list, list]:
+  """Mean/std used to standardise attributes. In DP runs they must not come from the private data."""
+  source = config.conditioning.stats_from
+  if source == "data":
+    if config.dp.enabled:
+      raise ConfigError("config key 'conditioning.stats_from': 'data' would compute attribute statistics "
+                        "from the private data outside the DP mechanism; use 'pretrained' or a public CSV path")
+    vals, msk = attributes, mask
+  elif source == "pretrained":
+    if not config.pretrained_workdir:
+      raise ConfigError("config key 'conditioning.stats_from': 'pretrained' needs config.pretrained_workdir")
+    info = json.loads((pathlib.Path(config.pretrained_workdir) / "ldm.json").read_text())
+    if list(info["attributes"]) != list(columns):
+      raise ConfigError(f"the pretrained model's attributes {info['attributes']} differ from data.attributes {list(columns)}")
+    return info["attribute_mean"], info["attribute_std"]
+  else:
+    vals, msk = read_attributes(source, columns, strict_ids=False)
+  mean, std = [], []
+  for j in range(len(columns)):
+    present = vals[msk[:, j] > 0, j]
+    mean.append(float(present.mean()) if present.size else 0.0)
+    std.append(float(present.std()) if present.size > 1 and present.std() > 0 else 1.0)
+  return mean, std
+
+
+def encode_latents(model, params, volumes: np.ndarray, scale: float, batch_size: int) -> np.ndarray:
+  """Posterior means times the scale factor; one example at a time in effect (no batch coupling)."""
+  encode = jax.jit(lambda p, x: model.apply(p, x, method=AutoencoderKL.encode).mean * scale)
+  out = []
+  for valid, chunk in common.iterate_batches(volumes, batch_size):
+    out.append(np.asarray(encode(params, jnp.asarray(chunk)[..., None]))[:valid])
+  return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------------
+def make_steps(unet, tx, schedule, config, frozen_spec: str):
+  d = config.diffusion
+  loss_kw = dict(schedule=schedule, prediction=d.prediction, noise_multiplicity=d.noise_multiplicity,
+                 cond_drop_prob=d.cond_drop_prob)
+  apply_fn = unet_apply(unet)
+
+  def per_example_loss(trainable, frozen, example, rng):
+    return diffusion_loss(apply_fn, partition.merge(trainable, frozen), example, rng, **loss_kw)
+
+  def finish(state, trainable, frozen, grads, opt_state, metrics):
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = jax.tree_util.tree_map(lambda p, u: p + u, trainable, updates)
+    params = partition.merge(trainable, frozen)
+    ema = common.ema_update(state.ema_params, params, config.optim.ema_decay)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+
+  def nonprivate_step(state, batch, rng):
+    # RNG: example i of this step uses fold_in(rng, i); its K draws fold in further (see the loss).
+    trainable, frozen = partition.split(state.params, frozen_spec)
+    n = batch["latent"].shape[0]
+    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n))
+
+    def mean_loss(tr):
+      return jax.vmap(lambda ex, k: per_example_loss(tr, frozen, ex, k))(batch, keys).mean()
+
+    loss, grads = jax.value_and_grad(mean_loss)(trainable)
+    return finish(state, trainable, frozen, grads, state.opt_state,
+                  {"loss": loss, "grad_norm": common.global_norm(grads)})
+
+  def private_step(state, batch, mask, num_microbatches, rng, *, noise_multiplier, expected_batch_size):
+    # RNG: rng = fold_in(noise base key, step); private_grad splits it into per-example keys
+    # (fold_in example index) and the one noise key of this logical batch.
+    from jaxldm.privacy import noise
+    trainable, frozen = partition.split(state.params, frozen_spec)
+    loss_fn = lambda tr, ex, k: per_example_loss(tr, frozen, ex, k)
+    grads, aux = noise.private_grad(
+        loss_fn, trainable, batch, rng, l2_clip_norm=config.dp.l2_clip_norm,
+        noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size, mask=mask,
+        microbatch_size=config.dp.microbatch_size, num_microbatches=num_microbatches)
+    real = jnp.maximum(mask.sum(), 1)
+    # Aggregates only (invariant 7): nothing per example leaves the step.
+    metrics = {"loss": (aux["loss"] * mask).sum() / real, "grad_norm": common.global_norm(grads),
+               "clipped_fraction": aux["clipped_fraction"]}
+    return finish(state, trainable, frozen, grads, state.opt_state, metrics)
+
+  return nonprivate_step, private_step
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  from rich.console import Console
+  console = Console()
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "samples").mkdir(exist_ok=True)
+  save_config(config, workdir / "config.json")
+  private = bool(config.dp.enabled)
+
+  # --- autoencoder (frozen) -----------------------------------------------------------------
+  ae_model, ae_params, ae_info = load_autoencoder(config.autoencoder_workdir)
+  scale = float(ae_info["scale_factor"])
+
+  # --- data ---------------------------------------------------------------------------------
+  dataset = build_dataset(config.data, progress=True)
+  volumes, attributes, attr_mask = dataset.arrays()
+  if list(volumes.shape[1:]) != list(ae_info["data_shape"]):
+    raise ConfigError(f"config key 'data.shape': {tuple(volumes.shape[1:])} differs from the autoencoder's "
+                      f"{tuple(ae_info['data_shape'])}")
+  columns = list(dataset.columns)
+  mean, std = attribute_stats(config, attributes, attr_mask, columns)
+  attributes = ((attributes - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)) * attr_mask
+  latents = encode_latents(ae_model, ae_params, volumes, scale, config.train.batch_size)
+  n = len(latents)
+  console.print(f"data: {n} volumes -> latents {tuple(latents.shape[1:])}, {len(columns)} attributes"
+                + (" [bold](private)[/]" if private else ""))
+  examples = {"latent": latents.astype(np.float32), "attributes": attributes.astype(np.float32),
+              "attribute_mask": attr_mask.astype(np.float32)}
+
+  # --- model --------------------------------------------------------------------------------
+  unet = build_unet(config.model, len(columns), latents.shape[-1])
+  init_key = jax.random.PRNGKey(config.seed)
+  dummy = (jnp.zeros((1,) + latents.shape[1:]), jnp.zeros((1,), jnp.int32),
+           jnp.zeros((1, len(columns))), jnp.ones((1, len(columns))))
+  params = jax.jit(unet.init)(init_key, *dummy)
+  if config.pretrained_workdir:
+    params, _ = common.restore_params(pathlib.Path(config.pretrained_workdir) / "checkpoints", params)
+    console.print(f"initialised from the pretrained LDM in {config.pretrained_workdir}")
+  trainable, frozen = partition.split(params, config.train.trainable)
+  console.print(f"latent UNet: {common.count_params(params):,} parameters, "
+                f"{common.count_params(trainable):,} trainable ({config.train.trainable})")
+  (workdir / "parameters.txt").write_text(common.parameter_overview(params))
+  schedule = make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps,
+                           config.diffusion.beta_start, config.diffusion.beta_end)
+
+  info = {"attributes": columns, "attribute_mean": mean, "attribute_std": std,
+          "autoencoder_workdir": str(pathlib.Path(config.autoencoder_workdir).absolute()),
+          "scale_factor": scale, "latent_shape": list(latents.shape[1:]), "model": to_dict(config.model),
+          "diffusion": to_dict(config.diffusion), "private": private}
+  tmp = workdir / "ldm.json.tmp"
+  tmp.write_text(json.dumps(info, indent=2) + "\n")
+  os.replace(tmp, workdir / "ldm.json")
+
+  # --- privacy ------------------------------------------------------------------------------
+  steps = config.train.steps
+  dp_state = None
+  if private:
+    dp_state = _setup_privacy(config, workdir, n, steps, console)
+
+  # --- state and checkpoint -----------------------------------------------------------------
+  tx = common.make_optimizer(config.optim, steps, private=private)
+  state = common.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(trainable),
+                            ema_params=jax.tree_util.tree_map(jnp.copy, params))
+  ckpt = common.Checkpointer(workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    state, _ = ckpt.restore(state)
+    console.print(f"resuming from step {int(state.step)}")
+  start = int(state.step)
+  log = common.MetricsLog(workdir, start)
+
+  # --- steps --------------------------------------------------------------------------------
+  nonprivate_step, private_step = make_steps(unet, tx, schedule, config, config.train.trainable)
+  if private:
+    step_fn = jax.jit(functools.partial(private_step, noise_multiplier=dp_state["noise_multiplier"],
+                                        expected_batch_size=dp_state["batcher"].expected_batch_size),
+                      donate_argnums=0)
+  else:
+    step_fn = jax.jit(nonprivate_step, donate_argnums=0)
+  sampler = jax.jit(functools.partial(
+      sample, unet_apply(unet), schedule=schedule, prediction=config.diffusion.prediction,
+      guidance_scale=config.sampling.guidance_scale, method="ddim", num_steps=config.sampling.num_steps),
+      static_argnums=(1,))
+  decode = jax.jit(lambda p, z: ae_model.apply(p, z / scale, method=AutoencoderKL.decode))
+
+  # --- loop ---------------------------------------------------------------------------------
+  progress, task = common.progress_bar(steps, start, "ldm (DP)" if private else "ldm")
+  t_last, s_last = None, start
+  stopped_for_budget = False
+  with progress:
+    for step in range(start, steps):
+      if private:
+        if step >= dp_state["allowed_steps"]:
+          stopped_for_budget = True
+          break
+        sb = dp_state["batcher"].batch(step)
+        batch = jax.tree_util.tree_map(lambda a: jnp.asarray(a[sb.indices]), examples)
+        state, metrics = step_fn(state, batch, jnp.asarray(sb.mask, jnp.float32), jnp.asarray(sb.num_microbatches),
+                                 jax.random.fold_in(dp_state["noise_key"], step))
+      else:
+        idx = common.batch_indices(config.seed, step, n, config.train.batch_size)
+        batch = jax.tree_util.tree_map(lambda a: jnp.asarray(a[idx]), examples)
+        state, metrics = step_fn(state, batch, common.step_key(config.seed, step))
+      done = step + 1
+      if done % config.train.log_every == 0 or done == steps:
+        metrics = jax.device_get(metrics)
+        common.check_finite(done, metrics)
+        if private:
+          dp_state["ledger"].record_steps(done - dp_state["ledger"].steps)
+          metrics["epsilon"] = dp_state["ledger"].epsilon()
+        log.write(done, metrics)
+        now = time.perf_counter()
+        rate = f"{(done - s_last) / (now - t_last):.2f} it/s" if t_last else ""
+        t_last, s_last = now, done
+        eps = f" eps {metrics['epsilon']:.2f}" if private else ""
+        progress.update(task, completed=done, rate=rate, info=f"loss {float(metrics['loss']):.4f}{eps}")
+      else:
+        progress.update(task, completed=done)
+      if done % config.train.sample_every == 0 or done == steps:
+        _sample_grid(sampler, decode, state.ema_params, ae_params, latents.shape[1:], len(columns),
+                     workdir / "samples" / f"samples_{done:06d}.png", config.seed + done)
+      if done % config.train.checkpoint_every == 0 or done == steps:
+        ckpt.save(done, state)
+    final_step = int(state.step)
+    if stopped_for_budget or (private and final_step < steps):
+      ckpt.save(final_step, state)
+  ckpt.close()
+
+  record = {"steps": final_step, "private": private}
+  if private:
+    ledger = dp_state["ledger"]
+    if ledger.steps < final_step:
+      ledger.record_steps(final_step - ledger.steps)
+    record.update(epsilon=ledger.epsilon(), delta=ledger.delta, noise_multiplier=ledger.noise_multiplier,
+                  sampling_rate=ledger.sampling_rate, l2_clip_norm=ledger.l2_clip_norm,
+                  accountant=ledger.accountant, noise_seed=ledger.noise_seed_provenance,
+                  stopped_for_budget=stopped_for_budget)
+    console.print(f"DP: epsilon {record['epsilon']:.3f} at delta {ledger.delta:g} after {final_step} steps "
+                  f"(sigma {ledger.noise_multiplier:.4f}, q {ledger.sampling_rate:.4g}, {ledger.accountant})"
+                  + (" — stopped: the next step would exceed the budget" if stopped_for_budget else ""))
+  tmp = workdir / "run.json.tmp"
+  tmp.write_text(json.dumps(record, indent=2) + "\n")
+  os.replace(tmp, workdir / "run.json")
+  return record
+
+
+def _setup_privacy(config, workdir: pathlib.Path, n: int, steps: int, console) -> dict:
+  from jaxldm.privacy import accounting, ledger as ledger_lib, sampling
+
+  dp = config.dp
+  q = dp.expected_batch_size / n
+  if not 0 < q <= 1:
+    raise ConfigError(f"config key 'dp.expected_batch_size': {dp.expected_batch_size} gives sampling rate "
+                      f"{q:.4g} for {n} examples; it must be in (0, N]")
+  sigma = dp.noise_multiplier
+  if sigma <= 0:
+    try:
+      sigma = accounting.calibrate_noise_multiplier(target_epsilon=dp.target_epsilon, sampling_rate=q,
+                                                    steps=steps, delta=dp.delta, accountant=dp.accountant)
+    except ValueError as e:
+      raise ConfigError(f"config key 'dp.target_epsilon': {e}") from e
+  try:
+    ledger = ledger_lib.PrivacyLedger.load_or_create(
+        str(workdir), sampling_rate=q, noise_multiplier=float(sigma), l2_clip_norm=dp.l2_clip_norm,
+        delta=dp.delta, dataset_size=n, accountant=dp.accountant, target_epsilon=dp.target_epsilon,
+        noise_seed_provenance=ledger_lib.FIXED_SEED if dp.noise_seed is not None else ledger_lib.OS_ENTROPY)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  # The secret seeds live in the workdir (never in logs) so a resumed run continues exactly.
+  secrets_path = workdir / "dp_secrets.json"
+  if secrets_path.is_file():
+    seeds = json.loads(secrets_path.read_text())
+  else:
+    noise_seed = dp.noise_seed if dp.noise_seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+    sample_seed = dp.noise_seed + 1 if dp.noise_seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+    seeds = {"noise_seed": noise_seed, "sampling_seed": sample_seed}
+    tmp = secrets_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(seeds))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, secrets_path)
+  batcher = sampling.PoissonBatcher(n, q, seeds["sampling_seed"], microbatch_size=dp.microbatch_size)
+  noise_key = jax.random.PRNGKey(seeds["noise_seed"])
+  # Budget: the largest step count whose epsilon stays within the target.
+  allowed = steps
+  if dp.target_epsilon > 0 and ledger.epsilon(steps) > dp.target_epsilon * (1 + 1e-9):
+    lo, hi = ledger.steps, steps
+    while lo < hi:
+      mid = (lo + hi + 1) // 2
+      if ledger.epsilon(mid) <= dp.target_epsilon:
+        lo = mid
+      else:
+        hi = mid - 1
+    allowed = lo
+    console.print(f"[yellow]budget: epsilon {dp.target_epsilon} allows {allowed} of {steps} steps[/]")
+  console.print(f"DP-SGD: q = {q:.4g} (expected batch {dp.expected_batch_size}), sigma = {sigma:.4f}, "
+                f"C = {dp.l2_clip_norm}, delta = {dp.delta:g}, {dp.accountant.upper()} accountant, "
+                f"noise seed: {ledger.noise_seed_provenance}; padded batch {batcher.max_size}")
+  return {"ledger": ledger, "batcher": batcher, "noise_key": noise_key, "noise_multiplier": float(sigma),
+          "allowed_steps": allowed}
+
+
+def _sample_grid(sampler, decode, params, ae_params, latent_shape, num_attributes, path, seed):
+  """Samples at the attributes' mean (standardised 0), and unconditionally: nothing private."""
+  n = 4
+  attrs = jnp.zeros((n, num_attributes)) if num_attributes else None
+  z = sampler(params, (n,) + tuple(latent_shape), jax.random.PRNGKey(seed), attributes=attrs)
+  vols = np.asarray(decode(ae_params, z))[..., 0]
+  common.save_mid_slices(np.clip(vols, -1, 1), path, columns=4)
