@@ -51,7 +51,7 @@ def get_config(arg=None):
   c.train.steps = 300 if tiny else 20000  # Optimizer steps.
   c.train.batch_size = 8  # Volumes per step.
   c.train.log_every = 10  # Steps between metrics.jsonl lines.
-  c.train.sample_every = 100 if tiny else 1000  # Steps between reconstruction PNGs.
+  c.train.sample_every = 100 if tiny else 1000  # Steps between reconstruction PNGs (0 = none).
   c.train.checkpoint_every = 100 if tiny else 1000  # Steps between checkpoints.
   c.train.keep_checkpoints = 2  # Checkpoints kept (oldest deleted).
   return c

@@ -199,7 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         progress.update(task, completed=done, rate=rate, info=f"loss {float(metrics['loss']):.4f}")
       else:
         progress.update(task, completed=done)
-      if done % config.train.sample_every == 0 or done == steps:
+      if config.train.sample_every > 0 and (done % config.train.sample_every == 0 or done == steps):
         x = jnp.asarray(volumes[:4])[..., None]
         recon = np.asarray(reconstruct(state.ema_params, x))[..., 0]
         common.save_mid_slices(np.concatenate([volumes[:4], recon]), workdir / "samples" / f"recon_{done:06d}.png",

@@ -272,13 +272,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         progress.update(task, completed=done, rate=rate, info=f"loss {float(metrics['loss']):.4f}{eps}")
       else:
         progress.update(task, completed=done)
-      if done % config.train.sample_every == 0 or done == steps:
+      if config.train.sample_every > 0 and (done % config.train.sample_every == 0 or done == steps):
         _sample_grid(sampler, decode, state.ema_params, ae_params, latents.shape[1:], len(columns),
                      workdir / "samples" / f"samples_{done:06d}.png", config.seed + done)
       if done % config.train.checkpoint_every == 0 or done == steps:
         ckpt.save(done, state)
     final_step = int(state.step)
-    if stopped_for_budget or (private and final_step < steps):
+    if ckpt.latest_step() != final_step:
       ckpt.save(final_step, state)
   ckpt.close()
 

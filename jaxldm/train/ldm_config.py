@@ -57,7 +57,7 @@ def ldm_config(variant: str, *, private: bool) -> ml_collections.ConfigDict:
   c.train.batch_size = 8 if tiny else 32  # Non-private batch size.
   c.train.trainable = "all"  # "all", "attention+conditioning" (DP-LDM) or a regex over parameter paths.
   c.train.log_every = 10  # Steps between metrics.jsonl lines.
-  c.train.sample_every = 100 if tiny else 2000  # Steps between sample grids.
+  c.train.sample_every = 100 if tiny else 2000  # Steps between sample grids (0 = none).
   c.train.checkpoint_every = 50 if tiny else 1000  # Steps between checkpoints.
   c.train.keep_checkpoints = 2  # Checkpoints kept.
 

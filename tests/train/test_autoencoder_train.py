@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def _config(data_dir, **overrides):
   base = {"data.root": str(data_dir), "data.attributes": (), "data.shape": (4, 16, 16),
           "data.spacing": (20.0, 4.0, 4.0), "train.batch_size": 4, "train.log_every": 1,
-          "train.sample_every": 100, "train.checkpoint_every": 2, "train.steps": 4}
+          "train.sample_every": 0, "train.checkpoint_every": 2, "train.steps": 4}
   base.update(overrides)
   return load_config(str(ROOT / "configs/autoencoder.py:tiny"), base)
 
