@@ -21,8 +21,7 @@ def ldm_config(variant: str, *, private: bool) -> ml_collections.ConfigDict:
   c.data = data_config(variant, root="runs/phantoms/private" if private else "runs/phantoms/public")  # Volumes + attributes.
 
   c.conditioning = ml_collections.ConfigDict()
-  # Where attribute mean/std come from: "data" (non-private only), "pretrained", or a public CSV path.
-  c.conditioning.stats_from = "pretrained" if private else "data"
+  c.conditioning.stats_from = "pretrained" if private else "data"  # Attribute mean/std: "data" (non-DP only), "pretrained", or a public CSV.
 
   c.model = ml_collections.ConfigDict()
   c.model.base_channels = 16 if tiny else 128  # Channels at the first level (paper: 128).
