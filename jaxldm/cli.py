@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_size_args(p)
   p.add_argument("--dtype", choices=("int16", "float32"), default="int16",
                  help="stored voxel type; int16 uses scl_slope like scanner output (default)")
-  p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+  p.add_argument("--overwrite", action="store_true", help="replace an earlier phantom dataset in --out")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   p.set_defaults(func=cmd_data_phantoms)
 

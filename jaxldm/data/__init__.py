@@ -6,3 +6,7 @@ from jaxldm.data.nifti import load_volume, read_nifti
 
 __all__ = ["DataError", "Preprocessing", "VolumeDataset", "find_volumes", "load_volume",
            "read_attributes", "read_nifti"]
+
+from jaxldm.data import phantoms  # noqa: E402  (the benchmark is part of the data API)
+
+__all__.append("phantoms")

@@ -177,7 +177,7 @@ def render(report: dict[str, Any], console=None) -> None:
   from rich.table import Table
 
   console = console or Console()
-  console.print(f"[bold]{report['root']}[/]: {report['files']} NIfTI file(s), {report['readable']} readable")
+  console.print(f"[bold]{report['root']}[/]: {report['files']} NIfTI file(s), {report['readable']} readable", soft_wrap=True)
   if report.get("shapes"):
     t = Table(title="volumes", show_header=True, header_style="bold")
     t.add_column("property")
@@ -207,6 +207,6 @@ def render(report: dict[str, Any], console=None) -> None:
         t.add_row(name, f"{s['coverage']:.0%}", "", "", "  ".join(f"{k}: {v}" for k, v in s["counts"].items()))
     console.print(t)
   for p in report["problems"]:
-    console.print(f"[red]problem[/]: {p}", highlight=False)
+    console.print(f"[red]problem[/]: {p}", highlight=False, soft_wrap=True)
   if report["problems"]:
     console.print(f"[red]{len(report['problems'])} problem(s) found[/]")
