@@ -26,13 +26,13 @@ def get_config(arg=None):
   c.data = data_config(variant, root="runs/phantoms/public")  # Public data (see jaxldm/data/defaults.py).
 
   c.model = ml_collections.ConfigDict()
-  c.model.channels = (8, 16) if tiny else (32, 64, 128)  # Channels per level; len-1 down-samplings.
+  c.model.channels = {"tiny": (8, 16), "default": (32, 64, 128), "paper": (64, 128, 256)}[variant]  # Per level; len-1 down-samplings.
   c.model.num_res_blocks = 1  # Residual blocks per level.
   c.model.latent_channels = 2 if tiny else 4  # Channels of the latent.
   c.model.kernel = (1, 3, 3)  # Conv kernel (D, H, W): in-plane for thick slices; (3, 3, 3) isotropic.
   c.model.stride = (1, 2, 2)  # Down-sampling stride per level (D, H, W).
   c.model.attention = not tiny  # Self-attention at the lowest resolution.
-  c.model.dtype = "float32"  # Compute dtype: float32 or bfloat16 (parameters stay float32).
+  c.model.dtype = "bfloat16" if variant == "paper" else "float32"  # Compute dtype: float32 or bfloat16 (params stay float32).
 
   c.loss = ml_collections.ConfigDict()
   c.loss.kl_weight = 1e-3  # Weight of KL(q(z|x) || N(0, I)) per input voxel.

@@ -136,6 +136,8 @@ def cmd_sample(args) -> int:
   spacing = run_config["data"]["spacing"] or (1.0, 1.0, 1.0)
   out = generate.write_volumes(args.out, volumes, spacing, names=info["attributes"], attributes=values,
                                mask=mask, overwrite=args.overwrite)
+  from jaxldm.train.common import save_mid_slices
+  save_mid_slices(volumes[:32].clip(-1, 1), out / "grid.png")
   print(f"wrote {len(volumes)} volumes {tuple(volumes.shape[1:])} to {out}")
   return 0
 
@@ -247,12 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help="LDM run directory")
   p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
   p.add_argument("--n", type=int, default=8, help="number of volumes (default 8)")
-  p.add_argument("--attributes-csv", help="CSV with subject_id + attribute columns: one row per sample (cycled)")
-  p.add_argument("--attribute", action="append", metavar="NAME=VALUE",
-                 help="condition every sample on this value (repeatable), e.g. lv_edv_ml=150")
+  p.add_argument("--attributes", "--attributes-csv", dest="attributes_csv", metavar="CSV",
+                 help="CSV with subject_id + attribute columns: one row per sample (cycled)")
+  p.add_argument("--attr", "--attribute", dest="attribute", action="append", metavar="NAME=VALUE",
+                 help="condition every sample on this value (repeatable), e.g. --attr lv_edv_ml=150 --attr sex=1")
   p.add_argument("--guidance", type=float, default=1.0,
                  help="classifier-free guidance scale: 1 conditional, 0 unconditional, >1 stronger (default 1)")
-  p.add_argument("--method", choices=("ddim", "ddpm"), default="ddim", help="sampler (default ddim)")
+  p.add_argument("--sampler", "--method", dest="method", choices=("ddim", "ddpm"), default="ddim",
+                 help="sampler (default ddim)")
   p.add_argument("--steps", type=int, default=50, help="DDIM steps (ddpm uses all T; default 50)")
   p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
   p.add_argument("--batch-size", type=int, default=8, help="volumes per sampler call (default 8)")

@@ -197,7 +197,8 @@ def render(report: dict[str, Any], console=None) -> None:
   attrs = report.get("attributes")
   if attrs:
     t = Table(title=f"attributes: {attrs['csv']} ({attrs['rows']} rows)", header_style="bold")
-    for col in ("column", "coverage", "mean ± std", "range", "distribution"):
+    t.add_column("column", no_wrap=True)
+    for col in ("coverage", "mean ± std", "range", "distribution"):
       t.add_column(col)
     for name, s in attrs["columns"].items():
       if s["kind"] == "continuous":

@@ -33,7 +33,7 @@ def ldm_config(variant: str, *, private: bool) -> ml_collections.ConfigDict:
   c.model.kernel = (1, 3, 3) if tiny else (3, 3, 3)  # Conv kernel (D, H, W) on latents.
   c.model.stride = (1, 2, 2)  # Down-sampling stride per level (slices kept).
   c.model.context_dim = 16 if tiny else 128  # Width of the attribute tokens.
-  c.model.dtype = "float32"  # Compute dtype: float32 or bfloat16.
+  c.model.dtype = "bfloat16" if paper else "float32"  # Compute dtype: float32 or bfloat16 (params stay float32).
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = "linear"  # Beta schedule: linear, scaled_linear or cosine.
