@@ -54,4 +54,5 @@ def get_config(arg=None):
   c.train.sample_every = 100 if tiny else 1000  # Steps between reconstruction PNGs (0 = none).
   c.train.checkpoint_every = 100 if tiny else 1000  # Steps between checkpoints.
   c.train.keep_checkpoints = 2  # Checkpoints kept (oldest deleted).
+  c.train.num_devices = 0  # Data-parallel devices (batch sharded, state replicated); 0 = all.
   return c

@@ -174,6 +174,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     console.print(f"resuming from step {int(state.step)}")
   start = int(state.step)
   log = common.MetricsLog(workdir, start)
+  mesh = common.make_mesh(config.train.num_devices)
+  state = common.replicate(state, mesh)
 
   # --- step ---------------------------------------------------------------------------------
   train_step = jax.jit(make_train_step(model, disc, tx, disc_tx, config), donate_argnums=0)
@@ -186,7 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   with progress:
     for step in range(start, steps):
       idx = common.batch_indices(config.seed, step, n, bs)
-      batch = jnp.asarray(volumes[idx])
+      batch = common.shard_batch(volumes[idx], mesh)
       state, metrics = train_step(state, batch, common.step_key(config.seed, step))
       done = step + 1
       if done % config.train.log_every == 0 or done == steps:

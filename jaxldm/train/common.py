@@ -44,10 +44,11 @@ class TrainState:
 # ---------------------------------------------------------------------------------------------
 def optim_config(lr: float = 1e-4, steps: int = 1000, warmup: int = 0) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.optimizer = "adamw"  # "adamw" or "sgd" (with momentum b1; updates linear in the gradient).
   c.learning_rate = lr  # Peak learning rate.
   c.schedule = "constant"  # "constant" or "cosine" (decay to 0 over train steps, after warmup).
   c.warmup_steps = warmup  # Linear warm-up steps.
-  c.b1 = 0.9  # Adam beta1.
+  c.b1 = 0.9  # Adam beta1 / SGD momentum.
   c.b2 = 0.999  # Adam beta2.
   c.weight_decay = 0.0  # Decoupled weight decay (AdamW).
   c.grad_clip = 1.0  # Global-norm clipping of the batch gradient (non-private runs only); 0 = off.
@@ -68,7 +69,14 @@ def make_optimizer(c: ml_collections.ConfigDict, total_steps: int, *, private: b
   # A DP gradient is already clipped per example; clipping the noisy sum again would bias it.
   if c.grad_clip > 0 and not private:
     chain.append(optax.clip_by_global_norm(c.grad_clip))
-  chain.append(optax.adamw(lr, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay))
+  if c.optimizer == "adamw":
+    chain.append(optax.adamw(lr, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay))
+  elif c.optimizer == "sgd":
+    if c.weight_decay:
+      chain.append(optax.add_decayed_weights(c.weight_decay))
+    chain.append(optax.sgd(lr, momentum=c.b1 or None))
+  else:
+    raise ConfigError(f"config key 'optim.optimizer': unknown optimizer {c.optimizer!r}; use adamw or sgd")
   return optax.chain(*chain)
 
 
@@ -95,6 +103,40 @@ def batch_indices(seed: int, step: int, num_examples: int, batch_size: int) -> n
 
 def step_key(seed: int, step) -> jax.Array:
   return jax.random.fold_in(jax.random.PRNGKey(seed), step)
+
+
+# ---------------------------------------------------------------------------------------------
+# devices: data parallelism (batch sharded over a `data` mesh axis, state replicated)
+# ---------------------------------------------------------------------------------------------
+def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
+  """A 1-D `data` mesh over the first `num_devices` devices (0 = all, across hosts too).
+
+  The same code path serves 1 device. Under jit, XLA's SPMD partitioner splits the per-example work
+  along the batch and inserts the cross-device sum where the batch is reduced (the gradient sum),
+  so per-example clipping stays local and noise, drawn from one key after the sum, is the same on
+  every device: drawn once, globally.
+  """
+  devices = jax.devices()
+  if num_devices < 0 or num_devices > len(devices):
+    raise ConfigError(f"config key 'train.num_devices': {num_devices} requested, {len(devices)} available")
+  devices = devices[:num_devices] if num_devices else devices
+  return jax.sharding.Mesh(np.array(devices), ("data",))
+
+
+def replicate(tree, mesh: jax.sharding.Mesh):
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.device_put(tree, sharding)
+
+
+def shard_batch(tree, mesh: jax.sharding.Mesh):
+  """Splits the leading (batch) axis over the `data` axis; it must divide evenly."""
+  n = mesh.devices.size
+  sizes = {x.shape[0] for x in jax.tree_util.tree_leaves(tree)}
+  if any(size % n for size in sizes):
+    raise ConfigError(f"batch of {sorted(sizes)} examples does not split over {n} devices; make the batch "
+                      f"size (or dp.microbatch_size) a multiple of {n}, or set train.num_devices")
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  return jax.device_put(tree, sharding)
 
 
 # ---------------------------------------------------------------------------------------------

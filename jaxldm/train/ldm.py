@@ -211,8 +211,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   # --- privacy ------------------------------------------------------------------------------
   steps = config.train.steps
   dp_state = None
+  mesh = common.make_mesh(config.train.num_devices)
   if private:
-    dp_state = _setup_privacy(config, workdir, n, steps, console)
+    dp_state = _setup_privacy(config, workdir, n, steps, console, mesh.devices.size)
 
   # --- state and checkpoint -----------------------------------------------------------------
   tx = common.make_optimizer(config.optim, steps, private=private)
@@ -224,6 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     console.print(f"resuming from step {int(state.step)}")
   start = int(state.step)
   log = common.MetricsLog(workdir, start)
+  state = common.replicate(state, mesh)
 
   # --- steps --------------------------------------------------------------------------------
   nonprivate_step, private_step = make_steps(unet, tx, schedule, config, config.train.trainable)
@@ -250,12 +252,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           stopped_for_budget = True
           break
         sb = dp_state["batcher"].batch(step)
-        batch = jax.tree_util.tree_map(lambda a: jnp.asarray(a[sb.indices]), examples)
-        state, metrics = step_fn(state, batch, jnp.asarray(sb.mask, jnp.float32), jnp.asarray(sb.num_microbatches),
+        batch, mask = common.shard_batch((jax.tree_util.tree_map(lambda a: a[sb.indices], examples),
+                                          sb.mask.astype(np.float32)), mesh)
+        state, metrics = step_fn(state, batch, mask, jnp.asarray(sb.num_microbatches),
                                  jax.random.fold_in(dp_state["noise_key"], step))
       else:
         idx = common.batch_indices(config.seed, step, n, config.train.batch_size)
-        batch = jax.tree_util.tree_map(lambda a: jnp.asarray(a[idx]), examples)
+        batch = common.shard_batch(jax.tree_util.tree_map(lambda a: a[idx], examples), mesh)
         state, metrics = step_fn(state, batch, common.step_key(config.seed, step))
       done = step + 1
       if done % config.train.log_every == 0 or done == steps:
@@ -300,7 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   return record
 
 
-def _setup_privacy(config, workdir: pathlib.Path, n: int, steps: int, console) -> dict:
+def _setup_privacy(config, workdir: pathlib.Path, n: int, steps: int, console, num_devices: int) -> dict:
   from jaxldm.privacy import accounting, ledger as ledger_lib, sampling
 
   dp = config.dp
@@ -334,7 +337,10 @@ def _setup_privacy(config, workdir: pathlib.Path, n: int, steps: int, console) -
     tmp.write_text(json.dumps(seeds))
     os.chmod(tmp, 0o600)
     os.replace(tmp, secrets_path)
-  batcher = sampling.PoissonBatcher(n, q, seeds["sampling_seed"], microbatch_size=dp.microbatch_size)
+  # One static padded size, a multiple of microbatch x devices so the batch shards evenly.
+  multiple = dp.microbatch_size * num_devices
+  batcher = sampling.PoissonBatcher(n, q, seeds["sampling_seed"], microbatch_size=dp.microbatch_size,
+                                    max_size=sampling.max_batch_size(n, q, multiple))
   noise_key = jax.random.PRNGKey(seeds["noise_seed"])
   # Budget: the largest step count whose epsilon stays within the target.
   allowed = steps

@@ -59,6 +59,7 @@ def ldm_config(variant: str, *, private: bool) -> ml_collections.ConfigDict:
   c.train.sample_every = 100 if tiny else 2000  # Steps between sample grids (0 = none).
   c.train.checkpoint_every = 50 if tiny else 1000  # Steps between checkpoints.
   c.train.keep_checkpoints = 2  # Checkpoints kept.
+  c.train.num_devices = 0  # Data-parallel devices (batch sharded, state replicated); 0 = all.
 
   c.dp = ml_collections.ConfigDict()
   c.dp.enabled = private  # DP-SGD on (privacy settings below) or off (non-private baseline).

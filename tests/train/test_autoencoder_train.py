@@ -63,3 +63,17 @@ def test_adversarial_critic_switches_on_at_its_start_step(tiny_nifti_dir, tmp_pa
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert all(np.isfinite(l["disc_loss"]) for l in lines)
   assert lines[0]["adv"] != 0.0  # The critic's score is computed (weight 0 before the start step).
+
+
+def test_one_and_four_devices_agree(tiny_nifti_dir, tmp_path):
+  assert len(jax.devices()) >= 4, "the test session forces 4 CPU devices (tests/conftest.py)"
+  for devices in (1, 4):
+    # SGD: updates are linear in the gradient, so float-level differences stay float-level
+    # (Adam turns a ~0 gradient's rounding noise into a full +-lr step).
+    config = _config(tiny_nifti_dir, **{"train.num_devices": devices, "train.steps": 2, "optim.optimizer": "sgd",
+                                        "optim.learning_rate": 0.1})
+    autoencoder.train_and_evaluate(config, tmp_path / str(devices))
+  _, one = _final_params(tmp_path / "1")
+  _, four = _final_params(tmp_path / "4")
+  for x, y in zip(jax.tree_util.tree_leaves(one["params"]), jax.tree_util.tree_leaves(four["params"])):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
