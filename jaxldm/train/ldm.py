@@ -265,7 +265,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         metrics = jax.device_get(metrics)
         common.check_finite(done, metrics)
         if private:
-          dp_state["ledger"].record_steps(done - dp_state["ledger"].steps)
+          # Never under-counts: a resume from an older checkpoint re-takes steps with the same
+          # batches and noise (seeded by step), which releases nothing new.
+          dp_state["ledger"].record_total(max(done, dp_state["ledger"].steps))
           metrics["epsilon"] = dp_state["ledger"].epsilon()
         log.write(done, metrics)
         now = time.perf_counter()
@@ -288,8 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   record = {"steps": final_step, "private": private}
   if private:
     ledger = dp_state["ledger"]
-    if ledger.steps < final_step:
-      ledger.record_steps(final_step - ledger.steps)
+    ledger.record_total(max(final_step, ledger.steps))
     record.update(epsilon=ledger.epsilon(), delta=ledger.delta, noise_multiplier=ledger.noise_multiplier,
                   sampling_rate=ledger.sampling_rate, l2_clip_norm=ledger.l2_clip_norm,
                   accountant=ledger.accountant, noise_seed=ledger.noise_seed_provenance,
@@ -341,7 +342,7 @@ def _setup_privacy(config, workdir: pathlib.Path, n: int, steps: int, console, n
   multiple = dp.microbatch_size * num_devices
   batcher = sampling.PoissonBatcher(n, q, seeds["sampling_seed"], microbatch_size=dp.microbatch_size,
                                     max_size=sampling.max_batch_size(n, q, multiple))
-  noise_key = jax.random.PRNGKey(seeds["noise_seed"])
+  noise_key = ledger_lib.key_from_seed(seeds["noise_seed"])  # All 63 bits (PRNGKey keeps 32).
   # Budget: the largest step count whose epsilon stays within the target.
   allowed = steps
   if dp.target_epsilon > 0 and ledger.epsilon(steps) > dp.target_epsilon * (1 + 1e-9):

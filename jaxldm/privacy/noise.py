@@ -1,0 +1,111 @@
+"""Gaussian noise for DP-SGD: the randomness half of the Gaussian mechanism.
+
+The noise is calibrated to the SUM of clipped gradients, whose L2 sensitivity the clipping module
+reports (`clipping.sensitivity`): std = noise_multiplier * sensitivity. It is added ONCE per
+logical batch (never per microbatch or per device: that would multiply the noise by
+sqrt(#microbatches) and silently waste utility, or, if divided back, under-noise), and the noisy
+sum is divided by the EXPECTED batch size q * N, never by the actual Poisson batch size: the actual
+size depends on which examples were sampled and is itself private.
+
+Key derivation inside `private_grad` (the trainer passes rng = fold_in(run_key, step)):
+  example_rng = fold_in(rng, EXAMPLE_STREAM)          # per-example randomness (diffusion t, noise)
+  rng_i       = fold_in(example_rng, i)               # i = global index of the example in the batch
+  noise_rng   = fold_in(rng, NOISE_STREAM)            # DP noise, independent of every rng_i
+  leaf key j  = fold_in(noise_rng, j)                 # j = leaf index in tree_flatten order
+The global example index i subsumes (microbatch, position in microbatch), so keys do not depend on
+the microbatch size. Keeping the noise stream separate matters: if an example reused the noise key,
+the loss randomness would be correlated with the DP noise.
+"""
+
+from collections.abc import Callable
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxldm.privacy import clipping
+
+PyTree = Any
+
+EXAMPLE_STREAM = 0
+NOISE_STREAM = 1
+
+
+def split_step_rng(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(example_rng, noise_rng) for one step; see the module docstring for why they differ."""
+  return jax.random.fold_in(rng, EXAMPLE_STREAM), jax.random.fold_in(rng, NOISE_STREAM)
+
+
+def add_noise(grad_sum: PyTree, rng: jax.Array, *, std: Any) -> PyTree:
+  """Adds N(0, std^2) independently to every coordinate, one key per leaf (fold_in leaf index).
+
+  Noise is drawn in each leaf's own dtype so a float32 sum gets float32 noise. `std` may be traced.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(grad_sum)
+  noisy = [
+      g + jnp.asarray(std, g.dtype) * jax.random.normal(jax.random.fold_in(rng, j), g.shape,
+                                                        g.dtype)
+      for j, g in enumerate(leaves)
+  ]
+  return jax.tree_util.tree_unflatten(treedef, noisy)
+
+
+def _check_nonnegative_if_concrete(name: str, value: Any, strict: bool = False) -> None:
+  """Validates a concrete value; a traced one is the caller's to validate (config time)."""
+  try:
+    v = float(value)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return
+  if not (v > 0 if strict else v >= 0) or not math.isfinite(v):
+    raise ValueError(f'{name} must be a finite number {">" if strict else ">="} 0, got {v}.')
+
+
+def private_grad(loss_fn: Callable[..., Any],
+                 params: PyTree,
+                 batch: PyTree,
+                 rng: jax.Array,
+                 *,
+                 l2_clip_norm: Any,
+                 noise_multiplier: Any,
+                 expected_batch_size: Any,
+                 mask: jax.Array | None = None,
+                 microbatch_size: int | None = None,
+                 num_microbatches: Any = None,
+                 has_aux: bool = False,
+                 per_layer: bool = False) -> tuple[PyTree, dict[str, Any]]:
+  """DP-SGD gradient of one logical batch: (clipped sum + Gaussian noise) / expected batch size.
+
+  g = (sum_i mask_i clip(grad_i, C) + N(0, (noise_multiplier * C)^2 I)) / expected_batch_size
+
+  Args:
+    loss_fn: `loss_fn(params, example, rng) -> scalar` for ONE example (see clipping).
+    params: parameters to differentiate.
+    batch: pytree with leading batch axis B (padded; see mask).
+    rng: this step's key (fold_in(run_key, step)); split as in the module docstring.
+    l2_clip_norm: C > 0 (static or traced).
+    noise_multiplier: sigma >= 0 (static or traced); 0 gives the non-private clipped mean.
+    expected_batch_size: q * N (static or traced), NOT the number of real examples in this batch.
+    mask: (B,) 1 = real, 0 = padding.
+    microbatch_size: see `clipping.clipped_grad_sum`.
+    num_microbatches: see `clipping.clipped_grad_sum` (variable count, one compilation).
+    has_aux: loss_fn returns (loss, aux).
+    per_layer: per-layer clipping (sensitivity still C).
+
+  Returns:
+    (noisy averaged gradient like params, aux from clipping plus "noise_std" of the gradient
+    after division, i.e. sigma * C / expected_batch_size).
+  """
+  _check_nonnegative_if_concrete('noise_multiplier', noise_multiplier)
+  _check_nonnegative_if_concrete('expected_batch_size', expected_batch_size, strict=True)
+  example_rng, noise_rng = split_step_rng(rng)
+  grad_sum, aux = clipping.clipped_grad_sum(
+      loss_fn, params, batch, example_rng, l2_clip_norm=l2_clip_norm, mask=mask,
+      microbatch_size=microbatch_size, num_microbatches=num_microbatches, has_aux=has_aux,
+      per_layer=per_layer)
+  num_leaves = len(jax.tree_util.tree_leaves(grad_sum))
+  std = noise_multiplier * clipping.sensitivity(l2_clip_norm, per_layer, num_leaves)
+  noisy_sum = add_noise(grad_sum, noise_rng, std=std)
+  grad = jax.tree_util.tree_map(lambda x: x / jnp.asarray(expected_batch_size, x.dtype), noisy_sum)
+  aux['noise_std'] = std / expected_batch_size
+  return grad, aux
