@@ -26,7 +26,9 @@ def _digest(directory: pathlib.Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("command", [[], ["data"], ["data", "phantoms"], ["data", "inspect"],
-                                     ["data", "prepare"], ["config"], ["demo"]])
+                                     ["data", "prepare"], ["config"], ["demo"], ["train"], ["sample"],
+                                     ["privacy"], ["privacy", "epsilon"], ["privacy", "calibrate"],
+                                     ["privacy", "audit"]])
 def test_every_command_has_help(command, capsys):
   with pytest.raises(SystemExit) as exit_info:
     cli.main([*command, "--help"])
@@ -95,3 +97,24 @@ def test_phantoms_refuses_nonempty_output(tmp_path):
   assert result.returncode == 2
   assert str(tmp_path) in result.stderr
   assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def test_privacy_epsilon_and_calibrate(capsys):
+  assert cli.main(["privacy", "epsilon", "--noise-multiplier", "1.1", "--batch-size", "256",
+                   "--dataset-size", "60000", "--steps", "14062", "--accountant", "both"]) == 0
+  out = capsys.readouterr().out
+  assert "epsilon = 2.5966  (RDP" in out and "epsilon = 2.3817  (PLD" in out  # DESIGN.md reference values.
+  assert cli.main(["privacy", "calibrate", "--target-epsilon", "3", "--sampling-rate", "0.01",
+                   "--steps", "500", "--accountant", "rdp"]) == 0
+  out = capsys.readouterr().out
+  sigma = float(out.split("noise multiplier = ")[1].split()[0])
+  from jaxldm.privacy import accounting
+  eps = accounting.epsilon(noise_multiplier=sigma, sampling_rate=0.01, steps=500, delta=1e-5, accountant="rdp")
+  assert 0.99 * 3 <= eps <= 3.0 * 1.0001
+
+
+def test_privacy_bad_input_is_one_line(capsys):
+  assert cli.main(["privacy", "epsilon", "--noise-multiplier", "1", "--sampling-rate", "2", "--steps", "3"]) == 2
+  assert "sampling_rate must be in (0, 1]" in capsys.readouterr().err
+  assert cli.main(["privacy", "epsilon", "--noise-multiplier", "1", "--steps", "3"]) == 2
+  assert "--sampling-rate" in capsys.readouterr().err
