@@ -6,8 +6,6 @@ import pathlib
 import subprocess
 import sys
 
-import nibabel as nib
-import numpy as np
 import pytest
 
 from jaxldm import cli

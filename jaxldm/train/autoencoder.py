@@ -10,17 +10,14 @@ LDM stage reads).
 from __future__ import annotations
 
 import functools
-import json
-import os
 import pathlib
-import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxldm.config import ConfigError, save_config, to_dict
+from jaxldm.config import ConfigError, to_dict
 from jaxldm.data.defaults import build_dataset
 from jaxldm.models import AutoencoderKL, PatchDiscriminator3D, kl_divergence
 from jaxldm.models.layers import as_triple
@@ -134,12 +131,7 @@ def estimate_scale_factor(model, params, volumes: np.ndarray, batch_size: int) -
 # The run
 # ---------------------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-  from rich.console import Console
-  console = Console()
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "samples").mkdir(exist_ok=True)
-  save_config(config, workdir / "config.json")
+  workdir, console = common.prepare_workdir(config, workdir)
 
   # --- data ---------------------------------------------------------------------------------
   dataset = build_dataset(config.data, progress=True)
@@ -184,7 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   # --- loop ---------------------------------------------------------------------------------
   steps, bs = config.train.steps, config.train.batch_size
   progress, task = common.progress_bar(steps, start, "autoencoder")
-  t_last, s_last = None, start
+  rate_meter = common.RateMeter(start)
   with progress:
     for step in range(start, steps):
       idx = common.batch_indices(config.seed, step, n, bs)
@@ -195,9 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         metrics = jax.device_get(metrics)
         common.check_finite(done, metrics)
         log.write(done, metrics)
-        now = time.perf_counter()
-        rate = f"{(done - s_last) / (now - t_last):.2f} it/s" if t_last else ""
-        t_last, s_last = now, done
+        rate = rate_meter(done)
         progress.update(task, completed=done, rate=rate, info=f"loss {float(metrics['loss']):.4f}")
       else:
         progress.update(task, completed=done)
@@ -213,9 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   scale, latent_shape = estimate_scale_factor(model, state.ema_params, volumes, bs)
   info = {"scale_factor": scale, "latent_shape": latent_shape, "data_shape": list(volumes.shape[1:]),
           "model": to_dict(config.model), "steps": int(state.step)}
-  tmp = workdir / "autoencoder.json.tmp"
-  tmp.write_text(json.dumps(info, indent=2) + "\n")
-  os.replace(tmp, workdir / "autoencoder.json")
+  common.write_json(workdir / "autoencoder.json", info)
   ckpt.close()
   console.print(f"latent {tuple(latent_shape)}, scale factor {scale:.4f}; wrote {workdir / 'autoencoder.json'}")
   return info

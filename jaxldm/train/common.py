@@ -23,7 +23,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from jaxldm.config import ConfigError
+from jaxldm.config import ConfigError, save_config
 
 
 class TrainingError(RuntimeError):
@@ -198,8 +198,39 @@ def restore_params(directory: str | pathlib.Path, target_params, *, use_ema: boo
 
 
 # ---------------------------------------------------------------------------------------------
-# metrics and progress
+# workdir, metrics and progress
 # ---------------------------------------------------------------------------------------------
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str | pathlib.Path):
+  """Creates WORKDIR and WORKDIR/samples, records the resolved config; returns (path, console)."""
+  from rich.console import Console
+
+  workdir = pathlib.Path(workdir)
+  (workdir / "samples").mkdir(parents=True, exist_ok=True)
+  save_config(config, workdir / "config.json")
+  return workdir, Console()
+
+
+def write_json(path: str | pathlib.Path, record: dict) -> None:
+  """Atomic: a reader never sees half a file."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(record, indent=2) + "\n")
+  os.replace(tmp, path)
+
+
+class RateMeter:
+  """Steps per second between successive log points, for the progress bar."""
+
+  def __init__(self, start_step: int):
+    self.step, self.time = start_step, None
+
+  def __call__(self, step: int) -> str:
+    now = time.perf_counter()
+    rate = f"{(step - self.step) / (now - self.time):.2f} it/s" if self.time else ""
+    self.step, self.time = step, now
+    return rate
+
+
 class MetricsLog:
   """metrics.jsonl in the workdir. On resume, lines past the restored step are dropped."""
 

@@ -17,14 +17,13 @@ import functools
 import json
 import os
 import pathlib
-import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxldm.config import ConfigError, save_config, to_dict
+from jaxldm.config import ConfigError, to_dict
 from jaxldm.data.dataset import read_attributes
 from jaxldm.data.defaults import build_dataset
 from jaxldm.diffusion import diffusion_loss, make_schedule, sample
@@ -156,12 +155,7 @@ def make_steps(unet, tx, schedule, config, frozen_spec: str):
 # The run
 # ---------------------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-  from rich.console import Console
-  console = Console()
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "samples").mkdir(exist_ok=True)
-  save_config(config, workdir / "config.json")
+  workdir, console = common.prepare_workdir(config, workdir)
   private = bool(config.dp.enabled)
 
   # --- autoencoder (frozen) -----------------------------------------------------------------
@@ -204,9 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           "autoencoder_workdir": str(pathlib.Path(config.autoencoder_workdir).absolute()),
           "scale_factor": scale, "latent_shape": list(latents.shape[1:]), "model": to_dict(config.model),
           "diffusion": to_dict(config.diffusion), "private": private}
-  tmp = workdir / "ldm.json.tmp"
-  tmp.write_text(json.dumps(info, indent=2) + "\n")
-  os.replace(tmp, workdir / "ldm.json")
+  common.write_json(workdir / "ldm.json", info)
 
   # --- privacy ------------------------------------------------------------------------------
   steps = config.train.steps
@@ -243,7 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   # --- loop ---------------------------------------------------------------------------------
   progress, task = common.progress_bar(steps, start, "ldm (DP)" if private else "ldm")
-  t_last, s_last = None, start
+  rate_meter = common.RateMeter(start)
   stopped_for_budget = False
   with progress:
     for step in range(start, steps):
@@ -270,9 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           dp_state["ledger"].record_total(max(done, dp_state["ledger"].steps))
           metrics["epsilon"] = dp_state["ledger"].epsilon()
         log.write(done, metrics)
-        now = time.perf_counter()
-        rate = f"{(done - s_last) / (now - t_last):.2f} it/s" if t_last else ""
-        t_last, s_last = now, done
+        rate = rate_meter(done)
         eps = f" eps {metrics['epsilon']:.2f}" if private else ""
         progress.update(task, completed=done, rate=rate, info=f"loss {float(metrics['loss']):.4f}{eps}")
       else:
@@ -298,9 +288,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     console.print(f"DP: epsilon {record['epsilon']:.3f} at delta {ledger.delta:g} after {final_step} steps "
                   f"(sigma {ledger.noise_multiplier:.4f}, q {ledger.sampling_rate:.4g}, {ledger.accountant})"
                   + (" — stopped: the next step would exceed the budget" if stopped_for_budget else ""))
-  tmp = workdir / "run.json.tmp"
-  tmp.write_text(json.dumps(record, indent=2) + "\n")
-  os.replace(tmp, workdir / "run.json")
+  common.write_json(workdir / "run.json", record)
   return record
 
 
