@@ -177,14 +177,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   steps, bs = config.train.steps, config.train.batch_size
   progress, task = common.progress_bar(steps, start, "autoencoder")
   rate_meter = common.RateMeter(start)
+  averager = common.MetricAverager()
   with progress:
     for step in range(start, steps):
       idx = common.batch_indices(config.seed, step, n, bs)
       batch = common.shard_batch(volumes[idx], mesh)
       state, metrics = train_step(state, batch, common.step_key(config.seed, step))
       done = step + 1
+      averager.add(metrics)
       if done % config.train.log_every == 0 or done == steps:
-        metrics = jax.device_get(metrics)
+        metrics = averager.pop()  # Means over the steps since the last log line.
         common.check_finite(done, metrics)
         log.write(done, metrics)
         rate = rate_meter(done)

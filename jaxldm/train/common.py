@@ -218,6 +218,28 @@ def write_json(path: str | pathlib.Path, record: dict) -> None:
   os.replace(tmp, path)
 
 
+class MetricAverager:
+  """Averages step metrics between log points with `clu.metrics` (on device: no per-step sync)."""
+
+  def __init__(self):
+    self._collection = None
+    self._acc = None
+
+  def add(self, step_metrics: dict[str, Any]) -> None:
+    from clu import metrics as clu_metrics
+    if self._collection is None:
+      self._collection = clu_metrics.Collection.create(
+          **{name: clu_metrics.Average.from_output(name) for name in step_metrics})
+    update = self._collection.single_from_model_output(**step_metrics)
+    self._acc = update if self._acc is None else self._acc.merge(update)
+
+  def pop(self) -> dict[str, Any]:
+    """The averages since the last pop (host values), and a reset."""
+    out = {k: np.asarray(v) for k, v in jax.device_get(self._acc.compute()).items()}
+    self._acc = None
+    return out
+
+
 class RateMeter:
   """Steps per second between successive log points, for the progress bar."""
 

@@ -236,6 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   # --- loop ---------------------------------------------------------------------------------
   progress, task = common.progress_bar(steps, start, "ldm (DP)" if private else "ldm")
   rate_meter = common.RateMeter(start)
+  averager = common.MetricAverager()
   stopped_for_budget = False
   with progress:
     for step in range(start, steps):
@@ -253,8 +254,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         batch = common.shard_batch(jax.tree_util.tree_map(lambda a: a[idx], examples), mesh)
         state, metrics = step_fn(state, batch, common.step_key(config.seed, step))
       done = step + 1
+      averager.add(metrics)
       if done % config.train.log_every == 0 or done == steps:
-        metrics = jax.device_get(metrics)
+        metrics = averager.pop()  # Means over the steps since the last log line.
         common.check_finite(done, metrics)
         if private:
           # Never under-counts: a resume from an older checkpoint re-takes steps with the same
