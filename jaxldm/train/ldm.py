@@ -187,6 +187,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if config.pretrained_workdir:
     params, _ = common.restore_params(pathlib.Path(config.pretrained_workdir) / "checkpoints", params)
     console.print(f"initialised from the pretrained LDM in {config.pretrained_workdir}")
+  if private:
+    from jaxldm.privacy import clipping
+    clipping.check_no_batch_stats(params)  # Batch statistics would couple examples (invariant 1).
   trainable, frozen = partition.split(params, config.train.trainable)
   console.print(f"latent UNet: {common.count_params(params):,} parameters, "
                 f"{common.count_params(trainable):,} trainable ({config.train.trainable})")
