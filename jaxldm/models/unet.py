@@ -152,5 +152,5 @@ def check_shape(shape: Sequence[int], stride: Triple, levels: int) -> None:
 
 
 def init_params(module: nn.Module, rng: jax.Array, *inputs):
-  """Parameters by `jax.eval_shape` first (no compute), then a real init under jit."""
+  """Parameters from a jitted init (one compiled program instead of op-by-op dispatch)."""
   return jax.jit(module.init)(rng, *inputs)
