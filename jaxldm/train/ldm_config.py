@@ -41,7 +41,7 @@ def ldm_config(variant: str, *, private: bool) -> ml_collections.ConfigDict:
   c.diffusion.beta_start = 1e-4  # First beta (paper: 1e-4).
   c.diffusion.beta_end = 7e-2  # Last beta (paper: 7e-2).
   c.diffusion.prediction = "epsilon"  # "epsilon" or "v".
-  c.diffusion.noise_multiplicity = 4 if private else 1  # K (timestep, noise) draws per example (DPDM).
+  c.diffusion.noise_multiplicity = (2 if tiny else 8) if private else 1  # K (timestep, noise) draws per example (DPDM: 8..32).
   c.diffusion.cond_drop_prob = 0.1  # Condition dropout, trains the unconditional branch for guidance.
 
   c.sampling = ml_collections.ConfigDict()
@@ -52,7 +52,7 @@ def ldm_config(variant: str, *, private: bool) -> ml_collections.ConfigDict:
   c.optim.ema_decay = 0.99 if tiny else 0.999  # EMA of parameters.
 
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 200 if tiny else (100000 if paper else 20000)  # Optimizer steps.
+  c.train.steps = (100 if private else 200) if tiny else (100000 if paper else 20000)  # Optimizer steps.
   c.train.batch_size = 8 if tiny else 32  # Non-private batch size.
   c.train.trainable = "all"  # "all", "attention+conditioning" (DP-LDM) or a regex over parameter paths.
   c.train.log_every = 10  # Steps between metrics.jsonl lines.
