@@ -258,26 +258,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         state, metrics = step_fn(state, batch, common.step_key(config.seed, step))
       done = step + 1
       averager.add(metrics)
-      if done % config.train.log_every == 0 or done == steps:
+      log_now = done % config.train.log_every == 0 or done == steps
+      sample_now = config.train.sample_every > 0 and (done % config.train.sample_every == 0 or done == steps)
+      save_now = done % config.train.checkpoint_every == 0 or done == steps
+      if private and (log_now or sample_now or save_now):
+        # The ledger is written before anything computed from these steps leaves the loop (metrics,
+        # samples, checkpoints): after a crash it may over-count, never under-count. A resume from an
+        # older checkpoint re-takes steps with the same batches and noise (both seeded by step), which
+        # releases nothing new, so record_total counts them once.
+        epsilon = dp_state["ledger"].record_total(done)
+      if log_now:
         metrics = averager.pop()  # Means over the steps since the last log line.
         common.check_finite(done, metrics)
         if private:
-          # Never under-counts: a resume from an older checkpoint re-takes steps with the same
-          # batches and noise (seeded by step), which releases nothing new.
-          dp_state["ledger"].record_total(max(done, dp_state["ledger"].steps))
-          metrics["epsilon"] = dp_state["ledger"].epsilon()
+          metrics["epsilon"] = epsilon
         log.write(done, metrics)
         rate = rate_meter(done)
         eps = f" eps {metrics['epsilon']:.2f}" if private else ""
         progress.update(task, completed=done, rate=rate, info=f"loss {float(metrics['loss']):.4f}{eps}")
       else:
         progress.update(task, completed=done)
-      if config.train.sample_every > 0 and (done % config.train.sample_every == 0 or done == steps):
+      if sample_now:
         _sample_grid(sampler, decode, state.ema_params, ae_params, latents.shape[1:], len(columns),
                      workdir / "samples" / f"samples_{done:06d}.png", config.seed + done)
-      if done % config.train.checkpoint_every == 0 or done == steps:
+      if save_now:
         ckpt.save(done, state)
     final_step = int(state.step)
+    if private:
+      epsilon = dp_state["ledger"].record_total(final_step)
     if ckpt.latest_step() != final_step:
       ckpt.save(final_step, state)
   ckpt.close()
@@ -285,8 +293,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   record = {"steps": final_step, "private": private}
   if private:
     ledger = dp_state["ledger"]
-    ledger.record_total(max(final_step, ledger.steps))
-    record.update(epsilon=ledger.epsilon(), delta=ledger.delta, noise_multiplier=ledger.noise_multiplier,
+    record.update(epsilon=epsilon, delta=ledger.delta, noise_multiplier=ledger.noise_multiplier,
                   sampling_rate=ledger.sampling_rate, l2_clip_norm=ledger.l2_clip_norm,
                   accountant=ledger.accountant, noise_seed=ledger.noise_seed_provenance,
                   stopped_for_budget=stopped_for_budget)
