@@ -209,7 +209,6 @@ def to_dict(config: ml_collections.ConfigDict) -> dict:
 
 def save_config(config: ml_collections.ConfigDict, path: str | pathlib.Path) -> None:
   """Writes the resolved config as JSON next to a run, atomically."""
-  path = pathlib.Path(path)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
-  tmp.replace(path)
+  from jaxldm.atomic import atomic_open
+  with atomic_open(path) as f:
+    f.write(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")

@@ -12,10 +12,11 @@ several significant digits there.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import NamedTuple
 
 import numpy as np
+
+from jaxldm.atomic import atomic_open
 
 # Cache format; bump when the npz layout changes so old files are refused rather than misread.
 _CACHE_FORMAT = 1
@@ -413,20 +414,10 @@ def save_reference_stats(path: str | os.PathLike, features, *, extractor: str,
     raise ValueError("extractor and extractor_version must be non-empty strings")
   mu, sigma = feature_statistics(features)
   stats = ReferenceStats(mu, sigma, int(np.shape(features)[0]))
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
-  try:
-    with os.fdopen(fd, "wb") as fh:
-      np.savez(fh, mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n),
-               extractor=np.str_(extractor), extractor_version=np.str_(extractor_version),
-               format=np.int64(_CACHE_FORMAT))
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic_open(path, "wb") as fh:
+    np.savez(fh, mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n),
+             extractor=np.str_(extractor), extractor_version=np.str_(extractor_version),
+             format=np.int64(_CACHE_FORMAT))
   return stats
 
 

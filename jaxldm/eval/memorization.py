@@ -15,9 +15,10 @@ never for a DP run's logs or reports, which carry the aggregate rates only.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
+
+from jaxldm.atomic import atomic_open
 
 # Correlation blocks hold at most this many float64 entries (128 MiB).
 _BLOCK_ELEMENTS = 1 << 24
@@ -179,15 +180,5 @@ def save_closest_pairs(synthetic, train, nn_indices, correlations, path: str | o
       ax.axis("off")
   fig.tight_layout()
 
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
-  try:
-    with os.fdopen(fd, "wb") as fh:
-      fig.savefig(fh, format="png")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic_open(path, "wb") as fh:
+    fig.savefig(fh, format="png")

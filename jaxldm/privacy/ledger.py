@@ -21,12 +21,12 @@ import json
 import math
 import os
 import secrets
-import tempfile
 from typing import Any
 
 import jax
 import numpy as np
 
+from jaxldm.atomic import atomic_open
 from jaxldm.privacy import accounting
 
 LEDGER_FILENAME = 'privacy_ledger.json'
@@ -190,16 +190,6 @@ class PrivacyLedger:
     record = dataclasses.asdict(self)
     del record['path']
     record['format_version'] = _FORMAT_VERSION
-    directory = os.path.dirname(self.path) or '.'
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.privacy_ledger.', suffix='.tmp')
-    try:
-      with os.fdopen(fd, 'w') as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-        f.write('\n')
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, self.path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
+    with atomic_open(self.path) as f:
+      json.dump(record, f, indent=2, sort_keys=True)
+      f.write('\n')

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from jaxldm.atomic import atomic_open
 from jaxldm.config import ConfigError, save_config
 
 
@@ -212,10 +212,8 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str | pathlib.Pa
 
 def write_json(path: str | pathlib.Path, record: dict) -> None:
   """Atomic: a reader never sees half a file."""
-  path = pathlib.Path(path)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(record, indent=2) + "\n")
-  os.replace(tmp, path)
+  with atomic_open(path) as f:
+    f.write(json.dumps(record, indent=2) + "\n")
 
 
 class MetricAverager:
@@ -261,9 +259,8 @@ class MetricsLog:
     if self.path.exists():
       kept = [line for line in self.path.read_text().splitlines()
               if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-      tmp = self.path.with_suffix(".jsonl.tmp")
-      tmp.write_text("".join(line + "\n" for line in kept))
-      os.replace(tmp, self.path)
+      with atomic_open(self.path) as f:
+        f.write("".join(line + "\n" for line in kept))
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     record = {"step": int(step), "time": round(time.time(), 3)}
@@ -327,11 +324,11 @@ def save_mid_slices(volumes: np.ndarray, path: str | pathlib.Path, *, titles: li
     if titles:
       ax.set_title(titles[i], fontsize=6)
   fig.tight_layout()
-  path = pathlib.Path(path)
-  tmp = path.with_name(path.stem + ".tmp.png")
-  fig.savefig(tmp, dpi=100)
-  plt.close(fig)
-  os.replace(tmp, path)
+  try:
+    with atomic_open(path, "wb") as f:
+      fig.savefig(f, format="png", dpi=100)
+  finally:
+    plt.close(fig)
 
 
 def iterate_batches(arrays, batch_size: int) -> Iterator[tuple[int, Any]]:

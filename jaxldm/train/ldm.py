@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxldm.atomic import atomic_open
 from jaxldm.config import ConfigError, to_dict
 from jaxldm.data.dataset import read_attributes
 from jaxldm.data.defaults import build_dataset
@@ -334,10 +335,8 @@ def _setup_privacy(config, workdir: pathlib.Path, n: int, steps: int, console, n
     noise_seed = dp.noise_seed if dp.noise_seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
     sample_seed = dp.noise_seed + 1 if dp.noise_seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
     seeds = {"noise_seed": noise_seed, "sampling_seed": sample_seed}
-    tmp = secrets_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(seeds))
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, secrets_path)
+    with atomic_open(secrets_path, private=True) as f:  # 0600 from the first byte.
+      json.dump(seeds, f)
   # One static padded size, a multiple of microbatch x devices so the batch shards evenly.
   multiple = dp.microbatch_size * num_devices
   batcher = sampling.PoissonBatcher(n, q, seeds["sampling_seed"], microbatch_size=dp.microbatch_size,

@@ -60,6 +60,7 @@ def test_dp_finetune_resumes_and_accounts_every_step(tiny_nifti_dir, ae_dir, pre
   expected = accounting.epsilon(noise_multiplier=1.0, sampling_rate=2 / 8, steps=3, delta=1e-3, accountant="rdp")
   assert record["epsilon"] == pytest.approx(expected, rel=1e-9)
   assert record["noise_seed"].startswith("fixed")  # A fixed seed is flagged in the record.
+  assert (tmp_path / "dp_secrets.json").stat().st_mode & 0o777 == 0o600  # Seeds readable by the owner only.
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [l["step"] for l in lines] == [1, 2, 3]
   for line in lines:  # Aggregates only: no per-example arrays in the logs.
