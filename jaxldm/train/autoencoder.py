@@ -161,10 +161,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   # --- checkpoint ---------------------------------------------------------------------------
   ckpt = common.Checkpointer(workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints)
-  if ckpt.latest_step() is not None:
-    state, _ = ckpt.restore(state)
-    console.print(f"resuming from step {int(state.step)}")
+  state = ckpt.restore_latest(state)
   start = int(state.step)
+  if start:
+    console.print(f"resuming from step {start}")
   log = common.MetricsLog(workdir, start)
   mesh = common.make_mesh(config.train.num_devices)
   state = common.replicate(state, mesh)

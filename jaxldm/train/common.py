@@ -169,6 +169,10 @@ class Checkpointer:
                         f"(model or optimizer changed?); use a new --workdir. Detail: {str(e)[:200]}") from e
     return restored.state, dict(restored.meta or {})
 
+  def restore_latest(self, target: TrainState) -> TrainState:
+    """`target` restored from the latest checkpoint, or `target` itself when there is none."""
+    return target if self.latest_step() is None else self.restore(target)[0]
+
   def restore_untyped(self, step: int | None = None) -> tuple[Any, dict]:
     """The saved state as nested dicts/arrays, without a target structure (for inspection)."""
     step = self.latest_step() if step is None else step

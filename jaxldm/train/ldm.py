@@ -216,10 +216,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   state = common.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(trainable),
                             ema_params=jax.tree_util.tree_map(jnp.copy, params))
   ckpt = common.Checkpointer(workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints)
-  if ckpt.latest_step() is not None:
-    state, _ = ckpt.restore(state)
-    console.print(f"resuming from step {int(state.step)}")
+  state = ckpt.restore_latest(state)
   start = int(state.step)
+  if start:
+    console.print(f"resuming from step {start}")
   log = common.MetricsLog(workdir, start)
   state = common.replicate(state, mesh)
 
