@@ -98,6 +98,8 @@ def cmd_data_prepare(args, overrides) -> int:
 TRAINERS = {
     "autoencoder": "jaxldm.train.autoencoder",
     "ldm": "jaxldm.train.ldm",
+    "regressor": "jaxldm.train.regressor",
+    "ssl": "jaxldm.train.ssl",
 }
 
 
@@ -215,6 +217,63 @@ def cmd_privacy_audit(args) -> int:
         f"{result.num_trials} trials) vs accountant epsilon {claimed:.3f} for one step at sigma "
         f"{args.noise_multiplier:g}, delta {args.delta:g}: {verdict}")
   return 0 if result.epsilon_lower_bound <= claimed else 1
+
+
+def _rero_mechanism(args) -> tuple[float, float, int, float, str]:
+  """(sigma, q, steps, delta, source): from the run's privacy ledger or from the flags."""
+  from jaxldm.privacy.ledger import LEDGER_FILENAME, PrivacyLedger
+
+  if args.workdir is None:
+    if args.noise_multiplier is None:
+      raise ConfigError("give --noise-multiplier (and --sampling-rate, --steps), or --workdir RUN")
+    q, steps = _sampling(args)
+    return args.noise_multiplier, q, steps, 1e-5 if args.delta is None else args.delta, "flags"
+  given = [flag for flag, value in (("--noise-multiplier", args.noise_multiplier),
+                                    ("--sampling-rate", args.sampling_rate), ("--batch-size", args.batch_size),
+                                    ("--dataset-size", args.dataset_size), ("--steps", args.steps),
+                                    ("--epochs", args.epochs), ("--delta", args.delta)) if value is not None]
+  if given:
+    raise ConfigError(f"{', '.join(given)}: --workdir reads sigma, q, steps and delta from the run's "
+                      f"{LEDGER_FILENAME}; drop these flags or drop --workdir")
+  path = pathlib.Path(args.workdir) / LEDGER_FILENAME
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: --workdir must be a DP training run (one trained with a DP "
+                            "config writes a privacy ledger)")
+  try:
+    ledger = PrivacyLedger.load(str(path))
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  return ledger.noise_multiplier, ledger.sampling_rate, ledger.steps, ledger.delta, str(path)
+
+
+def cmd_privacy_rero(args) -> int:
+  from jaxldm.privacy import reconstruction
+
+  sigma, q, steps, delta, source = _rero_mechanism(args)
+  try:
+    summary = reconstruction.rero_summary(noise_multiplier=sigma, sampling_rate=q, steps=steps,
+                                          kappas=args.kappa, method=args.method, delta=delta)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  grid = summary["value_discretization_interval"]
+  method = {"pld": f"PLD, loss grid {grid:.2g}" if grid else "PLD",
+            "gdp": "GDP" + ("" if summary["mu_is_exact"] else " CLT approximation"),
+            "exact": "exact closed form"}[args.method]
+  print(f"reconstruction-risk bound ({method}) for sigma {sigma:g}, q {q:.6g}, {steps} steps "
+        f"[{source}]:")
+  mu_note = "exact" if summary["mu_is_exact"] else "CLT"
+  for kappa, bound, gdp in zip(summary["kappas"], summary["bounds"], summary["gdp_bounds"]):
+    print(f"  prior success kappa {kappa:<8g} -> attack success <= {bound:.4f}   (GDP cross-check "
+          f"{gdp:.4f}, mu {summary['mu']:.4g} {mu_note})")
+  print(f"epsilon = {summary['epsilon']:.4f} at delta {delta:g} (PLD accountant)")
+  if args.plot:
+    sigmas = sorted({*reconstruction.DEFAULT_CURVE_SIGMAS, sigma} - {0.0})
+    curve = reconstruction.rero_curve(sampling_rate=q, steps=steps, delta=delta, kappas=args.kappa,
+                                      noise_multipliers=sigmas, method=args.method)
+    reconstruction.plot_rero_curve(curve, args.plot, mark_epsilon=summary["epsilon"])
+    print(f"wrote {args.plot}: bound vs epsilon ({len(curve['epsilons'])} noise multipliers, q and steps "
+          "fixed)")
+  return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,6 +437,29 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--trials", type=int, default=4000, help="trials (default 4000)")
   p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
   p.set_defaults(func=cmd_privacy_audit)
+
+  p = privacy_sub.add_parser(
+      "rero", help="reconstruction-risk bound of a DP-SGD run",
+      description="Upper bound on the success probability of any reconstruction attack whose prior "
+                  "success is kappa (Hayes et al. 2023), from the trade-off function of T Poisson-"
+                  "subsampled Gaussian steps. Methods: pld (rigorous, numeric; default), gdp (GDP "
+                  "central-limit approximation; exact for q = 1), exact (closed form, q = 1 only). "
+                  "Example: --noise-multiplier 1.1 --sampling-rate 0.00427 --steps 14062 --kappa 0.01, "
+                  "or --workdir RUN to read them from the run's privacy_ledger.json.")
+  p.add_argument("--workdir", help="DP run: read sigma, q, steps and delta from its privacy_ledger.json")
+  p.add_argument("--noise-multiplier", type=float, help="sigma (noise std / clip norm)")
+  p.add_argument("--sampling-rate", type=float, help="Poisson sampling rate q (or --batch-size/--dataset-size)")
+  p.add_argument("--batch-size", type=float, help="expected batch size (with --dataset-size: q = batch / N)")
+  p.add_argument("--dataset-size", type=int, help="number of training examples N")
+  p.add_argument("--steps", type=int, help="training steps (or --epochs)")
+  p.add_argument("--epochs", type=float, help="epochs (steps = epochs / q)")
+  p.add_argument("--delta", type=float, help="delta for the epsilon shown (default 1e-5)")
+  p.add_argument("--kappa", type=_floats, default=(1e-3, 1e-2, 1e-1),
+                 help="prior success probabilities, comma-separated (default 0.001,0.01,0.1)")
+  p.add_argument("--method", choices=("pld", "gdp", "exact"), default="pld", help="bound (default pld)")
+  p.add_argument("--plot", metavar="OUT.png",
+                 help="also plot the bound against epsilon (sigma varied, q and steps fixed; one line per kappa)")
+  p.set_defaults(func=cmd_privacy_rero)
 
   p = sub.add_parser("config", help="print a resolved config",
                      description="Print a config after its variant and --config.* overrides.")
