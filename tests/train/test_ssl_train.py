@@ -1,0 +1,119 @@
+"""The contrastive 3D encoder: augmentations, NT-Xent, the trainer end to end, what training buys."""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxldm import cli
+from jaxldm.config import ConfigError, load_config
+from jaxldm.data.defaults import build_dataset
+from jaxldm.eval.memorization import pearson_matrix
+from jaxldm.models.ssl_encoder import SSLEncoder
+from jaxldm.train import common, ssl
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SHAPE = (4, 16, 16)
+
+
+def _overrides(data_dir, **extra):
+  base = {"data.root": str(data_dir), "data.shape": SHAPE, "data.spacing": (20.0, 4.0, 4.0),
+          "train.batch_size": 8, "train.log_every": 1, "train.checkpoint_every": 2, "train.steps": 3}
+  base.update(extra)
+  return base
+
+
+def _config(data_dir, **extra):
+  return load_config(str(ROOT / "configs/ssl.py:tiny"), _overrides(data_dir, **extra))
+
+
+def test_augment_is_keyed_and_its_ranges_are_respected():
+  vol = jnp.asarray(np.random.default_rng(0).normal(size=SHAPE).astype(np.float32))
+  still = ssl.Augment(rotation_deg=0, scale=0, shift=0, flip_axes=(), gamma=0, contrast=0, brightness=0,
+                      noise_std=0)
+  np.testing.assert_allclose(ssl.augment(vol, jax.random.PRNGKey(0), still), vol, atol=1e-5)
+  default = ssl.Augment()
+  a = ssl.augment(vol, jax.random.PRNGKey(1), default)
+  np.testing.assert_array_equal(a, ssl.augment(vol, jax.random.PRNGKey(1), default))
+  assert not np.allclose(a, ssl.augment(vol, jax.random.PRNGKey(2), default))
+  assert a.shape == SHAPE and np.all(np.isfinite(a))
+  # A flip-only augmentation is an exact flip (or none) of the in-plane axes, never of the slices.
+  flips = still._replace(flip_axes=(2,))
+  outs = [np.asarray(ssl.augment(vol, jax.random.PRNGKey(k), flips)) for k in range(8)]
+  for out in outs:
+    assert np.allclose(out, vol, atol=1e-5) or np.allclose(out, np.flip(vol, 2), atol=1e-5)
+  assert any(np.allclose(out, np.flip(vol, 2), atol=1e-5) for out in outs)
+  with pytest.raises(ConfigError, match="augment.flip_axes"):
+    ssl.Augment.from_config(dict(default._asdict(), flip_axes=(3,)))
+
+
+def test_nt_xent_prefers_aligned_pairs():
+  z = jax.random.normal(jax.random.PRNGKey(0), (6, 8))
+  aligned, acc = ssl.nt_xent(z, z, 0.1)
+  shuffled, _ = ssl.nt_xent(z, z[::-1], 0.1)
+  assert float(acc) == 1.0
+  assert float(aligned) < float(shuffled)
+  assert float(aligned) >= 0.0
+
+
+def test_cli_trains_checkpoints_and_versions_the_encoder(tiny_nifti_dir, tmp_path):
+  overrides = [f"--config.{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+               for k, v in _overrides(tiny_nifti_dir).items()]
+  workdir = tmp_path / "ssl"
+  assert cli.main(["train", "--config", str(ROOT / "configs/ssl.py:tiny"), "--workdir", str(workdir),
+                   *overrides]) == 0
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines] == [1, 2, 3]
+  assert all(np.isfinite(l["loss"]) for l in lines)
+  info = json.loads((workdir / "encoder.json").read_text())
+  assert info["steps"] == 3 and info["data_shape"] == list(SHAPE) and info["embedding_dim"] == 16
+  # The version names exactly the weights in the last checkpoint.
+  ckpt = common.Checkpointer(workdir / "checkpoints")
+  assert ckpt.latest_step() == 3
+  restored, _ = ckpt.restore_untyped()
+  ckpt.close()
+  model = ssl.build_model(info["model"])
+  target = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *SHAPE, 1)))
+  ema = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target),
+                                     jax.tree_util.tree_leaves(restored["ema_params"]))
+  assert info["version"] == f"ssl3d-{ssl.params_version(ema)}"
+  assert info["version"] != f"ssl3d-{ssl.params_version(target)}"
+
+
+def test_training_separates_augmented_copies_from_other_volumes(tiny_nifti_dir):
+  """30 steps on a fixed set of 8 volumes: the loss falls, and in embedding space (Pearson) each
+  volume's augmented copy is closer to it than the other volumes are, on average, by more than at
+  initialisation. Measured: loss 2.71 -> ~1.0; positive r 0.93 vs mean negative r 0.72 (init
+  0.82 vs 0.66)."""
+  config = _config(tiny_nifti_dir, **{"train.steps": 30})
+  volumes = build_dataset(config.data).arrays()[0]
+  assert volumes.shape == (8, *SHAPE)
+  model = ssl.build_model(config.model)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *SHAPE, 1)))
+  tx = common.make_optimizer(config.optim, 30)
+  state = common.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
+                            ema_params=params)
+  step = jax.jit(ssl.make_train_step(model, tx, config))
+  losses = []
+  for s in range(30):
+    state, metrics = step(state, jnp.asarray(volumes), common.step_key(0, s))
+    losses.append(float(metrics["loss"]))
+  assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+
+  aug = ssl.Augment.from_config(config.augment)
+  keys = jax.random.split(jax.random.PRNGKey(123), len(volumes))
+  copies = jax.vmap(lambda v, k: ssl.augment(v, k, aug))(jnp.asarray(volumes), keys)
+  embed = jax.jit(lambda p, x: model.apply(p, x[..., None], method=SSLEncoder.embed))
+
+  def margins(p):
+    r = pearson_matrix(np.asarray(embed(p, copies)), np.asarray(embed(p, jnp.asarray(volumes))))
+    off = ~np.eye(len(r), dtype=bool)
+    negatives = np.where(off, r, 0).sum(1) / off.sum(1)
+    return np.diag(r) - negatives
+
+  before, after = margins(params), margins(state.params)
+  assert np.all(after > 0), after
+  assert after.mean() > before.mean() and after.mean() > 0.1, (before, after)
