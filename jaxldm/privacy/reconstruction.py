@@ -67,7 +67,8 @@ from jaxldm.privacy.rero import (dpsgd_mu, expected_mse_optimal_attack, mse_succ
                                  psnr_success_probability, rero_bound_gdp)
 
 __all__ = [
-    "METHODS", "DEFAULT_VALUE_DISCRETIZATION_INTERVAL", "mechanism_mu", "rero_bound", "rero_summary",
+    "METHODS", "DEFAULT_KAPPAS", "DEFAULT_CURVE_SIGMAS", "auto_value_discretization_interval",
+    "mechanism_mu", "rero_bound", "rero_summary",
     "rero_curve", "plot_rero_curve", "expected_mse_optimal_attack", "mse_success_probability",
     "psnr_success_probability",
 ]
@@ -80,6 +81,8 @@ MIN_VALUE_DISCRETIZATION_INTERVAL = 1e-5
 AUTO_GRID_PER_MU = 500
 # Default kappas for reports and plots: prior success 0.1%, 1%, 10%.
 DEFAULT_KAPPAS = (1e-3, 1e-2, 1e-1)
+# Noise multipliers of `rero_curve`: epsilon from ~50 to ~0.1 for typical DP-SGD runs.
+DEFAULT_CURVE_SIGMAS = tuple(float(s) for s in np.geomspace(0.3, 20.0, 16))
 
 
 def _check(noise_multiplier: float, sampling_rate: float, steps: int, method: str) -> None:
@@ -297,7 +300,7 @@ and measured within 0.1% of the 1e-4 value for epsilon > 8). Points with epsilon
   """
   accounting.check_params(sampling_rate=sampling_rate, steps=steps, delta=delta)
   if noise_multipliers is None:
-    noise_multipliers = np.geomspace(0.3, 20.0, 16)
+    noise_multipliers = DEFAULT_CURVE_SIGMAS
   kappas = [float(k) for k in kappas]
   sigmas, epsilons, bounds = [], [], []
   for sigma in sorted(float(s) for s in noise_multipliers):
