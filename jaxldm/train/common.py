@@ -111,32 +111,54 @@ def step_key(seed: int, step) -> jax.Array:
 def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
   """A 1-D `data` mesh over the first `num_devices` devices (0 = all, across hosts too).
 
-  The same code path serves 1 device. Under jit, XLA's SPMD partitioner splits the per-example work
-  along the batch and inserts the cross-device sum where the batch is reduced (the gradient sum),
-  so per-example clipping stays local and noise, drawn from one key after the sum, is the same on
-  every device: drawn once, globally.
+  The same code path serves 1 device, several, and several processes (after
+  `distributed.initialize`, `jax.devices()` lists every process's devices). Under jit, XLA's SPMD
+  partitioner splits the per-example work along the batch and inserts the cross-device (and
+  cross-host) sum where the batch is reduced (the gradient sum), so per-example clipping stays local
+  and noise, drawn from one key after the sum, is the same on every device: drawn once, globally.
   """
   devices = jax.devices()
   if num_devices < 0 or num_devices > len(devices):
     raise ConfigError(f"config key 'train.num_devices': {num_devices} requested, {len(devices)} available")
+  if jax.process_count() > 1 and num_devices not in (0, len(devices)):
+    # A subset could leave a process without devices in the mesh; it would then hold no shard.
+    raise ConfigError(f"config key 'train.num_devices': {num_devices} with {jax.process_count()} processes; "
+                      f"multi-host runs use every device (set 0)")
   devices = devices[:num_devices] if num_devices else devices
   return jax.sharding.Mesh(np.array(devices), ("data",))
 
 
 def replicate(tree, mesh: jax.sharding.Mesh):
+  """The same value on every device of the mesh (every process must pass the same values)."""
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.device_put(tree, sharding)
 
 
 def shard_batch(tree, mesh: jax.sharding.Mesh):
-  """Splits the leading (batch) axis over the `data` axis; it must divide evenly."""
+  """A global array whose leading (batch) axis is split over `data`; it must divide evenly.
+
+  `tree` is the host-side GLOBAL batch, the same on every process (batch indices are pure functions
+  of seed and step, so every process computes the same ones). Each process copies only the rows of
+  its own devices (`make_array_from_callback` asks for addressable shards only); with one process
+  this is an ordinary sharded `device_put`.
+  """
   n = mesh.devices.size
   sizes = {x.shape[0] for x in jax.tree_util.tree_leaves(tree)}
   if any(size % n for size in sizes):
     raise ConfigError(f"batch of {sorted(sizes)} examples does not split over {n} devices; make the batch "
                       f"size (or dp.microbatch_size) a multiple of {n}, or set train.num_devices")
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  return jax.device_put(tree, sharding)
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree_util.tree_map(put, tree)
+
+
+def fetch(tree):
+  """Host (numpy) copy of a replicated tree, on any process; e.g. parameters for local sampling."""
+  return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
 
 
 # ---------------------------------------------------------------------------------------------
