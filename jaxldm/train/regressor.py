@@ -178,7 +178,7 @@ class Fitter:
     state = new_state(params, self.tx)
     data = {"volume": np.asarray(volumes, np.float32), **encoded}
     bar, task = common.progress_bar(self.steps, 0, description)
-    with _maybe(bar, progress):
+    with maybe_progress(bar, progress):
       for step in range(self.steps):
         idx = common.batch_indices(seed, step, n, self.batch_size)
         batch = {k: jnp.asarray(v[idx]) for k, v in data.items()}
@@ -217,7 +217,7 @@ class Fitter:
     # The base key of the DP noise: fold_in of the seed and a stream id, then of the step.
     base = jax.random.fold_in(jax.random.PRNGKey(seed), 0x0D9)
     bar, task = common.progress_bar(self.steps, 0, description)
-    with _maybe(bar, progress):
+    with maybe_progress(bar, progress):
       for step in range(self.steps):
         b = batcher.batch(step)
         batch = {k: jnp.asarray(v[b.indices]) for k, v in data.items()}
@@ -228,7 +228,7 @@ class Fitter:
     return state.params
 
 
-class _maybe:
+class maybe_progress:
   """`with progress_bar` only when progress is on (rich would otherwise still draw)."""
 
   def __init__(self, bar, enabled: bool):
