@@ -130,17 +130,38 @@ def _attribute_pairs(items) -> dict[str, float]:
 def cmd_sample(args) -> int:
   from jaxldm.train import generate
 
-  volumes, values, mask, info = generate.generate(
-      args.workdir, args.n, seed=args.seed, guidance_scale=args.guidance, method=args.method,
-      num_steps=args.steps, csv_path=args.attributes_csv, fixed=_attribute_pairs(args.attribute),
-      batch_size=args.batch_size)
+  sampling = dict(seed=args.seed, guidance_scale=args.guidance, method=args.method, num_steps=args.steps,
+                  csv_path=args.attributes_csv, fixed=_attribute_pairs(args.attribute), batch_size=args.batch_size)
+  report = None
+  if args.safeguard:
+    volumes, values, mask, info, report = generate.generate_safeguarded(
+        args.workdir, args.n, data_dir=args.safeguard_data, metric=args.safeguard_metric,
+        threshold=args.safeguard_threshold, percentile=args.safeguard_percentile or generate.DEFAULT_SAFEGUARD_PERCENTILE,
+        features=args.safeguard_features, weights=args.safeguard_weights, max_rounds=args.safeguard_max_rounds,
+        **sampling)
+  else:
+    given = [f for f in ("data", "threshold", "percentile", "weights") if getattr(args, f"safeguard_{f}") is not None]
+    if given:
+      raise ConfigError(f"--safeguard-{given[0]} has no effect without --safeguard")
+    volumes, values, mask, info = generate.generate(args.workdir, args.n, **sampling)
   run_config = json.loads((pathlib.Path(args.workdir) / "config.json").read_text())
   spacing = run_config["data"]["spacing"] or (1.0, 1.0, 1.0)
   out = generate.write_volumes(args.out, volumes, spacing, names=info["attributes"], attributes=values,
-                               mask=mask, overwrite=args.overwrite)
+                               mask=mask, overwrite=args.overwrite,
+                               extra_json={generate.SAFEGUARD_FILENAME: report} if report else None)
   from jaxldm.train.common import save_mid_slices
-  save_mid_slices(volumes[:32].clip(-1, 1), out / "grid.png")
+  if len(volumes):
+    save_mid_slices(volumes[:32].clip(-1, 1), out / "grid.png")
   print(f"wrote {len(volumes)} volumes {tuple(volumes.shape[1:])} to {out}")
+  if report:
+    print(f"safeguard ({report['metric']}, threshold {report['threshold']:.4g} = {report['threshold_source']}): "
+          f"released {report['released']} of {report['requested']} requested; rejected {report['rejected']} of "
+          f"{report['candidates']} candidates in {report['rounds']} round(s); record in {out / generate.SAFEGUARD_FILENAME}")
+    if not report["complete"]:
+      print(f"jaxldm: warning: only {report['released']} of {report['requested']} samples passed the safeguard "
+            f"in {report['rounds']} rounds (--safeguard-max-rounds); raise it or lower the threshold",
+            file=sys.stderr)
+      return 1
   return 0
 
 
@@ -395,6 +416,25 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
   p.add_argument("--batch-size", type=int, default=8, help="volumes per sampler call (default 8)")
   p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+  g = p.add_argument_group(
+      "release safeguard (Shi et al. 2023)",
+      "--safeguard writes only samples whose distance to EVERY training volume exceeds a threshold, redrawing "
+      "rejected ones in rounds; DIR/safeguard.json records threshold, metric and counts. Exit code 1 if fewer "
+      "than --n passed. A filter, not a DP guarantee: the threshold and the choice depend on training data.")
+  g.add_argument("--safeguard", action="store_true", help="apply the safeguard")
+  g.add_argument("--safeguard-data", metavar="DIR",
+                 help="training volumes, preprocessed as the run's config.json says (default: its data.root)")
+  g.add_argument("--safeguard-metric", choices=("rmse", "embedding"), default="rmse",
+                 help="rmse: voxel RMSE in training intensity units; embedding: 1 - Pearson r of "
+                      "--safeguard-features embeddings (default rmse)")
+  t = g.add_mutually_exclusive_group()
+  t.add_argument("--safeguard-threshold", type=float, metavar="X", help="release only samples at distance > X")
+  t.add_argument("--safeguard-percentile", type=float, metavar="P",
+                 help="threshold = the P-th percentile of the training set's own nearest-neighbour distances "
+                      "(each training volume to its closest other one); the default, with P = 5")
+  g.add_argument("--safeguard-features", default="ssl3d", help="feature extractor for the embedding metric (default ssl3d)")
+  g.add_argument("--safeguard-weights", metavar="PATH", help="its weights / trained workdir (embedding metric)")
+  g.add_argument("--safeguard-max-rounds", type=int, default=5, help="sampling rounds before giving up (default 5)")
   p.set_defaults(func=cmd_sample)
 
   privacy = sub.add_parser("privacy", help="DP accounting, calibration and auditing",

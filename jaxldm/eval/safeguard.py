@@ -133,3 +133,108 @@ def apply_safeguard(candidates, train, threshold: float, *,
     min_d[cs] = np.minimum(min_d[cs], d.min(axis=1))
   released = min_d > threshold
   return SafeguardResult(np.flatnonzero(released), np.flatnonzero(~released), min_d)
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing the threshold, and sampling until enough candidates pass.
+# --------------------------------------------------------------------------------------------------
+
+
+def nearest_neighbour_distances(train, *, metric: str = "rmse") -> np.ndarray:
+  """(Nt,) distance of each training item to its nearest OTHER training item (leave-one-out).
+
+  The natural scale for a threshold: how close genuinely different subjects come to each other.
+  """
+  n = np.shape(train)[0]
+  if n < 2:
+    raise ValueError(f"need at least 2 training items for nearest-neighbour distances, got {n}")
+  nearest = np.full(n, np.inf)
+  for cs, ts, d in _distance_blocks(train, train, metric):
+    d = d.copy()
+    rows, cols = np.arange(cs.start, cs.stop), np.arange(ts.start, ts.stop)
+    d[rows[:, None] == cols[None, :]] = np.inf  # Not the item itself.
+    nearest[cs] = np.minimum(nearest[cs], d.min(axis=1))
+  return nearest
+
+
+def percentile_threshold(train, *, percentile: float = 5.0, metric: str = "rmse") -> float:
+  """The `percentile`-th percentile of the training set's own nearest-neighbour distances.
+
+  With the default 5: a candidate is released only if it is farther from every training item than
+  the closest 5% of training items are from their nearest other one: closer than that, it looks
+  more like a copy of one training subject than distinct subjects ever look alike.
+
+  Raises:
+    ValueError: percentile outside (0, 100], or a threshold <= 0 (duplicate training items).
+  """
+  if not 0 < percentile <= 100:
+    raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+  threshold = float(np.percentile(nearest_neighbour_distances(train, metric=metric), percentile))
+  if not threshold > 0:
+    raise ValueError(f"the {percentile:g}th percentile of the training nearest-neighbour distances is "
+                     f"{threshold:g} (duplicate training items?); give an explicit threshold")
+  return threshold
+
+
+class SafeguardSampling(NamedTuple):
+  """Outcome of `sample_with_safeguard`; counts are over all rounds."""
+  volumes: np.ndarray         # [Nr, ...] released items, in slot order
+  slots: np.ndarray           # [Nr] int64, which of the n requested slots each released item fills
+  min_distances: np.ndarray   # [Nr] float64, each released item's distance to the nearest train item
+  requested: int              # n
+  candidates: int             # items drawn
+  rejected: int               # items within the threshold of some training item
+  rounds: int                 # sampling rounds run
+  complete: bool              # every slot filled (False: max_rounds was hit)
+
+
+def sample_with_safeguard(sample_fn, n: int, train, threshold: float, *, metric: str = "rmse",
+                          features_fn=None, max_rounds: int = 5,
+                          max_oversample: int = 8) -> SafeguardSampling:
+  """Draws candidates until n pass `apply_safeguard`, or `max_rounds` rounds were drawn.
+
+  Args:
+    sample_fn: (slots [k] int64, round int) -> [k, ...] candidate volumes; slot s is the s-th of the
+      n requested samples (so its conditioning can be kept when it is redrawn), and round r must
+      give fresh draws (different random keys) for each r.
+    n: how many samples are wanted.
+    train: [Nt, ...] training volumes, or their embeddings if `features_fn` is given.
+    threshold: release only candidates at distance > threshold from every training item.
+    metric: see `apply_safeguard`.
+    features_fn: volumes -> embeddings, applied to candidates before comparing (embedding metrics).
+    max_rounds: stop after this many rounds even if slots are still empty (reported, not raised).
+    max_oversample: the most candidates drawn per empty slot in one round. Round 1 draws one per
+      slot; later rounds draw ~1 / (release rate so far) per empty slot, within [1, max_oversample].
+
+  Returns:
+    The released items (at most one per slot, the first that passed) and the counts.
+  """
+  if n < 1 or max_rounds < 1 or max_oversample < 1:
+    raise ValueError(f"n, max_rounds and max_oversample must be >= 1, got {n}, {max_rounds}, "
+                     f"{max_oversample}")
+  filled: dict[int, tuple[np.ndarray, float]] = {}
+  candidates = rejected = rounds = 0
+  while len(filled) < n and rounds < max_rounds:
+    empty = np.array([s for s in range(n) if s not in filled], dtype=np.int64)
+    rate = (candidates - rejected) / candidates if candidates else 1.0
+    per_slot = int(min(max(np.ceil(1.0 / max(rate, 1e-9)), 1), max_oversample))
+    slots = np.repeat(empty, per_slot)
+    volumes = np.asarray(sample_fn(slots, rounds))
+    if len(volumes) != len(slots):
+      raise ValueError(f"sample_fn returned {len(volumes)} items for {len(slots)} slots")
+    compared = volumes if features_fn is None else np.asarray(features_fn(volumes))
+    result = apply_safeguard(compared, train, threshold, metric=metric)
+    for i in result.released_indices:
+      slot = int(slots[i])
+      if slot not in filled:
+        filled[slot] = (volumes[i], float(result.min_distances[i]))
+    candidates += len(slots)
+    rejected += len(result.rejected_indices)
+    rounds += 1
+  order = sorted(filled)
+  shape = np.shape(volumes)[1:]
+  released = (np.stack([filled[s][0] for s in order]) if order
+              else np.zeros((0, *shape), dtype=np.asarray(volumes).dtype))
+  return SafeguardSampling(released, np.asarray(order, dtype=np.int64),
+                           np.asarray([filled[s][1] for s in order], dtype=np.float64), n,
+                           candidates, rejected, rounds, len(filled) == n)

@@ -88,8 +88,12 @@ def generate(workdir, n: int, *, seed: int = 0, guidance_scale: float = 1.0, met
 
 
 def write_volumes(out_dir, volumes: np.ndarray, spacing, *, names=None, attributes=None, mask=None,
-                  overwrite: bool = False, prefix: str = "sample") -> pathlib.Path:
-  """NIfTI files (voxel axes W, H, D; RAS affine = spacing) + attributes.csv, written atomically."""
+                  overwrite: bool = False, prefix: str = "sample", extra_json: dict | None = None) -> pathlib.Path:
+  """NIfTI files (voxel axes W, H, D; RAS affine = spacing) + attributes.csv, written atomically.
+
+  extra_json: {filename: record} JSON files written into the same directory, in the same atomic
+  step (e.g. safeguard.json: the volumes never appear without the record of how they were chosen).
+  """
   out_dir = pathlib.Path(out_dir)
   if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
     raise FileExistsError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite")
@@ -107,6 +111,8 @@ def write_volumes(out_dir, volumes: np.ndarray, spacing, *, names=None, attribut
         w.writerow(["subject_id", *names])
         for i, sid in enumerate(ids):
           w.writerow([sid, *[f"{attributes[i, j]:.6g}" if mask[i, j] else "" for j in range(len(names))]])
+    for filename, record in (extra_json or {}).items():
+      (tmp / filename).write_text(json.dumps(record, indent=2) + "\n")
     if out_dir.exists():
       shutil.rmtree(out_dir)
     tmp.rename(out_dir)
@@ -114,3 +120,147 @@ def write_volumes(out_dir, volumes: np.ndarray, spacing, *, names=None, attribut
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Release safeguard (Shi et al. 2023): sample, compare with every training volume, keep the far ones
+# ---------------------------------------------------------------------------------------------
+SAFEGUARD_FILENAME = "safeguard.json"
+DEFAULT_SAFEGUARD_PERCENTILE = 5.0
+
+
+def training_volumes(workdir, data_dir=None) -> np.ndarray:
+  """The LDM run's training volumes (N, D, H, W), preprocessed exactly as its training was.
+
+  The run's config.json holds its `data` group (reorientation, spacing, crop, clipping, intensity
+  range); only the root changes when `data_dir` is given (the data may have moved since). Uses the
+  same preprocessing cache as training, so a second call is fast.
+  """
+  import ml_collections
+
+  from jaxldm.data.defaults import build_dataset
+
+  path = pathlib.Path(workdir) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: --workdir must be an LDM training run")
+  data = ml_collections.ConfigDict(json.loads(path.read_text())["data"])
+  if data_dir is not None:
+    if not pathlib.Path(data_dir).is_dir():
+      raise FileNotFoundError(f"--safeguard-data {data_dir}: not a directory of training volumes")
+    data.root = str(data_dir)
+  volumes, _, _ = build_dataset(data, progress=True).arrays()
+  return volumes
+
+
+def _candidate_sampler(unet, params, info, standardised, mask, *, seed, guidance_scale, method, num_steps,
+                       batch_size):
+  """(slots, round) -> volumes: the LDM drawn for the given conditioning slots, fresh keys per round.
+
+  Every call draws full batches of `batch_size` (the tail padded with repeated slots, the extra
+  volumes dropped) so the jitted sampler compiles once however many candidates a round needs. Keys:
+  fold_in(fold_in(PRNGKey(seed), round), batch start).
+  """
+  ae_model, ae_params, _ = ldm.load_autoencoder(info["autoencoder_workdir"])
+  d = info["diffusion"]
+  schedule = make_schedule(d["schedule"], d["num_timesteps"], d["beta_start"], d["beta_end"])
+  draw = jax.jit(functools.partial(sample, ldm.unet_apply(unet), schedule=schedule, prediction=d["prediction"],
+                                   guidance_scale=guidance_scale, method=method, num_steps=num_steps),
+                 static_argnums=(1,))
+  scale = info["scale_factor"]
+  decode = jax.jit(lambda p, z: ae_model.apply(p, z / scale, method=AutoencoderKL.decode))
+  has_attrs = len(info["attributes"]) > 0
+
+  def sample_slots(slots: np.ndarray, round_index: int) -> np.ndarray:
+    from rich.progress import track
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), round_index)
+    out = []
+    for start in track(range(0, len(slots), batch_size), description=f"sampling (round {round_index + 1})",
+                       transient=True):
+      chunk = slots[start:start + batch_size]
+      padded = np.resize(chunk, batch_size)  # Repeats the chunk: static batch shape.
+      kw = {}
+      if has_attrs:
+        kw = {"attributes": jnp.asarray(standardised[padded]), "attribute_mask": jnp.asarray(mask[padded])}
+      z = draw(params, (batch_size, *info["latent_shape"]), jax.random.fold_in(key, start), **kw)
+      out.append(np.asarray(decode(ae_params, z))[: len(chunk), ..., 0])
+    return np.concatenate(out)
+
+  return sample_slots
+
+
+def _extractor(features: str, weights):
+  """The embedding network for --safeguard-metric embedding (jaxldm.eval.features)."""
+  try:
+    from jaxldm.eval import features as features_lib
+  except ImportError:
+    raise ConfigError("--safeguard-metric embedding is not available yet (jaxldm.eval.features is missing); "
+                      "use --safeguard-metric rmse") from None
+  if weights is None:
+    raise ConfigError(f"--safeguard-metric embedding needs --safeguard-weights (the {features} extractor's "
+                      "weights or trained workdir): nothing is downloaded at run time")
+  try:
+    return features_lib.get_extractor(features, weights=weights)
+  except ValueError as e:
+    raise ConfigError(f"--safeguard-features {features}: {e}") from e
+
+
+def generate_safeguarded(workdir, n: int, *, data_dir=None, metric: str = "rmse", threshold: float | None = None,
+                         percentile: float = DEFAULT_SAFEGUARD_PERCENTILE, features: str = "ssl3d", weights=None,
+                         max_rounds: int = 5, seed: int = 0, guidance_scale: float = 1.0, method: str = "ddim",
+                         num_steps: int | None = 50, csv_path=None, fixed=None, batch_size: int = 8):
+  """Like `generate`, but releases only volumes farther than a threshold from every training volume.
+
+  Candidates are drawn in rounds (rejected slots are redrawn with the same conditioning, more
+  candidates per slot when many are rejected) until n are released or `max_rounds` is reached.
+
+  Args:
+    data_dir: the training volumes (default: the run's data.root), preprocessed as in training.
+    metric: "rmse" (voxel RMSE on volumes in the training intensity range) or "embedding"
+      (1 - Pearson correlation of `features` embeddings; needs `weights`).
+    threshold: explicit distance threshold; None: the `percentile`-th percentile of the training
+      set's own nearest-neighbour distances (`safeguard.percentile_threshold`).
+
+  Returns:
+    (volumes [Nr, D, H, W], values [Nr, A], mask [Nr, A], info, report): only released volumes with
+    their conditioning; `report` is what safeguard.json records (aggregates only).
+  """
+  from jaxldm.eval import safeguard
+
+  if metric not in ("rmse", "embedding"):
+    raise ConfigError(f"--safeguard-metric must be rmse or embedding, got {metric!r}")
+  extractor = _extractor(features, weights) if metric == "embedding" else None  # Fail before any work.
+  train = training_volumes(workdir, data_dir)
+  unet, params, info, run_config = load_ldm(workdir)
+  values, mask, standardised = conditioning(info, n, csv_path=csv_path, fixed=fixed)
+  sampler = _candidate_sampler(unet, params, info, standardised, mask, seed=seed, guidance_scale=guidance_scale,
+                               method=method, num_steps=num_steps, batch_size=batch_size)
+  reference = train if extractor is None else np.asarray(extractor(train))
+  try:
+    if threshold is None:
+      threshold = safeguard.percentile_threshold(reference, percentile=percentile, metric=metric)
+      source = f"{percentile:g}th percentile of the training set's nearest-neighbour distances"
+    else:
+      source = "explicit (--safeguard-threshold)"
+    outcome = safeguard.sample_with_safeguard(sampler, n, reference, threshold, metric=metric,
+                                              features_fn=extractor, max_rounds=max_rounds)
+  except ValueError as e:  # Includes samples and --safeguard-data volumes of different shapes.
+    raise ConfigError(f"safeguard: {e}") from e
+  report = {
+      "metric": metric,
+      "features": None if extractor is None else {"name": getattr(extractor, "name", features),
+                                                   "version": getattr(extractor, "version", None)},
+      "threshold": float(threshold),
+      "threshold_source": source,
+      "percentile": percentile if source.endswith("distances") else None,
+      "training_data": str(data_dir or run_config["data"]["root"]),
+      "training_volumes": int(len(train)),
+      "requested": n,
+      "released": int(len(outcome.volumes)),
+      "candidates": outcome.candidates,
+      "rejected": outcome.rejected,
+      "rounds": outcome.rounds,
+      "max_rounds": max_rounds,
+      "complete": outcome.complete,
+      "min_released_distance": float(outcome.min_distances.min()) if len(outcome.min_distances) else None,
+  }
+  return outcome.volumes, values[outcome.slots], mask[outcome.slots], info, report
