@@ -106,6 +106,10 @@ TRAINERS = {
 def cmd_train(args, overrides) -> int:
   import importlib
 
+  from jaxldm.train import distributed
+
+  # Before anything touches a JAX backend: multi-host runs join the coordinator first.
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   config = load_config(args.config, overrides)
   trainer = config.get("trainer")
   if trainer not in TRAINERS:
@@ -393,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
                   "from the latest checkpoint in WORKDIR automatically.")
   p.add_argument("--config", required=True, help="config file[:variant], e.g. configs/autoencoder.py:tiny")
   p.add_argument("--workdir", required=True, help="run directory: config, checkpoints, metrics, samples")
+  p.add_argument("--coordinator", metavar="HOST:PORT",
+                 help="multi-host: address of process 0's coordinator (or JAX_COORDINATOR_ADDRESS); "
+                      "'auto' = detected on TPU pods, SLURM, Open MPI")
+  p.add_argument("--num-processes", type=int, metavar="N", help="multi-host: number of processes (or JAX_NUM_PROCESSES)")
+  p.add_argument("--process-id", type=int, metavar="I", help="multi-host: this process, 0..N-1 (or JAX_PROCESS_ID)")
   p.set_defaults(func=cmd_train, takes_overrides=True)
 
   p = sub.add_parser(
