@@ -189,19 +189,14 @@ def _candidate_sampler(unet, params, info, standardised, mask, *, seed, guidance
 
 
 def _extractor(features: str, weights):
-  """The embedding network for --safeguard-metric embedding (jaxldm.eval.features)."""
-  try:
-    from jaxldm.eval import features as features_lib
-  except ImportError:
-    raise ConfigError("--safeguard-metric embedding is not available yet (jaxldm.eval.features is missing); "
-                      "use --safeguard-metric rmse") from None
-  if weights is None:
-    raise ConfigError(f"--safeguard-metric embedding needs --safeguard-weights (the {features} extractor's "
-                      "weights or trained workdir): nothing is downloaded at run time")
-  try:
-    return features_lib.get_extractor(features, weights=weights)
-  except ValueError as e:
-    raise ConfigError(f"--safeguard-features {features}: {e}") from e
+  """The embedding network for --safeguard-metric embedding (`jaxldm.eval.features`).
+
+  Its ConfigError (unknown name, missing weights; ssl3d defaults to the runs/ssl workdir) names
+  what to pass; nothing is downloaded.
+  """
+  from jaxldm.eval import features as features_lib
+
+  return features_lib.get_extractor(features, weights=weights)
 
 
 def generate_safeguarded(workdir, n: int, *, data_dir=None, metric: str = "rmse", threshold: float | None = None,
@@ -216,7 +211,7 @@ def generate_safeguarded(workdir, n: int, *, data_dir=None, metric: str = "rmse"
   Args:
     data_dir: the training volumes (default: the run's data.root), preprocessed as in training.
     metric: "rmse" (voxel RMSE on volumes in the training intensity range) or "embedding"
-      (1 - Pearson correlation of `features` embeddings; needs `weights`).
+      (1 - Pearson correlation of embeddings by the `features` extractor loaded from `weights`).
     threshold: explicit distance threshold; None: the `percentile`-th percentile of the training
       set's own nearest-neighbour distances (`safeguard.percentile_threshold`).
 

@@ -162,6 +162,31 @@ def test_safeguard_flags_need_safeguard_and_embedding_needs_weights(ldm_dir, tmp
   code = cli.main(["sample", "--workdir", str(ldm_dir), "--out", str(tmp_path / "x"), "--n", "1",
                    "--safeguard-threshold", "0.1"])
   assert code == 2 and "without --safeguard" in capsys.readouterr().err
-  code = _sample(ldm_dir, tmp_path / "y", "--safeguard-metric", "embedding")
+  code = _sample(ldm_dir, tmp_path / "y", "--safeguard-metric", "embedding", "--safeguard-weights",
+                 str(tmp_path / "no_such_ssl_run"))
   err = capsys.readouterr().err
-  assert code == 2 and err.startswith("jaxldm: error: --safeguard-metric embedding")
+  assert code == 2 and err.startswith("jaxldm: error: ") and "configs/ssl.py" in err
+  assert not (tmp_path / "y").exists()
+
+
+def test_sample_safeguard_with_ssl3d_embeddings(ldm_dir, tiny_nifti_dir, tmp_path, capsys):
+  from jaxldm.eval import features
+  from jaxldm.train import ssl
+
+  ssl_dir = tmp_path / "ssl"
+  ssl.train_and_evaluate(load_config(str(ROOT / "configs/ssl.py:tiny"), {
+      **DATA, "data.root": str(tiny_nifti_dir), "train.batch_size": 8, "train.log_every": 1,
+      "train.checkpoint_every": 1, "train.steps": 1, "train.num_devices": 1}), ssl_dir)
+  assert _sample(ldm_dir, tmp_path / "out", "--safeguard-metric", "embedding", "--safeguard-weights",
+                 str(ssl_dir), "--safeguard-percentile", "50") in (0, 1)
+  record = json.loads((tmp_path / "out" / "safeguard.json").read_text())
+  extractor = features.get_extractor("ssl3d", weights=ssl_dir)
+  assert record["metric"] == "embedding" and record["percentile"] == 50
+  assert record["features"] == {"name": "ssl3d", "version": extractor.version}
+  train = extractor(generate.training_volumes(ldm_dir, tiny_nifti_dir))
+  assert record["threshold"] == pytest.approx(
+      safeguard.percentile_threshold(train, percentile=50, metric="embedding"), rel=1e-6)
+  released = _released(tmp_path / "out")
+  assert len(released) == record["released"] >= 1
+  d = safeguard.distances(extractor(released), train, metric="embedding")
+  assert np.all(d > record["threshold"])
