@@ -46,8 +46,14 @@ def build_model(model_cfg: ml_collections.ConfigDict | Mapping[str, Any], num_ou
                             stride=as_triple(m["stride"]), dtype=DTYPES[m["dtype"]])
 
 
+@functools.lru_cache(maxsize=16)
+def _init_fn(model: AttributeRegressor):
+  return jax.jit(model.init)
+
+
 def init_params(model: AttributeRegressor, shape, seed: int):
-  return jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, *shape, 1), jnp.float32))
+  """Parameters for volumes of `shape` (D, H, W); one compilation per model (cached)."""
+  return _init_fn(model)(jax.random.PRNGKey(seed), jnp.zeros((1, *shape, 1), jnp.float32))
 
 
 # ---------------------------------------------------------------------------------------------
