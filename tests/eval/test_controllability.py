@@ -120,3 +120,16 @@ def test_compare_predictions_layout():
   assert out["attributes"]["age"]["pearson_r"] == pytest.approx(1.0)
   assert out["categorical"]["sex"]["accuracy"] == pytest.approx(0.8)
   assert out["categorical"]["sex"]["auroc"] == pytest.approx(0.8)
+
+
+def test_phase_classifier_replaces_the_volume_rule(real_phantoms):
+  volumes, attrs, measured = real_phantoms
+  truth = attrs["phase"]
+  # An oracle classifier (P(ES) = the true phase) and its inverse: accuracy and AUROC 1 and 0.
+  oracle = ctl.controllability(volumes, SPACING, _conditioning(attrs), measured=measured, n_boot=20,
+                               phase_classifier=lambda v: truth)
+  assert oracle["phase_method"] == "classifier"
+  assert oracle["categorical"]["phase"]["accuracy"] == 1.0 and oracle["categorical"]["phase"]["auroc"] == 1.0
+  wrong = ctl.controllability(volumes, SPACING, _conditioning(attrs), measured=measured, n_boot=20,
+                              phase_classifier=lambda v: 1.0 - truth)
+  assert wrong["categorical"]["phase"]["accuracy"] == 0.0 and wrong["categorical"]["phase"]["auroc"] == 0.0
