@@ -6,6 +6,7 @@
 
 Variants: `tiny` (2-core CPU, minutes), `default` (12x64x64 volumes), `paper` (13x96x96, the
 architecture of Daum et al. 2024: in-plane kernels, 4x in-plane compression; an accelerator size).
+For DP-SGD training on private data see configs/autoencoder_dp.py.
 """
 
 import ml_collections
@@ -13,17 +14,24 @@ import ml_collections
 from jaxldm.config import select_variant
 from jaxldm.data.defaults import data_config
 from jaxldm.train.common import optim_config
+from jaxldm.train.dp import dp_config
 
 VARIANTS = ("tiny", "default", "paper")
 
 
 def get_config(arg=None):
   variant = select_variant(arg, VARIANTS, default="default")
+  return autoencoder_config(variant, private=False)
+
+
+def autoencoder_config(variant: str, *, private: bool) -> ml_collections.ConfigDict:
+  """Also the base of configs/autoencoder_dp.py (private=True turns dp on)."""
   tiny = variant == "tiny"
   c = ml_collections.ConfigDict()
   c.trainer = "autoencoder"  # Which trainer `jaxldm train` runs.
-  c.seed = 0  # Run seed: init, data order and every key derive from it.
-  c.data = data_config(variant, root="runs/phantoms/public")  # Public data (see jaxldm/data/defaults.py).
+  c.seed = 0  # Run seed: init, data order and every key derive from it (DP noise and sampling do not).
+  c.data = data_config(variant, root="runs/phantoms/private" if private else "runs/phantoms/public")  # Volumes (see jaxldm/data/defaults.py).
+  c.scale_factor = 1.0 if private else 0.0  # Latent scale for the LDM; 0 = 1/std of the training latents (non-DP only).
 
   c.model = ml_collections.ConfigDict()
   c.model.channels = {"tiny": (8, 16), "default": (32, 64, 128), "paper": (64, 128, 256)}[variant]  # Per level; len-1 down-samplings.
@@ -36,7 +44,7 @@ def get_config(arg=None):
 
   c.loss = ml_collections.ConfigDict()
   c.loss.kl_weight = 1e-3  # Weight of KL(q(z|x) || N(0, I)) per input voxel.
-  c.loss.adversarial_weight = 0.0 if tiny else 0.05  # Weight of the PatchGAN term; 0 = no critic.
+  c.loss.adversarial_weight = 0.0 if tiny or private else 0.05  # Weight of the PatchGAN term; 0 = no critic (must be 0 under DP).
   c.loss.adversarial_start = 2000  # Step at which the critic and its loss switch on.
   c.loss.adversarial_loss = "hinge"  # "hinge" or "non_saturating".
 
@@ -49,10 +57,12 @@ def get_config(arg=None):
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 300 if tiny else 20000  # Optimizer steps.
-  c.train.batch_size = 8  # Volumes per step.
+  c.train.batch_size = 8  # Volumes per step (non-private; DP batches: dp.expected_batch_size).
   c.train.log_every = 10  # Steps between metrics.jsonl lines.
-  c.train.sample_every = 100 if tiny else 1000  # Steps between reconstruction PNGs (0 = none).
+  c.train.sample_every = 0 if private else (100 if tiny else 1000)  # Steps between reconstruction PNGs (0 = none; must be 0 under DP).
   c.train.checkpoint_every = 100 if tiny else 1000  # Steps between checkpoints.
   c.train.keep_checkpoints = 2  # Checkpoints kept (oldest deleted).
   c.train.num_devices = 0  # Data-parallel devices (batch sharded, state replicated); 0 = all.
+
+  c.dp = dp_config(private=private, tiny=tiny)  # DP-SGD settings (see jaxldm/train/dp.py); off here.
   return c

@@ -1,10 +1,16 @@
-"""Trainer of the first stage: the 3D KL autoencoder (optionally with a PatchGAN critic).
+"""Trainer of the first stage: the 3D KL autoencoder (optionally with a PatchGAN critic), plain or DP-SGD.
 
   jaxldm train --config configs/autoencoder.py:tiny --workdir runs/ae
+  jaxldm train --config configs/autoencoder_dp.py:tiny --workdir runs/ae_dp   # on private data
 
 Writes into the workdir: config.json, checkpoints/ (orbax, resumable), metrics.jsonl,
 samples/ (PNG of reconstructions) and autoencoder.json (model config + latent scale factor, which the
 LDM stage reads).
+
+Private (`dp.enabled`): the same per-example `generator_loss` goes through the shared DP engine
+(`jaxldm.train.dp`: Poisson batches, per-example clipping, noise once per batch, privacy ledger,
+budget stop). Whatever would read the private data outside that mechanism is refused up front
+(`check_private`): the adversarial critic, reconstruction PNGs, and the 1/std latent scale.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from jaxldm.config import ConfigError, to_dict
 from jaxldm.data.defaults import build_dataset
 from jaxldm.models import AutoencoderKL, PatchDiscriminator3D, kl_divergence
 from jaxldm.models.layers import as_triple
-from jaxldm.train import common
+from jaxldm.train import common, distributed, dp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -112,6 +118,46 @@ def make_train_step(model, disc, tx, disc_tx, config):
   return train_step
 
 
+def make_private_step(model, tx, config):
+  """DP-SGD step: Poisson batch, per-example clipping of `generator_loss`, noise, Adam.
+
+  No critic: it would be trained on the private volumes outside the mechanism (`check_private`).
+  """
+  loss_cfg = config.loss
+
+  def loss_fn(params, example, rng):
+    loss, aux = generator_loss(model, None, params, None, example, rng, kl_weight=loss_cfg.kl_weight,
+                               adv_weight=0.0, adv_loss=loss_cfg.adversarial_loss)
+    return loss, {"l1": aux["l1"], "kl": aux["kl"]}  # Scalars only: no per-example reconstruction.
+
+  def private_step(state: common.TrainState, batch, mask, num_microbatches, rng, *, noise_multiplier,
+                   expected_batch_size):
+    # RNG: rng = fold_in(noise base key, step); private_grad splits it into per-example keys
+    # (posterior sampling, fold_in example index) and the one noise key of this logical batch.
+    grads, metrics = dp.private_gradient(loss_fn, state.params, batch, mask, num_microbatches, rng, dp=config.dp,
+                                         noise_multiplier=noise_multiplier,
+                                         expected_batch_size=expected_batch_size, has_aux=True)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = jax.tree_util.tree_map(lambda p, u: p + u, state.params, updates)
+    ema = common.ema_update(state.ema_params, params, config.optim.ema_decay)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+
+  return private_step
+
+
+def check_private(config: ml_collections.ConfigDict) -> None:
+  """Refuses settings that would let private data out of the DP mechanism (before any step)."""
+  if config.loss.adversarial_weight > 0:
+    raise ConfigError("config key 'loss.adversarial_weight': the PatchGAN critic would be trained on the "
+                      "private volumes without clipping or noise; set it to 0 for DP training")
+  if config.train.sample_every > 0:
+    raise ConfigError("config key 'train.sample_every': reconstruction PNGs would show private volumes; "
+                      "set it to 0 for DP training")
+  if not config.scale_factor > 0:
+    raise ConfigError("config key 'scale_factor': estimating 1/std of the latents would read the private "
+                      "data outside the mechanism; give a value > 0 (e.g. from a public-data autoencoder)")
+
+
 def estimate_scale_factor(model, params, volumes: np.ndarray, batch_size: int) -> tuple[float, list[int]]:
   """1 / std of the posterior means over the data (Rombach et al.), so latents have unit variance."""
   encode = jax.jit(lambda p, x: model.apply(p, x, method=AutoencoderKL.encode).mean)
@@ -132,12 +178,17 @@ def estimate_scale_factor(model, params, volumes: np.ndarray, batch_size: int) -
 # ---------------------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   workdir, console = common.prepare_workdir(config, workdir)
+  private = "dp" in config and bool(config.dp.enabled)
+  primary = distributed.is_primary()  # Process 0 writes logs and records (orbax: all processes).
+  if private:
+    check_private(config)
 
   # --- data ---------------------------------------------------------------------------------
   dataset = build_dataset(config.data, progress=True)
   volumes, _, _ = dataset.arrays()
   n = len(volumes)
-  console.print(f"data: {n} volumes {tuple(volumes.shape[1:])} from {config.data.root}")
+  console.print(f"data: {n} volumes {tuple(volumes.shape[1:])} from {config.data.root}"
+                + (" [bold](private)[/]" if private else ""))
 
   # --- model --------------------------------------------------------------------------------
   model = build_model(config.model)
@@ -145,6 +196,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   init_key = jax.random.PRNGKey(config.seed)
   dummy = jnp.zeros((1,) + volumes.shape[1:] + (1,), jnp.float32)
   params = jax.jit(model.init)(init_key, dummy)
+  if private:
+    from jaxldm.privacy import clipping
+    clipping.check_no_batch_stats(params)  # Batch statistics would couple examples (invariant 1).
   disc = disc_tx = None
   extra = None
   if config.loss.adversarial_weight > 0:
@@ -153,59 +207,98 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     disc_params = jax.jit(disc.init)(jax.random.fold_in(init_key, 1), dummy)
     disc_tx = common.make_optimizer(config.optim, config.train.steps)
     extra = {"disc_params": disc_params, "disc_opt_state": disc_tx.init(disc_params)}
-  tx = common.make_optimizer(config.optim, config.train.steps)
+  tx = common.make_optimizer(config.optim, config.train.steps, private=private)
   state = common.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
                             ema_params=jax.tree_util.tree_map(jnp.copy, params), extra=extra)
   console.print(f"autoencoder: {common.count_params(params):,} parameters")
-  (workdir / "parameters.txt").write_text(common.parameter_overview(params))
+  if primary:
+    (workdir / "parameters.txt").write_text(common.parameter_overview(params))
+
+  # --- privacy ------------------------------------------------------------------------------
+  steps, bs = config.train.steps, config.train.batch_size
+  mesh = common.make_mesh(config.train.num_devices)
+  dp_run = dp.setup(config.dp, workdir, n, steps, console, mesh.devices.size) if private else None
 
   # --- checkpoint ---------------------------------------------------------------------------
+  state = common.replicate(state, mesh)  # Before restoring: orbax restores into this sharding.
   ckpt = common.Checkpointer(workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints)
   state = ckpt.restore_latest(state)
   start = int(state.step)
   if start:
     console.print(f"resuming from step {start}")
-  log = common.MetricsLog(workdir, start)
-  mesh = common.make_mesh(config.train.num_devices)
-  state = common.replicate(state, mesh)
+  log = common.MetricsLog(workdir, start) if primary else None
 
   # --- step ---------------------------------------------------------------------------------
-  train_step = jax.jit(make_train_step(model, disc, tx, disc_tx, config), donate_argnums=0)
+  if private:
+    step_fn = jax.jit(functools.partial(make_private_step(model, tx, config), noise_multiplier=dp_run.noise_multiplier,
+                                        expected_batch_size=dp_run.expected_batch_size), donate_argnums=0)
+  else:
+    step_fn = jax.jit(make_train_step(model, disc, tx, disc_tx, config), donate_argnums=0)
   reconstruct = jax.jit(lambda p, x: model.apply(p, x)[0])
 
   # --- loop ---------------------------------------------------------------------------------
-  steps, bs = config.train.steps, config.train.batch_size
-  progress, task = common.progress_bar(steps, start, "autoencoder")
+  progress, task = common.progress_bar(steps, start, "autoencoder (DP)" if private else "autoencoder")
   rate_meter = common.RateMeter(start)
   averager = common.MetricAverager()
+  stopped_for_budget = False
   with progress:
     for step in range(start, steps):
-      idx = common.batch_indices(config.seed, step, n, bs)
-      batch = common.shard_batch(volumes[idx], mesh)
-      state, metrics = train_step(state, batch, common.step_key(config.seed, step))
+      if private:
+        if step >= dp_run.allowed_steps:
+          stopped_for_budget = True
+          break
+        state, metrics = step_fn(state, *dp_run.step_inputs({"volume": volumes}, step, mesh))
+      else:
+        idx = common.batch_indices(config.seed, step, n, bs)
+        batch = common.shard_batch(volumes[idx], mesh)
+        state, metrics = step_fn(state, batch, common.step_key(config.seed, step))
       done = step + 1
       averager.add(metrics)
-      if done % config.train.log_every == 0 or done == steps:
+      log_now = done % config.train.log_every == 0 or done == steps
+      sample_now = config.train.sample_every > 0 and (done % config.train.sample_every == 0 or done == steps)
+      save_now = done % config.train.checkpoint_every == 0 or done == steps
+      if private and (log_now or save_now):
+        # Ledger first, then whatever leaves the loop (it may over-count, never under-count; see ldm.py).
+        epsilon = dp_run.record_steps(done)
+      if log_now:
         metrics = averager.pop()  # Means over the steps since the last log line.
         common.check_finite(done, metrics)
-        log.write(done, metrics)
-        rate = rate_meter(done)
-        progress.update(task, completed=done, rate=rate, info=f"loss {float(metrics['loss']):.4f}")
+        if private:
+          metrics["epsilon"] = epsilon
+        if primary:
+          log.write(done, metrics)
+        eps = f" eps {epsilon:.2f}" if private else ""
+        progress.update(task, completed=done, rate=rate_meter(done), info=f"loss {float(metrics['loss']):.4f}{eps}")
       else:
         progress.update(task, completed=done)
-      if config.train.sample_every > 0 and (done % config.train.sample_every == 0 or done == steps):
+      if sample_now and primary:  # Never under DP (check_private): these are training volumes.
         x = jnp.asarray(volumes[:4])[..., None]
-        recon = np.asarray(reconstruct(state.ema_params, x))[..., 0]
+        recon = np.asarray(reconstruct(common.fetch(state.ema_params), x))[..., 0]
         common.save_mid_slices(np.concatenate([volumes[:4], recon]), workdir / "samples" / f"recon_{done:06d}.png",
                                titles=["real"] * 4 + ["recon"] * 4, columns=4)
-      if done % config.train.checkpoint_every == 0 or done == steps:
+      if save_now:
         ckpt.save(done, state)
+    final_step = int(state.step)
+    if private:
+      epsilon = dp_run.record_steps(final_step)
+    if ckpt.latest_step() != final_step:
+      ckpt.save(final_step, state)
+  ckpt.close()
 
   # --- latent scale -------------------------------------------------------------------------
-  scale, latent_shape = estimate_scale_factor(model, state.ema_params, volumes, bs)
+  ema_params = common.fetch(state.ema_params)
+  latent_shape = list(jax.eval_shape(lambda p, x: model.apply(p, x, method=AutoencoderKL.encode).mean,
+                                     ema_params, dummy).shape[1:])
+  if config.get("scale_factor", 0.0) > 0:
+    scale = float(config.scale_factor)
+  else:
+    scale, latent_shape = estimate_scale_factor(model, ema_params, volumes, bs)
   info = {"scale_factor": scale, "latent_shape": latent_shape, "data_shape": list(volumes.shape[1:]),
-          "model": to_dict(config.model), "steps": int(state.step)}
-  common.write_json(workdir / "autoencoder.json", info)
-  ckpt.close()
+          "model": to_dict(config.model), "steps": final_step, "private": private}
+  if private:
+    info["privacy"] = dp_run.record(epsilon, stopped_for_budget)
+    console.print(dp_run.summary(final_step, stopped_for_budget))
+  if primary:
+    common.write_json(workdir / "autoencoder.json", info)
   console.print(f"latent {tuple(latent_shape)}, scale factor {scale:.4f}; wrote {workdir / 'autoencoder.json'}")
   return info

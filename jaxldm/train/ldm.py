@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import pathlib
 
 import jax
@@ -23,7 +22,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxldm.atomic import atomic_open
 from jaxldm.config import ConfigError, to_dict
 from jaxldm.data.dataset import read_attributes
 from jaxldm.data.defaults import build_dataset
@@ -31,7 +29,7 @@ from jaxldm.diffusion import diffusion_loss, make_schedule, sample
 from jaxldm.models import AutoencoderKL, LatentUNet
 from jaxldm.models.layers import as_triple
 from jaxldm.train import autoencoder as ae_trainer
-from jaxldm.train import common, partition
+from jaxldm.train import common, distributed, dp, partition
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,17 +134,11 @@ def make_steps(unet, tx, schedule, config, frozen_spec: str):
   def private_step(state, batch, mask, num_microbatches, rng, *, noise_multiplier, expected_batch_size):
     # RNG: rng = fold_in(noise base key, step); private_grad splits it into per-example keys
     # (fold_in example index) and the one noise key of this logical batch.
-    from jaxldm.privacy import noise
     trainable, frozen = partition.split(state.params, frozen_spec)
     loss_fn = lambda tr, ex, k: per_example_loss(tr, frozen, ex, k)
-    grads, aux = noise.private_grad(
-        loss_fn, trainable, batch, rng, l2_clip_norm=config.dp.l2_clip_norm,
-        noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size, mask=mask,
-        microbatch_size=config.dp.microbatch_size, num_microbatches=num_microbatches)
-    real = jnp.maximum(mask.sum(), 1)
-    # Aggregates only (invariant 7): nothing per example leaves the step.
-    metrics = {"loss": (aux["loss"] * mask).sum() / real, "grad_norm": common.global_norm(grads),
-               "clipped_fraction": aux["clipped_fraction"]}
+    grads, metrics = dp.private_gradient(loss_fn, trainable, batch, mask, num_microbatches, rng, dp=config.dp,
+                                         noise_multiplier=noise_multiplier,
+                                         expected_batch_size=expected_batch_size)
     return finish(state, trainable, frozen, grads, state.opt_state, metrics)
 
   return nonprivate_step, private_step
@@ -158,6 +150,7 @@ def make_steps(unet, tx, schedule, config, frozen_spec: str):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   workdir, console = common.prepare_workdir(config, workdir)
   private = bool(config.dp.enabled)
+  primary = distributed.is_primary()  # Process 0 writes logs and records (orbax: all processes).
 
   # --- autoencoder (frozen) -----------------------------------------------------------------
   ae_model, ae_params, ae_info = load_autoencoder(config.autoencoder_workdir)
@@ -194,7 +187,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   trainable, frozen = partition.split(params, config.train.trainable)
   console.print(f"latent UNet: {common.count_params(params):,} parameters, "
                 f"{common.count_params(trainable):,} trainable ({config.train.trainable})")
-  (workdir / "parameters.txt").write_text(common.parameter_overview(params))
+  if primary:
+    (workdir / "parameters.txt").write_text(common.parameter_overview(params))
   schedule = make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps,
                            config.diffusion.beta_start, config.diffusion.beta_end)
 
@@ -202,33 +196,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           "autoencoder_workdir": str(pathlib.Path(config.autoencoder_workdir).absolute()),
           "scale_factor": scale, "latent_shape": list(latents.shape[1:]), "model": to_dict(config.model),
           "diffusion": to_dict(config.diffusion), "private": private}
-  common.write_json(workdir / "ldm.json", info)
+  if primary:
+    common.write_json(workdir / "ldm.json", info)
 
   # --- privacy ------------------------------------------------------------------------------
   steps = config.train.steps
-  dp_state = None
   mesh = common.make_mesh(config.train.num_devices)
-  if private:
-    dp_state = _setup_privacy(config, workdir, n, steps, console, mesh.devices.size)
+  dp_run = dp.setup(config.dp, workdir, n, steps, console, mesh.devices.size) if private else None
 
   # --- state and checkpoint -----------------------------------------------------------------
   tx = common.make_optimizer(config.optim, steps, private=private)
   state = common.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(trainable),
                             ema_params=jax.tree_util.tree_map(jnp.copy, params))
+  state = common.replicate(state, mesh)  # Before restoring: orbax restores into this sharding.
   ckpt = common.Checkpointer(workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints)
   state = ckpt.restore_latest(state)
   start = int(state.step)
   if start:
     console.print(f"resuming from step {start}")
-  log = common.MetricsLog(workdir, start)
-  state = common.replicate(state, mesh)
+  log = common.MetricsLog(workdir, start) if primary else None
 
   # --- steps --------------------------------------------------------------------------------
   nonprivate_step, private_step = make_steps(unet, tx, schedule, config, config.train.trainable)
   if private:
-    step_fn = jax.jit(functools.partial(private_step, noise_multiplier=dp_state["noise_multiplier"],
-                                        expected_batch_size=dp_state["batcher"].expected_batch_size),
-                      donate_argnums=0)
+    step_fn = jax.jit(functools.partial(private_step, noise_multiplier=dp_run.noise_multiplier,
+                                        expected_batch_size=dp_run.expected_batch_size), donate_argnums=0)
   else:
     step_fn = jax.jit(nonprivate_step, donate_argnums=0)
   sampler = jax.jit(functools.partial(
@@ -245,14 +237,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   with progress:
     for step in range(start, steps):
       if private:
-        if step >= dp_state["allowed_steps"]:
+        if step >= dp_run.allowed_steps:
           stopped_for_budget = True
           break
-        sb = dp_state["batcher"].batch(step)
-        batch, mask = common.shard_batch((jax.tree_util.tree_map(lambda a: a[sb.indices], examples),
-                                          sb.mask.astype(np.float32)), mesh)
-        state, metrics = step_fn(state, batch, mask, jnp.asarray(sb.num_microbatches),
-                                 jax.random.fold_in(dp_state["noise_key"], step))
+        state, metrics = step_fn(state, *dp_run.step_inputs(examples, step, mesh))
       else:
         idx = common.batch_indices(config.seed, step, n, config.train.batch_size)
         batch = common.shard_batch(jax.tree_util.tree_map(lambda a: a[idx], examples), mesh)
@@ -267,98 +255,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         # samples, checkpoints): after a crash it may over-count, never under-count. A resume from an
         # older checkpoint re-takes steps with the same batches and noise (both seeded by step), which
         # releases nothing new, so record_total counts them once.
-        epsilon = dp_state["ledger"].record_total(done)
+        epsilon = dp_run.record_steps(done)
       if log_now:
         metrics = averager.pop()  # Means over the steps since the last log line.
         common.check_finite(done, metrics)
         if private:
           metrics["epsilon"] = epsilon
-        log.write(done, metrics)
+        if primary:
+          log.write(done, metrics)
         rate = rate_meter(done)
         eps = f" eps {metrics['epsilon']:.2f}" if private else ""
         progress.update(task, completed=done, rate=rate, info=f"loss {float(metrics['loss']):.4f}{eps}")
       else:
         progress.update(task, completed=done)
-      if sample_now:
-        _sample_grid(sampler, decode, state.ema_params, ae_params, latents.shape[1:], len(columns),
+      if sample_now and primary:  # From the EMA parameters only: nothing private is decoded.
+        _sample_grid(sampler, decode, common.fetch(state.ema_params), ae_params, latents.shape[1:], len(columns),
                      workdir / "samples" / f"samples_{done:06d}.png", config.seed + done)
       if save_now:
         ckpt.save(done, state)
     final_step = int(state.step)
     if private:
-      epsilon = dp_state["ledger"].record_total(final_step)
+      epsilon = dp_run.record_steps(final_step)
     if ckpt.latest_step() != final_step:
       ckpt.save(final_step, state)
   ckpt.close()
 
   record = {"steps": final_step, "private": private}
   if private:
-    ledger = dp_state["ledger"]
-    record.update(epsilon=epsilon, delta=ledger.delta, noise_multiplier=ledger.noise_multiplier,
-                  sampling_rate=ledger.sampling_rate, l2_clip_norm=ledger.l2_clip_norm,
-                  accountant=ledger.accountant, noise_seed=ledger.noise_seed_provenance,
-                  stopped_for_budget=stopped_for_budget)
-    console.print(f"DP: epsilon {record['epsilon']:.3f} at delta {ledger.delta:g} after {final_step} steps "
-                  f"(sigma {ledger.noise_multiplier:.4f}, q {ledger.sampling_rate:.4g}, {ledger.accountant})"
-                  + (" — stopped: the next step would exceed the budget" if stopped_for_budget else ""))
-  common.write_json(workdir / "run.json", record)
+    record.update(dp_run.record(epsilon, stopped_for_budget))
+    console.print(dp_run.summary(final_step, stopped_for_budget))
+  if primary:
+    common.write_json(workdir / "run.json", record)
   return record
-
-
-def _setup_privacy(config, workdir: pathlib.Path, n: int, steps: int, console, num_devices: int) -> dict:
-  from jaxldm.privacy import accounting, ledger as ledger_lib, sampling
-
-  dp = config.dp
-  q = dp.expected_batch_size / n
-  if not 0 < q <= 1:
-    raise ConfigError(f"config key 'dp.expected_batch_size': {dp.expected_batch_size} gives sampling rate "
-                      f"{q:.4g} for {n} examples; it must be in (0, N]")
-  sigma = dp.noise_multiplier
-  if sigma <= 0:
-    try:
-      sigma = accounting.calibrate_noise_multiplier(target_epsilon=dp.target_epsilon, sampling_rate=q,
-                                                    steps=steps, delta=dp.delta, accountant=dp.accountant)
-    except ValueError as e:
-      raise ConfigError(f"config key 'dp.target_epsilon': {e}") from e
-  try:
-    ledger = ledger_lib.PrivacyLedger.load_or_create(
-        str(workdir), sampling_rate=q, noise_multiplier=float(sigma), l2_clip_norm=dp.l2_clip_norm,
-        delta=dp.delta, dataset_size=n, accountant=dp.accountant, target_epsilon=dp.target_epsilon,
-        noise_seed_provenance=ledger_lib.FIXED_SEED if dp.noise_seed is not None else ledger_lib.OS_ENTROPY)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
-  # The secret seeds live in the workdir (never in logs) so a resumed run continues exactly.
-  secrets_path = workdir / "dp_secrets.json"
-  if secrets_path.is_file():
-    seeds = json.loads(secrets_path.read_text())
-  else:
-    noise_seed = dp.noise_seed if dp.noise_seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-    sample_seed = dp.noise_seed + 1 if dp.noise_seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-    seeds = {"noise_seed": noise_seed, "sampling_seed": sample_seed}
-    with atomic_open(secrets_path, private=True) as f:  # 0600 from the first byte.
-      json.dump(seeds, f)
-  # One static padded size, a multiple of microbatch x devices so the batch shards evenly.
-  multiple = dp.microbatch_size * num_devices
-  batcher = sampling.PoissonBatcher(n, q, seeds["sampling_seed"], microbatch_size=dp.microbatch_size,
-                                    max_size=sampling.max_batch_size(n, q, multiple))
-  noise_key = ledger_lib.key_from_seed(seeds["noise_seed"])  # All 63 bits (PRNGKey keeps 32).
-  # Budget: the largest step count whose epsilon stays within the target.
-  allowed = steps
-  if dp.target_epsilon > 0 and ledger.epsilon(steps) > dp.target_epsilon * (1 + 1e-9):
-    lo, hi = ledger.steps, steps
-    while lo < hi:
-      mid = (lo + hi + 1) // 2
-      if ledger.epsilon(mid) <= dp.target_epsilon:
-        lo = mid
-      else:
-        hi = mid - 1
-    allowed = lo
-    console.print(f"[yellow]budget: epsilon {dp.target_epsilon} allows {allowed} of {steps} steps[/]")
-  console.print(f"DP-SGD: q = {q:.4g} (expected batch {dp.expected_batch_size}), sigma = {sigma:.4f}, "
-                f"C = {dp.l2_clip_norm}, delta = {dp.delta:g}, {dp.accountant.upper()} accountant, "
-                f"noise seed: {ledger.noise_seed_provenance}; padded batch {batcher.max_size}")
-  return {"ledger": ledger, "batcher": batcher, "noise_key": noise_key, "noise_multiplier": float(sigma),
-          "allowed_steps": allowed}
 
 
 def _sample_grid(sampler, decode, params, ae_params, latent_shape, num_attributes, path, seed):

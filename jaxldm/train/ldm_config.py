@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import ml_collections
-from ml_collections import config_dict
 
 from jaxldm.data.defaults import data_config
 from jaxldm.train.common import optim_config
+from jaxldm.train.dp import dp_config
 
 VARIANTS = ("tiny", "default", "paper")
 
@@ -61,14 +61,5 @@ def ldm_config(variant: str, *, private: bool) -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2  # Checkpoints kept.
   c.train.num_devices = 0  # Data-parallel devices (batch sharded, state replicated); 0 = all.
 
-  c.dp = ml_collections.ConfigDict()
-  c.dp.enabled = private  # DP-SGD on (privacy settings below) or off (non-private baseline).
-  c.dp.target_epsilon = 10.0  # Budget; training stops before exceeding it.
-  c.dp.delta = 1e-5  # Delta (should be < 1/N).
-  c.dp.noise_multiplier = 0.0  # Sigma; 0 = calibrate to target_epsilon over train.steps.
-  c.dp.l2_clip_norm = 1.0  # Per-example clipping norm C (paper: 1).
-  c.dp.expected_batch_size = 8 if tiny else 256  # q * N: Poisson sampling rate times dataset size (paper: 256).
-  c.dp.microbatch_size = 8 if tiny else 32  # Examples per vmapped chunk (memory bound; same result).
-  c.dp.accountant = "rdp" if tiny else "pld"  # "pld" (tighter) or "rdp".
-  c.dp.noise_seed = config_dict.placeholder(int)  # Fixed noise/sampling seed: TESTS ONLY (flagged insecure).
+  c.dp = dp_config(private=private, tiny=tiny)  # DP-SGD settings (see jaxldm/train/dp.py).
   return c
