@@ -50,10 +50,18 @@ DEFAULT_MODEL = {"channels": (8, 16, 32), "num_res_blocks": 1, "kernel": (1, 3, 
 # ---------------------------------------------------------------------------------------------
 # statistics over seeds
 # ---------------------------------------------------------------------------------------------
-def seed_summary(values: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
+# Natural ranges of the metrics: a t-interval over few seeds can overshoot them, and is clipped.
+BOUNDS = {"pearson_r": (-1.0, 1.0), "accuracy": (0.0, 1.0), "auroc": (0.0, 1.0), "mae": (0.0, math.inf),
+          "ssim": (-1.0, 1.0)}
+
+
+def seed_summary(values: Sequence[float], confidence: float = 0.95,
+                 bounds: tuple[float, float] = (-math.inf, math.inf)) -> dict[str, Any]:
   """Mean, std (ddof 1) and the Student-t CI of the mean over seeds; NaN CI for a single seed.
 
   NaN values (e.g. an AUROC with one class absent) are left out of the statistics and counted.
+  The interval is clipped to `bounds`, the metric's natural range (with 2 seeds t = 12.7, so an
+  unclipped interval of a correlation easily leaves [-1, 1]).
   """
   v = np.asarray(values, np.float64)
   ok = v[np.isfinite(v)]
@@ -62,14 +70,15 @@ def seed_summary(values: Sequence[float], confidence: float = 0.95) -> dict[str,
   std = float(ok.std(ddof=1)) if n > 1 else math.nan
   if n > 1:
     half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
-    ci = [mean - half, mean + half]
+    ci = [max(mean - half, bounds[0]), min(mean + half, bounds[1])]
   else:
     ci = [math.nan, math.nan]
   return {"mean": mean, "std": std, "ci": ci, "n": n, "n_nan": int(v.size - n), "values": v.tolist()}
 
 
 def _summaries(per_seed: list[dict[str, float]], confidence: float) -> dict[str, Any]:
-  return {k: seed_summary([d[k] for d in per_seed], confidence) for k in per_seed[0]} if per_seed else {}
+  return {k: seed_summary([d[k] for d in per_seed], confidence, BOUNDS.get(k, (-math.inf, math.inf)))
+          for k in per_seed[0]} if per_seed else {}
 
 
 def binarize(values, threshold: float | None = None) -> tuple[np.ndarray, float]:

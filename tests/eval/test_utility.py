@@ -99,5 +99,6 @@ def test_metrics_and_seed_summary():
   assert s["n"] == 3 and s["n_nan"] == 1 and s["mean"] == pytest.approx(7 / 3)
   np.testing.assert_allclose(s["ci"], [lo, hi])
   assert all(math.isnan(c) for c in ut.seed_summary([1.0])["ci"])
+  assert ut.seed_summary([0.9, 0.99], bounds=(-1.0, 1.0))["ci"][1] == 1.0  # t(1 dof) = 12.7 overshoots
   labels, thr = ut.binarize([1.0, 5.0, 3.0])
   assert thr == 3.0 and labels.tolist() == [0.0, 1.0, 0.0]
