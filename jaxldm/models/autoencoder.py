@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxldm.models.conv import Conv
 from jaxldm.models.layers import Attention, Downsample, Norm, ResBlock3D, Triple, Upsample
 
 
@@ -33,7 +34,7 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x) -> Posterior:
-    h = nn.Conv(self.channels[0], self.kernel, padding="SAME", dtype=self.dtype, name="conv_in")(x)
+    h = Conv(self.channels[0], self.kernel, padding="SAME", dtype=self.dtype, name="conv_in")(x)
     for level, ch in enumerate(self.channels):
       for _ in range(self.num_res_blocks):
         h = ResBlock3D(ch, self.kernel, dtype=self.dtype)(h)
@@ -44,7 +45,7 @@ class Encoder(nn.Module):
       h = h + _volume_attention(h, self.dtype)
     h = ResBlock3D(self.channels[-1], self.kernel, dtype=self.dtype)(h)
     h = nn.swish(Norm(dtype=self.dtype)(h))
-    moments = nn.Conv(2 * self.latent_channels, self.kernel, padding="SAME", dtype=self.dtype,
+    moments = Conv(2 * self.latent_channels, self.kernel, padding="SAME", dtype=self.dtype,
                       name="conv_out")(h).astype(jnp.float32)
     mean, logvar = jnp.split(moments, 2, axis=-1)
     return Posterior(mean, jnp.clip(logvar, -30.0, 20.0))
@@ -61,7 +62,7 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, z):
-    h = nn.Conv(self.channels[-1], self.kernel, padding="SAME", dtype=self.dtype, name="conv_in")(z)
+    h = Conv(self.channels[-1], self.kernel, padding="SAME", dtype=self.dtype, name="conv_in")(z)
     h = ResBlock3D(self.channels[-1], self.kernel, dtype=self.dtype)(h)
     if self.attention:
       h = h + _volume_attention(h, self.dtype)
@@ -72,7 +73,7 @@ class Decoder(nn.Module):
       if level > 0:
         h = Upsample(self.channels[level - 1], self.stride, self.kernel, dtype=self.dtype)(h)
     h = nn.swish(Norm(dtype=self.dtype)(h))
-    return nn.Conv(self.out_channels, self.kernel, padding="SAME", dtype=self.dtype,
+    return Conv(self.out_channels, self.kernel, padding="SAME", dtype=self.dtype,
                    name="conv_out")(h).astype(jnp.float32)
 
 
@@ -135,8 +136,8 @@ class PatchDiscriminator3D(nn.Module):
   def __call__(self, x):
     h = x
     for i, ch in enumerate(self.channels):
-      h = nn.Conv(ch, self.kernel, strides=self.stride, padding="SAME", dtype=self.dtype)(h)
+      h = Conv(ch, self.kernel, strides=self.stride, padding="SAME", dtype=self.dtype)(h)
       if i > 0:
         h = Norm(dtype=self.dtype)(h)
       h = nn.leaky_relu(h, 0.2)
-    return nn.Conv(1, self.kernel, padding="SAME", dtype=self.dtype, name="logits")(h).astype(jnp.float32)
+    return Conv(1, self.kernel, padding="SAME", dtype=self.dtype, name="logits")(h).astype(jnp.float32)

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxldm.models.conv import Conv
+
 Triple = tuple[int, int, int]
 
 
@@ -47,7 +49,7 @@ class ResBlock3D(nn.Module):
   @nn.compact
   def __call__(self, x, emb=None, *, deterministic: bool = True):
     h = nn.swish(Norm(dtype=self.dtype)(x))
-    h = nn.Conv(self.features, self.kernel, padding="SAME", dtype=self.dtype, name="conv1")(h)
+    h = Conv(self.features, self.kernel, padding="SAME", dtype=self.dtype, name="conv1")(h)
     if emb is not None:
       scale_shift = nn.Dense(2 * self.features, dtype=self.dtype, name="emb_proj")(nn.swish(emb))
       scale, shift = jnp.split(scale_shift[:, None, None, None, :], 2, axis=-1)
@@ -58,10 +60,10 @@ class ResBlock3D(nn.Module):
     if self.dropout > 0:
       h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
     # Zero-initialised last conv: each block starts as the identity, which keeps deep nets stable.
-    h = nn.Conv(self.features, self.kernel, padding="SAME", dtype=self.dtype,
+    h = Conv(self.features, self.kernel, padding="SAME", dtype=self.dtype,
                 kernel_init=nn.initializers.zeros, name="conv2")(h)
     if x.shape[-1] != self.features:
-      x = nn.Conv(self.features, (1, 1, 1), dtype=self.dtype, name="skip")(x)
+      x = Conv(self.features, (1, 1, 1), dtype=self.dtype, name="skip")(x)
     return x + h
 
 
@@ -74,7 +76,7 @@ class Downsample(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return nn.Conv(self.features, self.kernel, strides=self.stride, padding="SAME", dtype=self.dtype)(x)
+    return Conv(self.features, self.kernel, strides=self.stride, padding="SAME", dtype=self.dtype)(x)
 
 
 class Upsample(nn.Module):
@@ -89,7 +91,7 @@ class Upsample(nn.Module):
     for axis, s in zip((1, 2, 3), self.stride):
       if s > 1:
         x = jnp.repeat(x, s, axis=axis)
-    return nn.Conv(self.features, self.kernel, padding="SAME", dtype=self.dtype)(x)
+    return Conv(self.features, self.kernel, padding="SAME", dtype=self.dtype)(x)
 
 
 class Attention(nn.Module):

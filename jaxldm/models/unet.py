@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxldm.models.conv import Conv
 from jaxldm.models.layers import (Attention, Downsample, Norm, ResBlock3D, Triple, Upsample,
                                   sinusoidal_embedding)
 
@@ -111,7 +112,7 @@ class LatentUNet(nn.Module):
     attn = lambda: AttentionBlock3D(self.heads, dtype=self.dtype)
     chans = [self.base_channels * m for m in self.channel_mult]
 
-    h = nn.Conv(chans[0], self.kernel, padding="SAME", dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
+    h = Conv(chans[0], self.kernel, padding="SAME", dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
     skips = [h]
     for level, ch in enumerate(chans):
       for _ in range(self.num_res_blocks):
@@ -137,7 +138,7 @@ class LatentUNet(nn.Module):
         h = Upsample(chans[level], self.stride, self.kernel, dtype=self.dtype)(h)
 
     h = nn.swish(Norm(dtype=self.dtype)(h))
-    out = nn.Conv(self.out_channels, self.kernel, padding="SAME", dtype=self.dtype,
+    out = Conv(self.out_channels, self.kernel, padding="SAME", dtype=self.dtype,
                   kernel_init=nn.initializers.zeros, name="conv_out")(h)
     return out.astype(jnp.float32)
 

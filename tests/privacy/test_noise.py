@@ -119,13 +119,13 @@ def test_noise_is_added_once_per_batch_not_per_microbatch():
   assert abs(micro.std() / (sigma * c / EXPECTED_BATCH_SIZE) - 1) < 0.02
 
 
-def test_add_noise_per_leaf_keys_and_dtypes():
+def test_add_noise_independent_leaves_and_dtypes():
   tree = {'a': jnp.zeros((4000,), jnp.float32), 'b': jnp.zeros((4000,), jnp.bfloat16),
           'c': jnp.zeros((4000,), jnp.float32)}
   out = noise.add_noise(tree, jax.random.key(0), std=2.0)
   assert out['a'].dtype == jnp.float32 and out['b'].dtype == jnp.bfloat16
   a, c = np.asarray(out['a']), np.asarray(out['c'])
-  assert not np.array_equal(a, c)  # Same shape, different keys.
+  assert not np.array_equal(a, c)  # Same shape, disjoint noise.
   assert abs(np.corrcoef(a, c)[0, 1]) < 0.1
   for x in (a, np.asarray(out['b'], np.float32), c):
     assert abs(x.std() / 2.0 - 1) < 0.05
@@ -192,7 +192,10 @@ def test_sharded_batch_adds_noise_once(mlp_problem, tree_allclose):
   rng = jax.random.key(4)
   got, _ = f(problem.params, jax.tree_util.tree_map(shard, batch), rng, mask=shard(mask))
   want, _ = f(problem.params, batch, rng, mask=mask)
-  tree_allclose(got, want, rtol=1e-5)
+  # Scale: |value| + the noise std. A coordinate whose noisy value happens to cancel near zero keeps
+  # the float32 summation error of its terms; noise drawn per device would be off by ~2x the std.
+  noise_std = 1.0 * 0.8 / EXPECTED_BATCH_SIZE
+  tree_allclose(got, want, rtol=1e-5, scale=jax.tree_util.tree_map(lambda w: np.abs(w) + noise_std, want))
 
 
 @pytest.mark.parametrize('kwargs, match', [
