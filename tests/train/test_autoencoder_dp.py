@@ -64,11 +64,14 @@ def test_dp_autoencoder_stops_before_the_budget(tiny_nifti_dir, tmp_path):
 
 def test_per_layer_clipping_reaches_the_engine(tiny_nifti_dir, tmp_path):
   # Same keys, same batches, same noise: only the clipping differs (a small C clips every example).
-  small_c = {"dp.l2_clip_norm": 1e-3, "train.steps": 1}
+  # SGD: the update is linear in the gradient (Adam's first step is sign(g), mostly the noise's sign).
+  small_c = {"dp.l2_clip_norm": 1e-3, "train.steps": 1, "optim.optimizer": "sgd", "optim.learning_rate": 1.0}
   flat = autoencoder.train_and_evaluate(_config(tiny_nifti_dir, **small_c), tmp_path / "flat")
   layer = autoencoder.train_and_evaluate(_config(tiny_nifti_dir, **small_c, **{"dp.per_layer": True}), tmp_path / "layer")
   assert flat["privacy"]["per_layer"] is False and layer["privacy"]["per_layer"] is True
   assert layer["privacy"]["epsilon"] == flat["privacy"]["epsilon"]  # Same sensitivity C: same accounting.
+  for name in ("flat", "layer"):  # Every real example was clipped (flat: norm > C; per layer: a leaf).
+    assert json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])["clipped_fraction"] == 1.0
   diffs = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(_params(tmp_path / "flat"), _params(tmp_path / "layer"))]
   assert max(diffs) > 0
 

@@ -3,11 +3,13 @@
 import json
 import pathlib
 
+import jax
+import numpy as np
 import pytest
 
 from jaxldm.config import ConfigError, load_config
 from jaxldm.privacy import accounting
-from jaxldm.train import autoencoder, ldm
+from jaxldm.train import autoencoder, common, ldm
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DATA = {"data.attributes": (), "data.shape": (4, 16, 16), "data.spacing": (20.0, 4.0, 4.0)}
@@ -74,6 +76,28 @@ def test_dp_stops_before_the_budget(tiny_nifti_dir, ae_dir, pretrained_dir, tmp_
       "train.steps": 6, "dp.noise_multiplier": sigma, "dp.target_epsilon": target}), tmp_path)
   assert record["stopped_for_budget"] is True
   assert record["steps"] == 2 and record["epsilon"] <= target
+
+
+def test_dp_per_layer_switch_reaches_the_clipping(tiny_nifti_dir, ae_dir, pretrained_dir, tmp_path):
+  # Same keys, batches and noise; a small C clips every example, so only the clipping rule differs.
+  # SGD: the update is linear in the gradient (Adam's first step is sign(g), here the noise's sign).
+  runs = {}
+  for per_layer in (False, True):
+    workdir = tmp_path / str(per_layer)
+    runs[per_layer] = ldm.train_and_evaluate(_dp(tiny_nifti_dir, ae_dir, pretrained_dir, **{
+        "train.steps": 1, "dp.noise_multiplier": 1.0, "dp.l2_clip_norm": 1e-3, "dp.per_layer": per_layer,
+        "optim.optimizer": "sgd", "optim.learning_rate": 1.0, "train.trainable": "all"}), workdir)
+  assert runs[False]["per_layer"] is False and runs[True]["per_layer"] is True
+  assert runs[True]["epsilon"] == runs[False]["epsilon"]  # Sensitivity C either way: same accounting.
+  for per_layer in (False, True):  # Every real example was clipped (flat: norm > C; per layer: a leaf).
+    lines = [json.loads(l) for l in (tmp_path / str(per_layer) / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["clipped_fraction"] == 1.0
+  params = {}
+  for per_layer in (False, True):
+    ckpt = common.Checkpointer(tmp_path / str(per_layer) / "checkpoints")
+    params[per_layer] = jax.tree_util.tree_leaves(ckpt.restore_untyped()[0]["params"])
+    ckpt.close()
+  assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(params[False], params[True])) > 0
 
 
 def test_dp_refuses_private_attribute_statistics(tiny_nifti_dir, ae_dir, pretrained_dir, tmp_path):
