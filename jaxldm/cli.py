@@ -304,6 +304,42 @@ def cmd_privacy_rero(args) -> int:
 # ---------------------------------------------------------------------------------------------
 # config, demo
 # ---------------------------------------------------------------------------------------------
+def cmd_bench_grads(args, overrides) -> int:
+  from rich.console import Console
+
+  from jaxldm.bench import grads, report
+
+  console = Console(stderr=True)
+  target = grads.build_target(args.model, args.config, overrides)
+  if args.conv_weight_grad:
+    from jaxldm.models import conv
+    conv.set_weight_grad(args.conv_weight_grad)
+  with console.status("benchmarking") as status:
+    records = grads.run(target, batches=args.batch, modes=args.modes, microbatch=args.microbatch,
+                        repeats=args.repeats, warmup=args.warmup,
+                        progress=lambda msg: status.update(f"benchmarking: {msg}"))
+  Console().print(report.table(records, title=f"{args.model} {args.config} on {records[0]['device_kind']}"))
+  if args.json:
+    report.save(args.json, records)
+  png = args.png or (str(pathlib.Path(args.json).with_suffix(".png")) if args.json else None)
+  if png:
+    report.plot(records, png)
+  return 0
+
+
+def cmd_bench_compare(args) -> int:
+  from rich.console import Console
+
+  from jaxldm.bench import report
+
+  rows = report.compare(report.load(args.a), report.load(args.b))
+  if not rows:
+    print(f"{args.a} and {args.b} share no (model, batch) pair", file=sys.stderr)
+    return 1
+  Console().print(report.compare_table(rows, pathlib.Path(args.a).stem, pathlib.Path(args.b).stem))
+  return 0
+
+
 def cmd_config_show(args, overrides) -> int:
   from jaxldm.config import to_dict
 
@@ -509,6 +545,41 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--plot", metavar="OUT.png",
                  help="also plot the bound against epsilon (sigma varied, q and steps fixed; one line per kappa)")
   p.set_defaults(func=cmd_privacy_rero)
+
+  bench = sub.add_parser("bench", help="per-example gradient throughput benchmarks",
+                         description="Benchmarks of the DP-SGD gradient modes.")
+  bench.set_defaults(help_parser=bench)
+  bench_sub = bench.add_subparsers(dest="bench_command", metavar="SUBCOMMAND")
+  p = bench_sub.add_parser(
+      "grads", help="time non-private vs per-example (DP) gradients of a model",
+      description="Times every gradient mode on the same model, data and keys in one process: compile "
+                  "(reported apart), warm-up, then the modes alternate in each repeat and the median "
+                  "step time is reported. Writes one JSON record per (mode, batch) and a PNG plot. "
+                  "Example: jaxldm bench grads --model unet --config configs/ldm.py:tiny --batch 8,16 "
+                  "--modes nonprivate,vmap --json grads.json")
+  p.add_argument("--model", choices=("unet", "autoencoder"), required=True, help="which network")
+  p.add_argument("--config", required=True,
+                 help="its training config[:variant], e.g. configs/ldm.py:tiny or configs/autoencoder.py:paper")
+  p.add_argument("--batch", type=_ints, default=(8,), help="batch sizes, comma-separated (default 8)")
+  p.add_argument("--modes", type=lambda t: tuple(m.strip() for m in t.split(",") if m.strip()),
+                 default=("nonprivate", "vmap", "vmap_microbatch"),
+                 help="comma-separated subset of nonprivate,vmap,vmap_microbatch,loop "
+                      "(default nonprivate,vmap,vmap_microbatch)")
+  p.add_argument("--microbatch", type=int, default=0, help="microbatch size of vmap_microbatch (default batch/4)")
+  p.add_argument("--repeats", type=int, default=5, help="timed repeats per mode (default 5; the median is reported)")
+  p.add_argument("--warmup", type=int, default=2, help="untimed calls after compiling (default 2)")
+  p.add_argument("--conv-weight-grad", choices=("auto", "taps", "native"),
+                 help="convolution kernel-gradient implementation (default auto: taps on CPU; see "
+                      "jaxldm/models/conv.py)")
+  p.add_argument("--json", metavar="OUT.json", help="write the records here (and the plot next to it)")
+  p.add_argument("--png", metavar="OUT.png", help="plot path (default: next to --json)")
+  p.set_defaults(func=cmd_bench_grads, takes_overrides=True)
+  p = bench_sub.add_parser("compare", help="step-time ratios between two benchmark files",
+                           description="Ratios B / A of step times for every pair of modes measured on the "
+                                       "same model and batch, e.g. an Opacus file against a jaxldm one.")
+  p.add_argument("a", help="reference records (e.g. jaxldm's)")
+  p.add_argument("b", help="records to compare (e.g. scripts/bench_opacus.py's)")
+  p.set_defaults(func=cmd_bench_compare)
 
   p = sub.add_parser("config", help="print a resolved config",
                      description="Print a config after its variant and --config.* overrides.")

@@ -1,0 +1,245 @@
+"""Per-example gradient throughput: the same model, data and keys under every gradient mode.
+
+  jaxldm bench grads --model unet --config configs/ldm.py:tiny --batch 8,16,32 --json grads.json
+
+Modes (all jitted, all return a gradient pytree like the params):
+  nonprivate       the plain batched gradient of the mean loss (what non-private training does);
+  vmap             DP-SGD: per-example gradients by `jax.vmap`, clipped, summed, noised
+                   (`jaxldm.privacy.noise.private_grad`, the DP trainers' path);
+  vmap_microbatch  the same in sequential microbatches of `microbatch` examples (memory bound);
+  loop             one example at a time (microbatch of 1): the baseline vmap is meant to beat.
+
+Timing follows ../.library/device/METHOD.md practice: compile once (timed separately), warm up,
+then alternate the modes inside each repeat (so drifting machine load hits every mode alike) and
+report the median of `block_until_ready` wall times. Ratios between modes come from one run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import pathlib
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxldm.config import ConfigError, load_config
+
+MODES = ("nonprivate", "vmap", "vmap_microbatch", "loop")
+MODELS = ("unet", "autoencoder")
+
+
+@dataclasses.dataclass
+class Target:
+  """A model reduced to what the gradient modes need."""
+  model: str
+  loss_fn: Callable[..., jax.Array]  # loss_fn(params, example, rng) -> scalar, ONE example.
+  params: Any  # The differentiated (trainable) parameters.
+  make_batch: Callable[[int], Any]  # B -> pytree of (B, ...) float32 arrays.
+  dtype: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets built from the training configs
+# ---------------------------------------------------------------------------------------------
+def _autoencoder_config_for(spec: str) -> ml_collections.ConfigDict:
+  """The autoencoder config next to an LDM config, same variant (gives latent channels/shape)."""
+  path, _, variant = spec.partition(":")
+  sibling = pathlib.Path(path).with_name("autoencoder.py")
+  if not sibling.is_file():
+    raise ConfigError(f"--config {spec}: the UNet's latent shape comes from the autoencoder config, "
+                      f"expected {sibling} next to it")
+  return load_config(f"{sibling}:{variant}" if variant else str(sibling))
+
+
+def _rng_batch(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> Callable[[int], dict]:
+  def make(b: int) -> dict:
+    rng = np.random.default_rng(seed)
+    out = {k: rng.standard_normal((b, *s)).astype(np.float32) for k, s in shapes.items()}
+    if "attribute_mask" in out:
+      out["attribute_mask"] = (rng.random((b, *shapes["attribute_mask"])) > 0.2).astype(np.float32)
+    return out
+  return make
+
+
+def unet_target(config: ml_collections.ConfigDict, ae_config: ml_collections.ConfigDict) -> Target:
+  from jaxldm.diffusion.losses import diffusion_loss
+  from jaxldm.diffusion.schedules import make_schedule
+  from jaxldm.train import autoencoder as ae_trainer
+  from jaxldm.train import ldm, partition
+
+  ae = ae_trainer.build_model(ae_config.model)
+  latent_shape = tuple(s // f for s, f in zip(config.data.shape, ae.downsampling))
+  latent_shape += (ae_config.model.latent_channels,)
+  num_attributes = len(config.data.attributes)
+  unet = ldm.build_unet(config.model, num_attributes, latent_shape[-1])
+  dummy = (jnp.zeros((1,) + latent_shape), jnp.zeros((1,), jnp.int32),
+           jnp.zeros((1, num_attributes)), jnp.ones((1, num_attributes)))
+  params = jax.jit(unet.init)(jax.random.PRNGKey(config.seed), *dummy)
+  trainable, frozen = partition.split(params, config.train.trainable)
+  d = config.diffusion
+  schedule = make_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
+  apply_fn = ldm.unet_apply(unet)
+
+  def loss_fn(tr, example, rng):
+    return diffusion_loss(apply_fn, partition.merge(tr, frozen), example, rng, schedule=schedule,
+                          prediction=d.prediction, noise_multiplicity=d.noise_multiplicity,
+                          cond_drop_prob=d.cond_drop_prob)
+
+  shapes = {"latent": latent_shape, "attributes": (num_attributes,),
+            "attribute_mask": (num_attributes,)}
+  return Target("unet", loss_fn, trainable, _rng_batch(shapes), config.model.dtype)
+
+
+def autoencoder_target(config: ml_collections.ConfigDict) -> Target:
+  from jaxldm.train import autoencoder as ae_trainer
+
+  model = ae_trainer.build_model(config.model)
+  shape = tuple(config.data.shape)
+  params = jax.jit(model.init)(jax.random.PRNGKey(config.seed), jnp.zeros((1, *shape, 1)))
+  loss = config.loss
+
+  def loss_fn(p, example, rng):
+    value, _ = ae_trainer.generator_loss(model, None, p, None, example, rng,
+                                         kl_weight=loss.kl_weight, adv_weight=0.0,
+                                         adv_loss=loss.adversarial_loss)
+    return value
+
+  return Target("autoencoder", loss_fn, params, _rng_batch({"volume": shape}), config.model.dtype)
+
+
+def build_target(model: str, spec: str, overrides: Sequence[str] = ()) -> Target:
+  """The `model` ("unet" or "autoencoder") of config `spec` ("file.py:variant")."""
+  if model not in MODELS:
+    raise ConfigError(f"--model {model!r}: choose one of {', '.join(MODELS)}")
+  config = load_config(spec, overrides)
+  trainer = config.get("trainer")
+  if model == "unet":
+    if trainer != "ldm":
+      raise ConfigError(f"--config {spec}: --model unet needs an LDM config (trainer 'ldm'), got {trainer!r}")
+    return unet_target(config, _autoencoder_config_for(spec))
+  if trainer != "autoencoder":
+    raise ConfigError(f"--config {spec}: --model autoencoder needs an autoencoder config, got {trainer!r}")
+  return autoencoder_target(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient modes
+# ---------------------------------------------------------------------------------------------
+def gradient_fn(mode: str, target: Target, batch_size: int, *, microbatch: int,
+                l2_clip_norm: float = 1.0, noise_multiplier: float = 1.0) -> Callable:
+  """fn(params, batch, rng) -> gradient pytree, for one mode (not yet jitted)."""
+  from jaxldm.privacy import clipping, noise
+
+  loss_fn = target.loss_fn
+  if mode == "nonprivate":
+    def fn(params, batch, rng):
+      # The DP modes' example keys: with C = inf and no noise every mode gives the same gradient.
+      example_rng, _ = noise.split_step_rng(rng)
+      keys = jax.vmap(lambda i: jax.random.fold_in(example_rng, i))(
+          jnp.arange(batch_size, dtype=jnp.uint32))
+      mean = lambda p: jax.vmap(lambda ex, k: loss_fn(p, ex, k))(batch, keys).mean()
+      return jax.grad(mean)(params)
+    return fn
+  micro = {"vmap": None, "vmap_microbatch": microbatch, "loop": 1}[mode]
+  if micro is not None and batch_size % micro:
+    raise ConfigError(f"--microbatch {micro} does not divide --batch {batch_size}")
+
+  def fn(params, batch, rng):
+    grads, _ = noise.private_grad(loss_fn, params, batch, rng, l2_clip_norm=l2_clip_norm,
+                                  noise_multiplier=noise_multiplier, expected_batch_size=batch_size,
+                                  microbatch_size=micro)
+    return grads
+  return fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement
+# ---------------------------------------------------------------------------------------------
+def _device_peak_bytes() -> int | None:
+  stats = jax.local_devices()[0].memory_stats()
+  if stats and "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"])
+  return None
+
+
+def _rss_peak_bytes() -> int:
+  # ru_maxrss is KiB on Linux: the process's high-water mark (monotone over the run).
+  return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _program_bytes(compiled) -> int | None:
+  try:
+    m = compiled.memory_analysis()
+    return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
+  except Exception:  # Not every backend implements it.
+    return None
+
+
+def _block(tree) -> None:
+  jax.tree_util.tree_map(lambda x: x.block_until_ready(), tree)
+
+
+def run(target: Target, *, batches: Sequence[int], modes: Sequence[str], microbatch: int = 0,
+        repeats: int = 5, warmup: int = 2, seed: int = 0, progress=None) -> list[dict]:
+  """Times every (mode, batch); returns one record per pair (see the module docstring)."""
+  for m in modes:
+    if m not in MODES:
+      raise ConfigError(f"--modes: unknown mode {m!r}; choose from {', '.join(MODES)}")
+  params = target.params
+  n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
+  device = jax.local_devices()[0]
+  records = []
+  for b in batches:
+    micro = microbatch or max(1, b // 4)
+    batch = jax.device_put(target.make_batch(b))
+    rng = jax.random.PRNGKey(seed)
+    compiled, compile_s, program = {}, {}, {}
+    for mode in modes:
+      fn = jax.jit(gradient_fn(mode, target, b, microbatch=micro))
+      t0 = time.perf_counter()
+      compiled[mode] = fn.lower(params, batch, rng).compile()
+      compile_s[mode] = time.perf_counter() - t0
+      program[mode] = _program_bytes(compiled[mode])
+      for _ in range(warmup):
+        _block(compiled[mode](params, batch, rng))
+      if progress:
+        progress(f"compiled {mode} B={b} ({compile_s[mode]:.1f} s)")
+    times = {mode: [] for mode in modes}
+    for r in range(repeats):
+      for mode in modes:  # Alternate modes: load drift hits all of them.
+        key = jax.random.fold_in(rng, r)
+        t0 = time.perf_counter()
+        _block(compiled[mode](params, batch, key))
+        times[mode].append(time.perf_counter() - t0)
+      if progress:
+        progress(f"B={b} repeat {r + 1}/{repeats}")
+    peak = _device_peak_bytes()
+    for mode in modes:
+      step_s = statistics.median(times[mode])
+      records.append({
+          "mode": mode, "model": target.model, "batch": b, "params": n_params, "step_s": step_s,
+          "examples_per_s": b / step_s, "peak_bytes": peak if peak is not None else _rss_peak_bytes(),
+          "peak_source": "device" if peak is not None else "process_rss",
+          "program_bytes": program[mode], "compile_s": compile_s[mode],
+          "microbatch": micro if mode == "vmap_microbatch" else (1 if mode == "loop" else None),
+          "times_s": times[mode], "dtype": target.dtype, "backend": jax.default_backend(),
+          "device_kind": device.device_kind, "num_threads": os.cpu_count(),
+          "date": datetime.date.today().isoformat(), "jax": jax.__version__})
+  _add_ratios(records)
+  return records
+
+
+def _add_ratios(records: list[dict]) -> None:
+  base = {(r["model"], r["batch"]): r["step_s"] for r in records if r["mode"] == "nonprivate"}
+  for r in records:
+    ref = base.get((r["model"], r["batch"]))
+    r["ratio_to_nonprivate"] = r["step_s"] / ref if ref else None
