@@ -198,12 +198,21 @@ class Checkpointer:
   def restore_untyped(self, step: int | None = None) -> tuple[Any, dict]:
     """The saved state as nested dicts/arrays, without a target structure (for inspection)."""
     step = self.latest_step() if step is None else step
-    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=_untyped_restore(),
                                                                   meta=ocp.args.JsonRestore()))
     return restored.state, dict(restored.meta or {})
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _untyped_restore() -> ocp.args.StandardRestore:
+  """Restore without a target; arrays land on this process's first device.
+
+  Why the fallback: a checkpoint written by a multi-host run records shardings over devices that
+  do not exist here, and orbax refuses to restore it untyped without one.
+  """
+  return ocp.args.StandardRestore(fallback_sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
 
 
 def restore_params(directory: str | pathlib.Path, target_params, *, use_ema: bool = True) -> tuple[Any, dict]:
@@ -213,7 +222,7 @@ def restore_params(directory: str | pathlib.Path, target_params, *, use_ema: boo
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {directory}; train that stage first")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  restored = manager.restore(step, args=ocp.args.Composite(state=_untyped_restore(), meta=ocp.args.JsonRestore()))
   state = restored.state
   params = state["ema_params"] if use_ema else state["params"]
   # Re-shape into the target pytree structure (restored without a target comes back as dicts).
