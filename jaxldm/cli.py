@@ -340,6 +340,28 @@ def cmd_bench_compare(args) -> int:
   return 0
 
 
+def cmd_evaluate(args) -> int:
+  from rich.console import Console
+
+  from jaxldm.eval import evaluate
+
+  opts = evaluate.Options(n=args.n, features=args.features, feature_weights=args.feature_weights,
+                          samples=args.samples, train=args.train, seed=args.seed, guidance=args.guidance,
+                          steps=args.steps, batch_size=args.batch_size, regressor=args.regressor,
+                          training_images=not args.no_training_images)
+  out = args.out or str(pathlib.Path(args.workdir) / "eval")
+  console = Console(stderr=True)
+  with console.status("evaluating") as status:
+    report = evaluate.evaluate(args.workdir, args.real, out, opts,
+                               status=lambda msg: status.update(f"evaluating: {msg}"))
+  ctl = ", ".join(f"{k} r={v:.3f}" for k, v in (report["controllability"] or {}).items() if v is not None)
+  print(f"epsilon {report['epsilon']:.3g}  FID {report['fid']:.4g}  KID {report['kid']:.4g}  "
+        f"copy rate {report['copy_rate']:.3f}  safeguard rejects {report['safeguard_rejected_fraction']:.3f}"
+        + (f"\ncontrollability: {ctl}" if ctl else ""))
+  print(f"wrote {pathlib.Path(out) / evaluate.REPORT_MD} and {evaluate.REPORT_JSON}")
+  return 0
+
+
 def cmd_config_show(args, overrides) -> int:
   from jaxldm.config import to_dict
 
@@ -580,6 +602,33 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("a", help="reference records (e.g. jaxldm's)")
   p.add_argument("b", help="records to compare (e.g. scripts/bench_opacus.py's)")
   p.set_defaults(func=cmd_bench_compare)
+
+  p = sub.add_parser(
+      "evaluate", help="quality, memorization, safeguard, controllability and privacy report of an LDM",
+      description="Samples the LDM in WORKDIR (conditioned on the real set's attributes) or reads --samples, "
+                  "then computes FID/KID/precision/recall/MS-SSIM against --real, the memorization copy rate "
+                  "(Dar et al.), the release safeguard's rejections (Shi et al.), controllability and the "
+                  "privacy ledger + ReRo bound; writes OUT/report.json, OUT/report.md and figures. Re-runs "
+                  "reuse the samples and the cached real-set features.")
+  p.add_argument("--workdir", required=True, help="LDM run directory")
+  p.add_argument("--real", required=True, help="held-out REAL volumes (not the training data): FID reference and "
+                                              "memorization validation set")
+  p.add_argument("--out", help="report directory (default WORKDIR/eval)")
+  p.add_argument("--n", type=int, default=64, help="samples to draw (default 64)")
+  p.add_argument("--samples", metavar="DIR", help="evaluate these samples (from jaxldm sample) instead of drawing")
+  p.add_argument("--train", metavar="DIR", help="training volumes (default: the run's data.root)")
+  p.add_argument("--features", choices=("ssl3d", "medicalnet", "slice2d"), default="ssl3d",
+                 help="feature extractor (default ssl3d: train it with jaxldm train --config configs/ssl.py)")
+  p.add_argument("--feature-weights", metavar="PATH",
+                 help="ssl3d: its workdir (default runs/ssl); medicalnet/slice2d: a PyTorch weight file")
+  p.add_argument("--regressor", metavar="WORKDIR", help="attribute regressor run for controllability on real data")
+  p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1)")
+  p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+  p.add_argument("--seed", type=int, default=0, help="seed of sampling, bootstraps and KID subsets (default 0)")
+  p.add_argument("--batch-size", type=int, default=8, help="volumes per sampler/extractor call (default 8)")
+  p.add_argument("--no-training-images", action="store_true",
+                 help="leave out the nearest-neighbour figure (it shows training volumes)")
+  p.set_defaults(func=cmd_evaluate)
 
   p = sub.add_parser("config", help="print a resolved config",
                      description="Print a config after its variant and --config.* overrides.")
