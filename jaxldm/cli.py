@@ -318,7 +318,7 @@ def cmd_bench_grads(args, overrides) -> int:
     records = grads.run(target, batches=args.batch, modes=args.modes, microbatch=args.microbatch,
                         repeats=args.repeats, warmup=args.warmup,
                         progress=lambda msg: status.update(f"benchmarking: {msg}"))
-  Console().print(report.table(records, title=f"{args.model} {args.config} on {records[0]['device_kind']}"))
+  report.console().print(report.table(records, title=f"{args.model} {args.config} on {records[0]['device_kind']}"))
   if args.json:
     report.save(args.json, records)
   png = args.png or (str(pathlib.Path(args.json).with_suffix(".png")) if args.json else None)
@@ -328,7 +328,6 @@ def cmd_bench_grads(args, overrides) -> int:
 
 
 def cmd_bench_compare(args) -> int:
-  from rich.console import Console
 
   from jaxldm.bench import report
 
@@ -336,7 +335,7 @@ def cmd_bench_compare(args) -> int:
   if not rows:
     print(f"{args.a} and {args.b} share no (model, batch) pair", file=sys.stderr)
     return 1
-  Console().print(report.compare_table(rows, pathlib.Path(args.a).stem, pathlib.Path(args.b).stem))
+  report.console().print(report.compare_table(rows, pathlib.Path(args.a).stem, pathlib.Path(args.b).stem))
   return 0
 
 

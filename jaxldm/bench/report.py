@@ -107,11 +107,20 @@ def compare(a: Sequence[dict], b: Sequence[dict]) -> list[dict]:
 def compare_table(rows: Sequence[dict], name_a: str, name_b: str):
   from rich.table import Table
 
-  t = Table(title=f"step time ratio {name_b} / {name_a} (same model and batch)")
-  for col in ("model", "batch", f"{name_b} mode", f"{name_a} mode", f"{name_b} ms", f"{name_a} ms",
-              "ratio", "params b / a"):
+  params = sorted({(r["b_params"], r["a_params"]) for r in rows})
+  caption = "parameters " + "; ".join(f"{name_b} {b:,} / {name_a} {a:,}" for b, a in params)
+  t = Table(title=f"step time ratio B / A (B = {name_b}, A = {name_a}; same model and batch)", caption=caption)
+  for col in ("model", "batch", "B mode", "A mode", "B ms", "A ms", "B / A"):
     t.add_column(col, justify="left" if "mode" in col or col == "model" else "right")
   for r in rows:
     t.add_row(r["model"], str(r["batch"]), r["b_mode"], r["a_mode"], f"{r['b_step_s'] * 1e3:,.1f}",
-              f"{r['a_step_s'] * 1e3:,.1f}", f"{r['ratio']:.2f}", f"{r['b_params']:,} / {r['a_params']:,}")
+              f"{r['a_step_s'] * 1e3:,.1f}", f"{r['ratio']:.2f}")
   return t
+
+
+def console():
+  """A rich console at least 120 columns wide, so tables do not fold when output is piped."""
+  from rich.console import Console
+
+  c = Console()
+  return c if c.is_terminal else Console(width=max(c.width, 120))
