@@ -95,7 +95,8 @@ def test_override_parsing():
     parse_override("--config.a")
 
 
-CONFIG_GROUP_SOURCES = ["jaxldm/data/defaults.py", "jaxldm/train/ldm_config.py", "jaxldm/train/common.py"]
+CONFIG_GROUP_SOURCES = ["jaxldm/data/defaults.py", "jaxldm/train/ldm_config.py", "jaxldm/train/common.py",
+                        "jaxldm/train/dp.py"]
 
 
 @pytest.mark.parametrize("spec", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.py")))
