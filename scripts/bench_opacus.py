@@ -467,6 +467,7 @@ class TorchTarget:
   multiplicity: int  # Rows per example in the model's batch (the UNet's noise multiplicity K).
   jax_params: int  # Parameter count of the jaxldm model (the comparison's reference).
   jax_leaves: int
+  reference: Any = None  # The jaxldm.bench.grads.Target it mirrors (its params: the Flax tree).
 
 
 def count(module: nn.Module) -> tuple[int, int]:
@@ -526,7 +527,8 @@ def unet_target(spec: str, overrides: Sequence[str] = ()) -> TorchTarget:
 
   assert tuple(ref.make_batch(1)["latent"].shape[1:4]) == latent_shape
   leaves = jax.tree_util.tree_leaves(ref.params)
-  return TorchTarget("unet", module, loss, make_batch, k, int(sum(x.size for x in leaves)), len(leaves))
+  return TorchTarget("unet", module, loss, make_batch, k, int(sum(x.size for x in leaves)), len(leaves),
+                     ref)
 
 
 def autoencoder_target(spec: str, overrides: Sequence[str] = ()) -> TorchTarget:
@@ -558,7 +560,7 @@ def autoencoder_target(spec: str, overrides: Sequence[str] = ()) -> TorchTarget:
 
   leaves = jax.tree_util.tree_leaves(ref.params)
   return TorchTarget("autoencoder", module, loss, make_batch, 1, int(sum(x.size for x in leaves)),
-                     len(leaves))
+                     len(leaves), ref)
 
 
 def build(model: str, spec: str, overrides: Sequence[str] = (), *, seed: int = 0) -> TorchTarget:
@@ -751,7 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   with console.status("benchmarking") as status:
     records = run(target, batches=args.batch, modes=args.modes, repeats=args.repeats,
                   warmup=args.warmup, progress=lambda msg: status.update(f"benchmarking: {msg}"))
-  Console().print(report.table(records, title=f"{args.model} {args.config} PyTorch/Opacus on "
+  Console(width=None if sys.stdout.isatty() else 140).print(report.table(records, title=f"{args.model} {args.config} PyTorch/Opacus on "
                                               f"{records[0]['device_kind']}, {torch.get_num_threads()} threads"))
   if args.json:
     report.save(args.json, records)

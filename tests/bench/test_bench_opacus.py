@@ -119,3 +119,160 @@ def test_run_writes_jaxldm_records(targets, bench, tmp_path):
   assert loaded[0]["ratio_to_nonprivate"] == 1.0
   rows = report.compare(loaded, loaded)
   assert {r["ratio"] for r in rows if r["a_mode"] == r["b_mode"]} == {1.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Same weights, same outputs: the port is jaxldm's network, not just one of the same size.
+# ---------------------------------------------------------------------------------------------
+def _t(x):
+  return torch.tensor(np.asarray(x, np.float32))
+
+
+def _load(bench, layer, p):
+  """Copies one Flax layer's parameters into its PyTorch twin (layouts: channels-last -> first)."""
+  nn = torch.nn
+  with torch.no_grad():
+    if isinstance(layer, bench.SameConv3d):
+      layer.conv.weight.copy_(_t(p["kernel"]).permute(4, 3, 0, 1, 2))
+      layer.conv.bias.copy_(_t(p["bias"]))
+    elif isinstance(layer, nn.Linear):  # Dense: kernel (in, out).
+      layer.weight.copy_(_t(p["kernel"]).T)
+      layer.bias.copy_(_t(p["bias"]))
+    elif isinstance(layer, (nn.GroupNorm, nn.LayerNorm)):
+      layer.weight.copy_(_t(p["scale"]))
+      layer.bias.copy_(_t(p["bias"]))
+    elif isinstance(layer, bench.Attention):  # DenseGeneral over (heads, head_dim), flattened.
+      for name in ("q", "k", "v"):  # kernel (in, heads, head_dim), bias (heads, head_dim).
+        getattr(layer, name).weight.copy_(_t(p[name]["kernel"]).flatten(1).T)
+        getattr(layer, name).bias.copy_(_t(p[name]["bias"]).flatten())
+      layer.out.weight.copy_(_t(p["out"]["kernel"]).flatten(0, 1).T)  # (heads, head_dim, out).
+      layer.out.bias.copy_(_t(p["out"]["bias"]))
+    else:
+      raise TypeError(type(layer))
+
+
+def _load_resblock(bench, block, p):
+  _load(bench, block.norm1, p["Norm_0"]["GroupNorm_0"])
+  _load(bench, block.conv1, p["conv1"])
+  if block.emb_proj is not None:
+    _load(bench, block.emb_proj, p["emb_proj"])
+  _load(bench, block.norm2, p["Norm_1"]["GroupNorm_0"])
+  _load(bench, block.conv2, p["conv2"])
+  if block.skip is not None:
+    _load(bench, block.skip, p["skip"])
+
+
+def _load_sequence(bench, layers, p, counters):
+  """Flax names children ClassName_i in call order, per class: walk the PyTorch layers the same way."""
+  for layer in layers:
+    if isinstance(layer, bench.ResBlock3D):
+      kind = "ResBlock3D"
+    elif isinstance(layer, bench.AttentionBlock3D):
+      kind = "AttentionBlock3D"
+    elif isinstance(layer, (bench.Downsample, bench.Upsample)):
+      kind = type(layer).__name__
+    elif isinstance(layer, bench.VolumeAttention):
+      kind = "Norm"
+    elif isinstance(layer, torch.nn.GroupNorm):
+      kind = "Norm"
+    else:
+      raise TypeError(type(layer))
+    name = f"{kind}_{counters.get(kind, 0)}"
+    counters[kind] = counters.get(kind, 0) + 1
+    if kind == "ResBlock3D":
+      _load_resblock(bench, layer, p[name])
+    elif kind == "AttentionBlock3D":
+      for child in ("ln_spatial", "spatial", "ln_slices", "slices", "ln_mlp", "mlp_in", "mlp_out",
+                    "ln_cross", "cross"):
+        _load(bench, getattr(layer, child), p[name][child])
+      _load(bench, layer.slice_emb.dense, p[name]["slice_emb"])
+    elif kind in ("Downsample", "Upsample"):
+      _load(bench, layer.conv, p[name]["Conv_0"])
+    elif isinstance(layer, bench.VolumeAttention):
+      _load(bench, layer.norm, p[name]["GroupNorm_0"])
+      _load(bench, layer.attention, p["mid_attention"])
+    else:
+      _load(bench, layer, p[name]["GroupNorm_0"])
+
+
+def _nan_copy(module):
+  net = copy.deepcopy(module)
+  with torch.no_grad():
+    for q in net.parameters():
+      q.fill_(float("nan"))
+  return net
+
+
+def _perturbed(tree, seed=0):
+  """Every Flax parameter + noise: zero-initialised output layers would make outputs trivially equal."""
+  import jax
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_unflatten(
+      treedef, [np.asarray(x) + 0.2 * rng.standard_normal(x.shape).astype(np.float32) for x in leaves])
+
+
+def test_same_weights_give_jaxldm_outputs_autoencoder(targets, bench):
+  from jaxldm.config import load_config
+  from jaxldm.train import autoencoder as ae_trainer
+
+  config = load_config("configs/autoencoder.py:tiny", TINY_AE)
+  params = _perturbed(targets["autoencoder"].reference.params)
+  net = _nan_copy(targets["autoencoder"].module)
+  p = params["params"]
+  _load(bench, net.encoder[0], p["encoder"]["conv_in"])
+  _load_sequence(bench, net.encoder[1:], p["encoder"], {})
+  _load(bench, net.enc_out, p["encoder"]["conv_out"])
+  _load(bench, net.decoder[0], p["decoder"]["conv_in"])
+  _load_sequence(bench, net.decoder[1:], p["decoder"], {})
+  _load(bench, net.dec_out, p["decoder"]["conv_out"])
+  assert not any(bool(torch.isnan(q).any()) for q in net.parameters())  # Every weight came from Flax.
+
+  x = targets["autoencoder"].make_batch(2)["volume"]  # (B, 1, D, H, W)
+  recon, posterior = ae_trainer.build_model(config.model).apply(params, x.numpy().transpose(0, 2, 3, 4, 1))
+  with torch.no_grad():
+    t_recon, t_mean, t_logvar = net(x)
+  np.testing.assert_allclose(t_mean.numpy().transpose(0, 2, 3, 4, 1), posterior.mean, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(t_logvar.numpy().transpose(0, 2, 3, 4, 1), posterior.logvar, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(t_recon.numpy().transpose(0, 2, 3, 4, 1), recon, rtol=1e-4, atol=1e-5)
+  assert float(np.abs(np.asarray(recon)).max()) > 1e-2
+
+
+def test_same_weights_give_jaxldm_outputs_unet(targets, bench):
+  from jaxldm.config import load_config
+  from jaxldm.train import ldm, partition
+
+  config = load_config("configs/ldm.py:tiny", TINY_UNET)
+  target = targets["unet"]
+  net = _nan_copy(target.module)
+  params = _perturbed(partition.merge(target.reference.params, {}))
+  p = params["params"]
+  _load(bench, net.time_in, p["time_in"])
+  _load(bench, net.time_out, p["time_out"])
+  a = p["attributes"]
+  with torch.no_grad():
+    net.attributes.embed.weight.copy_(_t(a["embed_kernel"]))
+    net.attributes.embed.bias.copy_(_t(a["embed_bias"]))
+    net.attributes.null.token.copy_(_t(a["null_token"]))
+  _load(bench, net.attributes.proj, a["proj"])
+  _load(bench, net.attributes.norm, a["LayerNorm_0"])
+  _load(bench, net.attributes.mix, a["mix"])
+  _load(bench, net.attributes.out_norm, a["out_norm"])
+  _load(bench, net.conv_in, p["conv_in"])
+  _load_sequence(bench, [*net.down, *net.mid, *net.up], p, {})
+  _load(bench, net.norm_out, p["Norm_0"]["GroupNorm_0"])
+  _load(bench, net.conv_out, p["conv_out"])
+  assert not any(bool(torch.isnan(q).any()) for q in net.parameters())  # Every weight came from Flax.
+
+  batch = target.make_batch(2)
+  t = torch.tensor([3, 120])
+  mask = batch["attribute_mask"].clone()
+  mask[1] = 0.0  # One example fully unconditional: the null token alone is attended.
+  x = batch["latent"]
+  unet = ldm.build_unet(config.model, len(config.data.attributes), x.shape[1])
+  out = unet.apply(params, x.numpy().transpose(0, 2, 3, 4, 1), t.numpy(), batch["attributes"].numpy(),
+                   mask.numpy())
+  with torch.no_grad():
+    t_out = net(x, t, batch["attributes"], mask)
+  np.testing.assert_allclose(t_out.numpy().transpose(0, 2, 3, 4, 1), out, rtol=1e-4, atol=1e-5)
+  assert float(np.abs(np.asarray(out)).std()) > 1e-2
