@@ -13,9 +13,12 @@ budget would be exceeded. The autoencoder is frozen (trained on public data).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import pathlib
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -145,13 +148,73 @@ def make_steps(unet, tx, schedule, config, frozen_spec: str):
 
 
 # ---------------------------------------------------------------------------------------------
+# Jitted steps, shared by runs of the same shapes in one process (ablations)
+# ---------------------------------------------------------------------------------------------
+_STEP_CACHE: dict[str, object] = {}
+
+
+def _step_cache_key(config, private: bool, num_attributes: int, latent_channels: int, vmapped: bool) -> str:
+  """What the compiled step depends on. Seeds, paths, sigma and the budget are not in it: sigma and
+  the expected batch size are traced arguments, so runs at different epsilons share one program."""
+  parts = {"model": to_dict(config.model), "diffusion": to_dict(config.diffusion), "optim": to_dict(config.optim),
+           "steps": config.train.steps, "trainable": config.train.trainable, "private": private,
+           "dp": {k: to_dict(config.dp)[k] for k in ("l2_clip_norm", "per_layer", "microbatch_size")},
+           "num_attributes": num_attributes, "latent_channels": latent_channels, "vmapped": vmapped}
+  return json.dumps(parts, sort_keys=True, default=str)
+
+
+def jitted_step(config, private: bool, num_attributes: int, latent_channels: int, *, vmapped: bool = False):
+  """The jitted train step, built once per cache key (a second run of the same shapes reuses it).
+
+  Private: step(state, batch, mask, num_microbatches, rng, noise_multiplier, expected_batch_size);
+  non-private: step(state, batch, rng). vmapped (private only): every argument but the last two has
+  a leading seed axis (`jaxldm.train.ldm_seeds`).
+  """
+  key = _step_cache_key(config, private, num_attributes, latent_channels, vmapped)
+  if key not in _STEP_CACHE:
+    unet = build_unet(config.model, num_attributes, latent_channels)
+    tx = common.make_optimizer(config.optim, config.train.steps, private=private)
+    schedule = make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps,
+                             config.diffusion.beta_start, config.diffusion.beta_end)
+    nonprivate_step, private_step = make_steps(unet, tx, schedule, config, config.train.trainable)
+    if not private:
+      _STEP_CACHE[key] = jax.jit(nonprivate_step, donate_argnums=0)
+    else:
+      def step(state, batch, mask, num_microbatches, rng, noise_multiplier, expected_batch_size):
+        return private_step(state, batch, mask, num_microbatches, rng, noise_multiplier=noise_multiplier,
+                            expected_batch_size=expected_batch_size)
+      if vmapped:
+        step = jax.vmap(step, in_axes=(0, 0, 0, 0, 0, None, None))
+      _STEP_CACHE[key] = jax.jit(step, donate_argnums=0)
+  return _STEP_CACHE[key]
+
+
+# ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+@dataclasses.dataclass
+class Prepared:
+  """Everything before the loop of one run (also used by `jaxldm.train.ldm_seeds`)."""
+  config: ml_collections.ConfigDict
+  workdir: pathlib.Path
+  console: Any
+  private: bool
+  primary: bool
+  examples: dict            # latent/attributes/attribute_mask arrays of the n training examples.
+  columns: list
+  mesh: Any
+  dp_run: Any               # dp.PrivateRun or None.
+  state: common.TrainState  # Replicated, restored from the latest checkpoint if any.
+  ckpt: Any
+  start: int
+  sample_fn: Callable       # sample_fn(ema_params, path, seed): a sample grid (nothing private).
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Prepared:
+  """Setup, data, model, privacy, state and checkpoint of one run (the sections before the loop)."""
   workdir, console = common.prepare_workdir(config, workdir)
   private = bool(config.dp.enabled)
   primary = distributed.is_primary()  # Process 0 writes logs and records (orbax: all processes).
-
   # --- autoencoder (frozen) -----------------------------------------------------------------
   ae_model, ae_params, ae_info = load_autoencoder(config.autoencoder_workdir)
   scale = float(ae_info["scale_factor"])
@@ -214,20 +277,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   start = int(state.step)
   if start:
     console.print(f"resuming from step {start}")
-  log = common.MetricsLog(workdir, start) if primary else None
-
-  # --- steps --------------------------------------------------------------------------------
-  nonprivate_step, private_step = make_steps(unet, tx, schedule, config, config.train.trainable)
-  if private:
-    step_fn = jax.jit(functools.partial(private_step, noise_multiplier=dp_run.noise_multiplier,
-                                        expected_batch_size=dp_run.expected_batch_size), donate_argnums=0)
-  else:
-    step_fn = jax.jit(nonprivate_step, donate_argnums=0)
+  decode = jax.jit(lambda p, z: ae_model.apply(p, z / scale, method=AutoencoderKL.decode))
   sampler = jax.jit(functools.partial(
       sample, unet_apply(unet), schedule=schedule, prediction=config.diffusion.prediction,
       guidance_scale=config.sampling.guidance_scale, method="ddim", num_steps=config.sampling.num_steps),
       static_argnums=(1,))
-  decode = jax.jit(lambda p, z: ae_model.apply(p, z / scale, method=AutoencoderKL.decode))
+  sample_fn = lambda ema, path, seed: _sample_grid(sampler, decode, ema, ae_params, latents.shape[1:],
+                                                   len(columns), path, seed)
+  return Prepared(config=config, workdir=workdir, console=console, private=private, primary=primary,
+                  examples=examples, columns=columns, mesh=mesh, dp_run=dp_run, state=state, ckpt=ckpt,
+                  start=start, sample_fn=sample_fn)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  p = prepare(config, workdir)
+  workdir, console, private, primary = p.workdir, p.console, p.private, p.primary
+  examples, mesh, dp_run, state, ckpt, start = p.examples, p.mesh, p.dp_run, p.state, p.ckpt, p.start
+  steps, n = config.train.steps, len(p.examples["latent"])
+  log = common.MetricsLog(workdir, start) if primary else None
+
+  # --- steps --------------------------------------------------------------------------------
+  step_fn = jitted_step(config, private, len(p.columns), examples["latent"].shape[-1])
+  if private:
+    step_fn = functools.partial(step_fn, noise_multiplier=dp_run.noise_multiplier,
+                                expected_batch_size=dp_run.expected_batch_size)
 
   # --- loop ---------------------------------------------------------------------------------
   progress, task = common.progress_bar(steps, start, "ldm (DP)" if private else "ldm")
@@ -269,8 +342,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       else:
         progress.update(task, completed=done)
       if sample_now and primary:  # From the EMA parameters only: nothing private is decoded.
-        _sample_grid(sampler, decode, common.fetch(state.ema_params), ae_params, latents.shape[1:], len(columns),
-                     workdir / "samples" / f"samples_{done:06d}.png", config.seed + done)
+        p.sample_fn(common.fetch(state.ema_params), workdir / "samples" / f"samples_{done:06d}.png",
+                    config.seed + done)
       if save_now:
         ckpt.save(done, state)
     final_step = int(state.step)
