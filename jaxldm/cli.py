@@ -328,7 +328,6 @@ def cmd_bench_grads(args, overrides) -> int:
 
 
 def cmd_bench_compare(args) -> int:
-
   from jaxldm.bench import report
 
   rows = report.compare(report.load(args.a), report.load(args.b))
@@ -361,6 +360,14 @@ def cmd_evaluate(args) -> int:
   return 0
 
 
+def cmd_ablate(args, overrides) -> int:
+  from jaxldm import ablate
+
+  result = ablate.ablate(load_config(args.config, overrides), args.workdir)
+  print(f"{len(result['rows'])} runs in {result['csv']} ({result['trained']} trained now); plot {result['png']}")
+  return 0
+
+
 def cmd_config_show(args, overrides) -> int:
   from jaxldm.config import to_dict
 
@@ -370,22 +377,17 @@ def cmd_config_show(args, overrides) -> int:
 
 
 def cmd_demo(args) -> int:
-  """Until the training pipeline lands: the phantom benchmark, written and inspected."""
-  from jaxldm.data import inspect, phantoms
+  from jaxldm import demo
 
-  out = pathlib.Path(args.out)
-  shape, spacing = _shape_and_spacing(args)
-  for domain, n, seed in (("public", args.n, 0), ("private", args.n, 1)):
-    target = out / "phantoms" / domain
-    if (target / "attributes.csv").is_file():
-      print(f"{target} exists; reusing it (delete it to regenerate)")
-      continue
-    phantoms.write_dataset(target, n, domain=domain, shape=shape, spacing=spacing, seed=seed,
-                           progress=True)
-    print(f"wrote {n} {domain} phantoms to {target}")
-  report = inspect.inspect_directory(out / "phantoms" / "private", progress=True)
-  inspect.render(report)
-  return 1 if report["problems"] else 0
+  report = demo.run(args.out, args.size)
+  ctl = ", ".join(f"{k} r={v:.2f}" for k, v in (report["controllability"] or {}).items() if v is not None)
+  bound = report.get("rero_bound") or {}
+  print(f"epsilon {report['epsilon']:.3g} (delta {report['delta']:g})  FID {report['fid']:.4g}  "
+        f"KID {report['kid']:.4g}  copy rate {report['copy_rate']:.3f}  "
+        + (f"ReRo bound (prior {next(iter(bound))}) {next(iter(bound.values())):.3g}" if bound else "")
+        + (f"\ncontrollability: {ctl}" if ctl else ""))
+  print(f"report: {pathlib.Path(args.out) / 'report.md'} (+ report.json and figures)")
+  return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -629,18 +631,32 @@ def build_parser() -> argparse.ArgumentParser:
                  help="leave out the nearest-neighbour figure (it shows training volumes)")
   p.set_defaults(func=cmd_evaluate)
 
+  p = sub.add_parser(
+      "ablate", help="DP ablation grid: train, evaluate and tabulate every run (resumable)",
+      description="Expands the grid of --config (target epsilon x pretrained x noise multiplicity x clip norm x "
+                  "seeds), trains each run with the LDM trainer into WORKDIR/runs/NAME, evaluates it (jaxldm "
+                  "evaluate) and writes WORKDIR/ablation.csv and WORKDIR/ablation.png (FID vs epsilon). Runs with "
+                  "a report are not redone. Example: jaxldm ablate --config configs/ablation.py:tiny --workdir "
+                  "runs/ablation")
+  p.add_argument("--config", required=True, help="ablation config[:variant], e.g. configs/ablation.py:tiny")
+  p.add_argument("--workdir", required=True, help="sweep directory (runs, CSV, plot, XLA cache)")
+  p.set_defaults(func=cmd_ablate, takes_overrides=True)
+
   p = sub.add_parser("config", help="print a resolved config",
                      description="Print a config after its variant and --config.* overrides.")
   p.add_argument("--config", required=True, help="config file[:variant]")
   p.set_defaults(func=cmd_config_show, takes_overrides=True)
 
   p = sub.add_parser(
-      "demo", help="run the main job end to end",
-      description="Generate the phantom benchmark (public and private domains) and inspect it. "
-                  "Re-running reuses what exists.")
+      "demo", help="run the main job end to end (what make demo runs)",
+      description="Phantom benchmark (public, private, held-out) -> autoencoder and contrastive encoder on "
+                  "public data -> LDM pretraining on public data -> DP finetuning on private data at epsilon "
+                  "10 (delta 1e-5) -> sampling and evaluation: OUT/report.md and report.json. Re-running "
+                  "skips finished stages and resumes an interrupted one from its checkpoints.")
   p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-  p.add_argument("--n", type=int, default=64, help="volumes per domain (default 64)")
-  _add_size_args(p)
+  p.add_argument("--size", choices=("tiny", "default", "paper"), default="tiny",
+                 help="tiny (default): 6x32x32 volumes, ~15 min on a 2-core CPU; default: 12x64x64; "
+                      "paper: the paper's 13x96x96 geometry and model sizes, for an accelerator")
   p.set_defaults(func=cmd_demo)
   return parser
 
