@@ -26,7 +26,7 @@ demo: install
 	$(BIN)/jaxldm demo
 
 test: install-test
-	XLA_FLAGS=$(TEST_XLA_FLAGS) $(BIN)/python -m pytest -q -n 2 -p no:cacheprovider
+	XLA_FLAGS=$(TEST_XLA_FLAGS) $(BIN)/python -m pytest -q -n 2 --dist loadgroup -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -9,3 +9,32 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jaxldm-test-xla-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+
+import pytest  # noqa: E402  (after the environment above, before any test imports JAX)
+
+
+@pytest.fixture(scope="session")
+def mini_demo(tmp_path_factory):
+  """`jaxldm demo` with a miniature plan: phantoms, AE, SSL encoder, LDM, DP LDM, evaluation.
+
+  Built once per test worker and shared by tests/test_demo.py and tests/eval/test_evaluate.py (both
+  marked xdist_group(name="pipeline"), so `--dist loadgroup` runs them on one worker and it is built once).
+  Returns (out_dir, report, stage messages, plan, overrides).
+  """
+  from jaxldm import demo
+
+  plan = demo.Plan(n_public=8, n_private=8, n_heldout=6, n_samples=4, autoencoder_steps=2, ssl_steps=1,
+                   ldm_steps=2, dp_steps=2, sample_steps=2)
+  small_ldm = {"model.base_channels": 8, "model.context_dim": 8, "train.sample_every": 0, "train.batch_size": 4}
+  overrides = {
+      "autoencoder": {"train.sample_every": 0, "train.batch_size": 4},
+      "ssl": {"train.batch_size": 8, "train.num_devices": 1},
+      "ldm": small_ldm,
+      "ldm_dp": {**small_ldm, "dp.expected_batch_size": 4, "dp.microbatch_size": 4},
+  }
+  out = tmp_path_factory.mktemp("mini_demo")
+  messages = []
+  report = demo.run(out, "tiny", plan=plan, overrides=overrides, say=messages.append)
+  return out, report, messages, plan, overrides
