@@ -16,7 +16,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPE, SPACING = (6, 32, 32), (20.0, 3.6, 3.6)
 DATA = {"data.shape": SHAPE, "data.spacing": SPACING, "data.attributes": ("lv_edv_ml", "lv_esv_ml", "phase")}
 RUN_OVERRIDES = ("data.shape=6,32,32", "data.spacing=20,3.6,3.6", "data.attributes=lv_edv_ml,lv_esv_ml,phase",
-                 "model.base_channels=8", "model.context_dim=8", "train.steps=2", "train.log_every=1",
+                 "model.base_channels=8", "model.context_dim=8", "model.channel_mult=1", "model.attention_levels=()",
+                 "train.steps=2", "train.log_every=1",
                  "train.sample_every=0", "train.checkpoint_every=2", "dp.expected_batch_size=2",
                  "dp.microbatch_size=2", "dp.delta=1e-3")
 
@@ -33,7 +34,8 @@ def pipeline(tmp_path_factory):
       **DATA, **one_step, "data.root": str(root / "public"), "train.sample_every": 0}), root / "ae")
   ldm.train_and_evaluate(load_config(str(ROOT / "configs/ldm.py:tiny"), {
       **DATA, **one_step, "data.root": str(root / "public"), "autoencoder_workdir": str(root / "ae"),
-      "model.base_channels": 8, "model.context_dim": 8, "train.sample_every": 0}), root / "ldm")
+      "model.base_channels": 8, "model.context_dim": 8, "model.channel_mult": (1,), "model.attention_levels": (),
+      "train.sample_every": 0}), root / "ldm")
   ssl.train_and_evaluate(load_config(str(ROOT / "configs/ssl.py:tiny"), {
       **DATA, **one_step, "data.root": str(root / "public"), "train.batch_size": 8, "train.num_devices": 1}),
       root / "ssl")
@@ -46,7 +48,7 @@ def _overrides(root, **extra):
        "base.overrides": RUN_OVERRIDES, "eval.real": str(root / "real"), "eval.n": 4, "eval.steps": 2,
        "eval.batch_size": 4, "eval.feature_weights": str(root / "ssl"),
        "grid.target_epsilon": (3.0, 10.0), "grid.pretrained": (True, False), "grid.noise_multiplicity": (2,),
-       "grid.l2_clip_norm": (1.0,), "grid.seeds": (0,)}
+       "grid.l2_clip_norm": (1.0,), "grid.seeds": (0,), "vmap_seeds": True}
   o.update(extra)
   return o
 
