@@ -164,6 +164,18 @@ def gradient_fn(mode: str, target: Target, batch_size: int, *, microbatch: int,
 # ---------------------------------------------------------------------------------------------
 # Measurement
 # ---------------------------------------------------------------------------------------------
+def host_cpu() -> str:
+  """The CPU model (device_kind says only "cpu" on the CPU backend)."""
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform
+  return platform.processor() or "unknown"
+
+
 def _device_peak_bytes() -> int | None:
   stats = jax.local_devices()[0].memory_stats()
   if stats and "peak_bytes_in_use" in stats:
@@ -232,7 +244,7 @@ def run(target: Target, *, batches: Sequence[int], modes: Sequence[str], microba
           "program_bytes": program[mode], "compile_s": compile_s[mode],
           "microbatch": micro if mode == "vmap_microbatch" else (1 if mode == "loop" else None),
           "times_s": times[mode], "dtype": target.dtype, "backend": jax.default_backend(),
-          "device_kind": device.device_kind, "num_threads": os.cpu_count(),
+          "device_kind": device.device_kind, "host_cpu": host_cpu(), "num_threads": os.cpu_count(),
           "date": datetime.date.today().isoformat(), "jax": jax.__version__})
   _add_ratios(records)
   return records
