@@ -167,14 +167,16 @@ def quality(real_f, syn_f, real_v, syn_v, extractor, cache_dir: pathlib.Path, se
     ref = fid.save_reference_stats(stats_path, real_f, extractor=extractor.name,
                                    extractor_version=extractor.version)
   mu, sigma = fid.feature_statistics(syn_f)
-  kid_mean, kid_std = fid.kid(real_f, syn_f, num_subsets=100, subset_size=min(len(real_f), len(syn_f), 1000),
-                              seed=seed)
+  # Subsets of half the smaller set (at most 1000): with all samples in every subset the spread
+  # over subsets would be zero by construction.
+  subset = max(2, min(1000, min(len(real_f), len(syn_f)) // 2))
+  kid_mean, kid_std = fid.kid(real_f, syn_f, num_subsets=100, subset_size=subset, seed=seed)
   k = max(1, min(3, len(real_f) - 1, len(syn_f) - 1))
   precision, recall = fid.precision_recall(real_f, syn_f, k=k)
   return {
       "extractor": extractor.name, "extractor_version": extractor.version,
       "fid": fid.frechet_distance(ref.mu, ref.sigma, mu, sigma), "kid": kid_mean, "kid_std": kid_std,
-      "precision": precision, "recall": recall, "knn_k": k,
+      "kid_subset_size": subset, "precision": precision, "recall": recall, "knn_k": k,
       "ms_ssim_diversity_synthetic": _diversity(syn_v, seed),
       "ms_ssim_diversity_real": _diversity(real_v, seed),
       "n_real": len(real_f), "n_synthetic": len(syn_f),
