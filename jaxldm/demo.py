@@ -40,11 +40,13 @@ class Plan:
 
 PLANS = {
     # Measured on a 2-core CPU: see README "What `make demo` does".
-    "tiny": Plan(n_public=64, n_private=64, n_heldout=32, n_samples=32, autoencoder_steps=250,
+    # Held-out = private size: the memorization threshold compares each training volume with its
+    # nearest held-out one, and fewer candidates would bias it low (scripts/memorization_check.py).
+    "tiny": Plan(n_public=64, n_private=64, n_heldout=64, n_samples=32, autoencoder_steps=250,
                  ssl_steps=100, ldm_steps=350, dp_steps=60),
-    "default": Plan(n_public=256, n_private=256, n_heldout=64, n_samples=64, autoencoder_steps=5000,
+    "default": Plan(n_public=256, n_private=256, n_heldout=256, n_samples=64, autoencoder_steps=5000,
                     ssl_steps=2000, ldm_steps=10000, dp_steps=2000),
-    "paper": Plan(n_public=1000, n_private=1000, n_heldout=200, n_samples=200, autoencoder_steps=20000,
+    "paper": Plan(n_public=1000, n_private=1000, n_heldout=1000, n_samples=200, autoencoder_steps=20000,
                   ssl_steps=5000, ldm_steps=50000, dp_steps=5000),
 }
 
