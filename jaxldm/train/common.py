@@ -228,6 +228,10 @@ def restore_params(directory: str | pathlib.Path, target_params, *, use_ema: boo
   # Re-shape into the target pytree structure (restored without a target comes back as dicts).
   params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target_params),
                                         jax.tree_util.tree_leaves(params))
+  # Uncommitted copies: a checkpoint keeps the devices it was saved from (e.g. replicated over 4),
+  # and jit refuses to mix those with arrays on other devices (e.g. an LDM trained on 1 device).
+  params = jax.tree_util.tree_map(
+      lambda x: jnp.asarray(np.asarray(x)) if getattr(x, "is_fully_addressable", True) else x, params)
   manager.close()
   return params, dict(restored.meta or {})
 

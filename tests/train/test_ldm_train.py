@@ -120,3 +120,14 @@ def test_sample_writes_nifti_deterministically(pretrained_dir, tmp_path):
   assert loaded.shape == (4, 16, 16)
   with pytest.raises(FileExistsError):
     generate.write_volumes(tmp_path / "s", a, (20.0, 4.0, 4.0))
+
+
+def test_sample_from_an_ldm_trained_on_fewer_devices(tiny_nifti_dir, ae_dir, tmp_path):
+  """AE checkpoint replicated over 4 devices, LDM trained on 1: sampling must not mix device sets."""
+  from jaxldm.train import generate
+
+  workdir = tmp_path / "ldm1"
+  ldm.train_and_evaluate(_ldm_config("configs/ldm.py:tiny", tiny_nifti_dir, ae_dir, **{
+      "train.steps": 1, "train.batch_size": 4, "train.sample_every": 0, "train.num_devices": 1}), workdir)
+  volumes, _, _, _ = generate.generate(workdir, 2, seed=0, num_steps=2, batch_size=2)
+  assert volumes.shape == (2, 4, 16, 16) and np.isfinite(volumes).all()
