@@ -40,7 +40,6 @@ import datetime
 import math
 import os
 import pathlib
-import platform
 import resource
 import statistics
 import sys
@@ -647,13 +646,8 @@ def gradient_fn(mode: str, target: TorchTarget, batch_size: int, *, l2_clip_norm
 # Measurement (jaxldm.bench.grads.run's protocol)
 # ---------------------------------------------------------------------------------------------
 def cpu_name() -> str:
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "cpu"
+  from jaxldm.bench.grads import host_cpu  # One reading of /proc/cpuinfo for both benchmarks.
+  return host_cpu()
 
 
 def _rss_peak_bytes() -> int:
