@@ -352,10 +352,7 @@ def cmd_evaluate(args) -> int:
   with console.status("evaluating") as status:
     report = evaluate.evaluate(args.workdir, args.real, out, opts,
                                status=lambda msg: status.update(f"evaluating: {msg}"))
-  ctl = ", ".join(f"{k} r={v:.3f}" for k, v in (report["controllability"] or {}).items() if v is not None)
-  print(f"epsilon {report['epsilon']:.3g}  FID {report['fid']:.4g}  KID {report['kid']:.4g}  "
-        f"copy rate {report['copy_rate']:.3f}  safeguard rejects {report['safeguard_rejected_fraction']:.3f}"
-        + (f"\ncontrollability: {ctl}" if ctl else ""))
+  print(evaluate.summary(report))
   print(f"wrote {pathlib.Path(out) / evaluate.REPORT_MD} and {evaluate.REPORT_JSON}")
   return 0
 
@@ -378,14 +375,10 @@ def cmd_config_show(args, overrides) -> int:
 
 def cmd_demo(args) -> int:
   from jaxldm import demo
+  from jaxldm.eval import evaluate
 
   report = demo.run(args.out, args.size)
-  ctl = ", ".join(f"{k} r={v:.2f}" for k, v in (report["controllability"] or {}).items() if v is not None)
-  bound = report.get("rero_bound") or {}
-  print(f"epsilon {report['epsilon']:.3g} (delta {report['delta']:g})  FID {report['fid']:.4g}  "
-        f"KID {report['kid']:.4g}  copy rate {report['copy_rate']:.3f}  "
-        + (f"ReRo bound (prior {next(iter(bound))}) {next(iter(bound.values())):.3g}" if bound else "")
-        + (f"\ncontrollability: {ctl}" if ctl else ""))
+  print(evaluate.summary(report))
   print(f"report: {pathlib.Path(args.out) / 'report.md'} (+ report.json and figures)")
   return 0
 

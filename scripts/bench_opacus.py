@@ -40,7 +40,6 @@ import datetime
 import math
 import os
 import pathlib
-import resource
 import statistics
 import sys
 import time
@@ -651,7 +650,8 @@ def cpu_name() -> str:
 
 
 def _rss_peak_bytes() -> int:
-  return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux.
+  from jaxldm.bench.grads import rss_peak_bytes  # Same measure as jaxldm's records.
+  return rss_peak_bytes()
 
 
 def run(target: TorchTarget, *, batches: Sequence[int], modes: Sequence[str], repeats: int = 5,

@@ -183,7 +183,7 @@ def _device_peak_bytes() -> int | None:
   return None
 
 
-def _rss_peak_bytes() -> int:
+def rss_peak_bytes() -> int:
   # ru_maxrss is KiB on Linux: the process's high-water mark (monotone over the run).
   return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
@@ -239,7 +239,7 @@ def run(target: Target, *, batches: Sequence[int], modes: Sequence[str], microba
       step_s = statistics.median(times[mode])
       records.append({
           "mode": mode, "model": target.model, "batch": b, "params": n_params, "step_s": step_s,
-          "examples_per_s": b / step_s, "peak_bytes": peak if peak is not None else _rss_peak_bytes(),
+          "examples_per_s": b / step_s, "peak_bytes": peak if peak is not None else rss_peak_bytes(),
           "peak_source": "device" if peak is not None else "process_rss",
           "program_bytes": program[mode], "compile_s": compile_s[mode],
           "microbatch": micro if mode == "vmap_microbatch" else (1 if mode == "loop" else None),

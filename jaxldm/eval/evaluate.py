@@ -63,15 +63,6 @@ class Options:
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
-def _run_data_config(workdir: pathlib.Path):
-  import ml_collections
-
-  path = workdir / "config.json"
-  if not path.is_file():
-    raise FileNotFoundError(f"{path} not found: --workdir must be a jaxldm LDM training run")
-  return ml_collections.ConfigDict(json.loads(path.read_text())["data"])
-
-
 def load_real(data_cfg, root: str | pathlib.Path, what: str):
   """Volumes (N, D, H, W), raw attributes (N, A) + mask, columns: preprocessed as the run was."""
   from jaxldm.data.defaults import build_dataset
@@ -136,11 +127,15 @@ def _latest_checkpoint(workdir: pathlib.Path) -> int | None:
 # ---------------------------------------------------------------------------------------------
 # Features (real-set features cached per extractor version)
 # ---------------------------------------------------------------------------------------------
+def _version_tag(extractor) -> str:
+  """Extractor name + a short hash of its version: cache files never mix extractors."""
+  return f"{extractor.name}-{hashlib.sha256(extractor.version.encode()).hexdigest()[:12]}"
+
+
 def _cached_features(extractor, volumes: np.ndarray, cache_dir: pathlib.Path, label: str) -> np.ndarray:
   """Features of a fixed real set, cached by extractor version and a hash of the volumes."""
   digest = hashlib.sha256(np.ascontiguousarray(volumes).tobytes()).hexdigest()[:16]
-  vtag = hashlib.sha256(extractor.version.encode()).hexdigest()[:12]
-  path = cache_dir / f"features-{label}-{extractor.name}-{vtag}-{digest}.npz"
+  path = cache_dir / f"features-{label}-{_version_tag(extractor)}-{digest}.npz"
   if path.is_file():
     with np.load(path, allow_pickle=False) as z:
       if str(z["extractor_version"]) == extractor.version:
@@ -158,7 +153,7 @@ def _cached_features(extractor, volumes: np.ndarray, cache_dir: pathlib.Path, la
 def quality(real_f, syn_f, real_v, syn_v, extractor, cache_dir: pathlib.Path, seed: int) -> dict:
   from jaxldm.eval import fid
 
-  stats_path = cache_dir / f"fid-ref-{extractor.name}-{hashlib.sha256(extractor.version.encode()).hexdigest()[:12]}.npz"
+  stats_path = cache_dir / f"fid-ref-{_version_tag(extractor)}.npz"
   try:
     ref = fid.load_reference_stats(stats_path, extractor=extractor.name, extractor_version=extractor.version)
     if ref.n != len(real_f):
@@ -275,7 +270,9 @@ def evaluate(workdir, real, out, opts: Options | None = None, *,
   if opts.samples is None and opts.n < 2:
     raise ConfigError(f"--n {opts.n}: FID and KID need at least 2 samples")
   out.mkdir(parents=True, exist_ok=True)
-  data_cfg = _run_data_config(workdir)
+  from jaxldm.train.generate import run_data_config
+
+  data_cfg = run_data_config(workdir)
   info = json.loads((workdir / "ldm.json").read_text())
   columns = list(info["attributes"])
   spacing = tuple(data_cfg.spacing) if data_cfg.spacing else (1.0, 1.0, 1.0)
@@ -346,6 +343,19 @@ def headline(report: dict) -> dict:
       "controllability": per_attribute,
       "rero_bound": dict(zip((str(k) for k in rero["kappas"]), rero["bounds"])) if rero else None,
   }
+
+
+def summary(report: dict) -> str:
+  """The lines `jaxldm evaluate` and `jaxldm demo` print at the end."""
+  bound = report.get("rero_bound") or {}
+  line = (f"epsilon {report['epsilon']:.3g} (delta {report['delta']})  FID {report['fid']:.4g}  "
+          f"KID {report['kid']:.4g}  copy rate {report['copy_rate']:.3f}  "
+          f"safeguard rejects {report['safeguard_rejected_fraction']:.3f}")
+  if bound:
+    kappa, value = next(iter(bound.items()))
+    line += f"  ReRo bound (prior {kappa}) {value:.3g}"
+  ctl = ", ".join(f"{k} r={v:.2f}" for k, v in (report["controllability"] or {}).items() if v is not None)
+  return line + (f"\ncontrollability: {ctl}" if ctl else "")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -129,6 +129,16 @@ SAFEGUARD_FILENAME = "safeguard.json"
 DEFAULT_SAFEGUARD_PERCENTILE = 5.0
 
 
+def run_data_config(workdir):
+  """The `data` config group a training run recorded in WORKDIR/config.json."""
+  import ml_collections
+
+  path = pathlib.Path(workdir) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: --workdir must be an LDM training run")
+  return ml_collections.ConfigDict(json.loads(path.read_text())["data"])
+
+
 def training_volumes(workdir, data_dir=None) -> np.ndarray:
   """The LDM run's training volumes (N, D, H, W), preprocessed exactly as its training was.
 
@@ -136,14 +146,9 @@ def training_volumes(workdir, data_dir=None) -> np.ndarray:
   range); only the root changes when `data_dir` is given (the data may have moved since). Uses the
   same preprocessing cache as training, so a second call is fast.
   """
-  import ml_collections
-
   from jaxldm.data.defaults import build_dataset
 
-  path = pathlib.Path(workdir) / "config.json"
-  if not path.is_file():
-    raise FileNotFoundError(f"{path} not found: --workdir must be an LDM training run")
-  data = ml_collections.ConfigDict(json.loads(path.read_text())["data"])
+  data = run_data_config(workdir)
   if data_dir is not None:
     if not pathlib.Path(data_dir).is_dir():
       raise FileNotFoundError(f"--safeguard-data {data_dir}: not a directory of training volumes")
