@@ -40,6 +40,7 @@ def get_config(arg=None):
   c.base.data_root = "runs/phantoms/private"  # Private training data of every run.
   c.base.scratch_stats_from = "runs/phantoms/public/attributes.csv"  # Public attribute CSV for scratch runs' attribute mean/std.
   c.base.overrides = ()  # Extra "key=value" overrides of every run's trainer config (e.g. "train.steps=200").
+  c.base.nonprivate_overrides = ()  # Extra overrides of the epsilon = inf runs only, applied after base.overrides.
 
   c.eval = ml_collections.ConfigDict()
   c.eval.real = "runs/phantoms/heldout"  # Held-out REAL volumes: FID reference and memorization validation set.

@@ -1,11 +1,19 @@
-"""Study (issue 7): does public pretraining help DP finetuning? epsilon {1, 3, 10, inf} x {pretrained,
-scratch} x 3 seeds, on the `jaxldm ablate` machinery (configs/ablation.py; same fields).
+"""Study (issue 7): does public pretraining help DP finetuning, and does DP stop memorization?
 
-  jaxldm ablate --config configs/study_pretraining.py:tiny --workdir runs/study_pretraining \
-      --config.base.autoencoder_workdir=runs/ae --config.base.pretrained_workdir=runs/ldm
+epsilon {1, 3, 10, inf} x {pretrained on public, from scratch} x 3 seeds, on the `jaxldm ablate`
+machinery (configs/ablation.py; same fields). The `tiny` variant reuses what `make demo` trained on
+PUBLIC phantoms (runs/demo: autoencoder, contrastive encoder, pretrained LDM, held-out private
+volumes) and finetunes on a SMALL private set of 16 phantoms, where a non-private LDM memorizes:
 
-epsilon = inf is the non-private LDM trainer (configs/ldm.py) on the same private data: the ceiling
-each private curve is compared with. Seeds fix the DP noise seed (research runs, see ablation.py).
+  make demo
+  jaxldm data phantoms --out runs/study/private --n 16 --domain private --seed 3 --size tiny
+  jaxldm ablate --config configs/study_pretraining.py:tiny --workdir runs/study
+
+DP runs: `configs/ldm_dp.py:tiny` (100 steps, expected batch 4 of 16: q = 0.25, K = 2, C = 1, sigma
+calibrated to each epsilon). epsilon = inf is the non-private LDM trainer (configs/ldm.py:tiny) on
+the same 16 volumes, trained longer (base.nonprivate_overrides): the ceiling each private curve is
+compared with, and the memorization reference. Seeds fix the DP noise seed (research runs, see
+ablation.py). The results table is WORKDIR/summary.md (mean and 95% CI over seeds).
 """
 
 import importlib.util
@@ -22,9 +30,21 @@ def _ablation_config(arg):
 
 def get_config(arg=None):
   c = _ablation_config(arg)  # The grid, base, eval and vmap_seeds fields of configs/ablation.py.
-  c.grid.target_epsilon = (1.0, 3.0, 10.0, float("inf"))  # inf = non-private trainer on the private data.
+  tiny = c.base.ldm_dp.endswith(":tiny")
+  # inf = the non-private trainer on the private data. Headline cells first (a partial run shows them).
+  c.grid.target_epsilon = (10.0, float("inf"), 3.0, 1.0)
   c.grid.pretrained = (True, False)  # Public-pretrained LDM vs from scratch: the question of the study.
   c.grid.noise_multiplicity = (c.grid.noise_multiplicity[0],)  # One K (the variant's first).
   c.grid.l2_clip_norm = (1.0,)  # One C.
-  c.grid.seeds = (0, 1, 2)  # Three seeds: mean and min/max in the plot.
+  c.grid.seeds = (0, 1, 2)  # Three seeds: mean and 95% CI per cell.
+  if tiny:  # What `make demo` wrote (public stages) + the study's small private set.
+    c.base.autoencoder_workdir = "runs/demo/autoencoder"
+    c.base.pretrained_workdir = "runs/demo/ldm"
+    c.base.data_root = "runs/study/private"
+    c.base.scratch_stats_from = "runs/demo/phantoms/public/attributes.csv"
+    c.base.overrides = ("dp.expected_batch_size=4", "dp.microbatch_size=4", "train.sample_every=0")
+    c.base.nonprivate_overrides = ("train.steps=1000",)  # Long enough to memorize 16 volumes (measured).
+    c.eval.real = "runs/demo/phantoms/heldout"
+    c.eval.feature_weights = "runs/demo/ssl"
+    c.eval.n = 32  # Copy rate resolution 1/32.
   return c

@@ -6,8 +6,9 @@ The grid (configs/ablation.py) is target epsilon x pretrained-or-scratch x noise
 clip norm C x seeds. Each point is a run directory WORKDIR/runs/<name> (e.g. eps10-pre-K2-C1-s0)
 trained by the ordinary LDM trainer and evaluated by `jaxldm evaluate` (report in
 <run>/eval/report.json). The report is the "done" mark: a run that has one is not redone, a run
-without one resumes through the trainer's own checkpoints, and WORKDIR/ablation.csv and
-WORKDIR/ablation.png are rebuilt from the reports on every invocation.
+without one resumes through the trainer's own checkpoints, and WORKDIR/ablation.csv (one row per
+run), WORKDIR/summary.md (mean and 95% CI over seeds per setting) and WORKDIR/ablation.png (FID,
+copy rate and controllability vs epsilon) are rebuilt from the reports on every invocation.
 
 Speed: runs of the same shapes share one jitted step in the process (`ldm.jitted_step`; sigma is a
 traced argument, so every epsilon uses the same program), a persistent XLA cache in WORKDIR/.xla_cache
@@ -33,9 +34,10 @@ import numpy as np
 from jaxldm.atomic import atomic_open
 from jaxldm.config import ConfigError, load_config, parse_override
 
-CSV_NAME, PLOT_NAME, RUN_RECORD = "ablation.csv", "ablation.png", "ablation_run.json"
+CSV_NAME, PLOT_NAME, SUMMARY_NAME, RUN_RECORD = "ablation.csv", "ablation.png", "summary.md", "ablation_run.json"
 COLUMNS = ("name", "target_epsilon", "pretrained", "noise_multiplicity", "l2_clip_norm", "seed", "epsilon", "fid",
-           "kid", "copy_rate", "controllability_r", "steps", "train_s", "eval_s", "wall_s", "seeds_per_program")
+           "kid", "copy_rate", "nn_correlation", "controllability_r", "steps", "train_s", "eval_s", "wall_s",
+           "seeds_per_program")
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -105,6 +107,8 @@ def run_config(config: ml_collections.ConfigDict, run: Run) -> ml_collections.Co
   """The trainer config of one run: the base config, base.overrides, then the grid point."""
   b = config.base
   overrides: dict[str, Any] = dict(parse_override(o) for o in b.overrides)
+  if not run.private:
+    overrides.update(parse_override(o) for o in b.get("nonprivate_overrides", ()))
   if run.pretrained and not b.pretrained_workdir:
     raise ConfigError("config key 'base.pretrained_workdir' is empty but grid.pretrained contains true")
   stats = "pretrained" if run.pretrained else b.scratch_stats_from
@@ -140,7 +144,11 @@ def row(workdir: pathlib.Path, run: Run) -> dict | None:
   return {"name": run.name, "target_epsilon": run.target_epsilon, "pretrained": run.pretrained,
           "noise_multiplicity": run.noise_multiplicity, "l2_clip_norm": run.l2_clip_norm, "seed": run.seed,
           "epsilon": report.get("epsilon"), "fid": report.get("fid"), "kid": report.get("kid"),
-          "copy_rate": report.get("copy_rate"), "controllability_r": float(np.mean(rs)) if rs else None,
+          "copy_rate": report.get("copy_rate"),
+          # Median over samples of the correlation with the nearest training volume (Dar et al.'s
+          # statistic before thresholding): a graded view of memorization next to the copy rate.
+          "nn_correlation": (report.get("memorization") or {}).get("median_correlation"),
+          "controllability_r": float(np.mean(rs)) if rs else None,
           "steps": trained.get("steps"), "train_s": timing.get("train_s"), "eval_s": timing.get("eval_s"),
           "wall_s": timing.get("wall_s"), "seeds_per_program": timing.get("seeds_per_program")}
 
@@ -163,45 +171,121 @@ def write_csv(rows: list[dict], path: pathlib.Path) -> None:
     f.write(buf.getvalue())
 
 
-def plot(rows: list[dict], path: pathlib.Path) -> None:
-  """FID vs achieved epsilon, one line per setting other than epsilon; mean over seeds, min/max bars.
+METRICS = (("fid", "FID (lower is better)"), ("copy_rate", "memorization copy rate"),
+           ("controllability_r", "controllability r (mean over attributes)"))
 
-  Non-private runs (epsilon inf) sit at the right edge, labelled inf.
+
+def mean_ci(values, level: float = 0.95) -> tuple[float, float, int]:
+  """(mean, half-width of the two-sided Student-t confidence interval, n) of the finite values.
+
+  The interval is over seeds (each seed: its own init, batches, DP noise and samples); with n = 1
+  there is no spread to estimate and the half-width is nan.
+  """
+  from scipy import stats
+
+  x = np.asarray([v for v in values if v is not None and np.isfinite(v)], float)
+  if x.size == 0:
+    return float("nan"), float("nan"), 0
+  if x.size == 1:
+    return float(x[0]), float("nan"), 1
+  half = stats.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size)
+  return float(x.mean()), float(half), int(x.size)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+  """One entry per setting (all but the seed): mean and 95% CI over seeds of epsilon and METRICS.
+
+  Ordered by pretrained-first, then epsilon ascending (inf last), then K and C.
+  """
+  groups: dict[tuple, list[dict]] = {}
+  for r in rows:
+    key = (r["target_epsilon"], r["pretrained"], r["noise_multiplicity"], r["l2_clip_norm"])
+    groups.setdefault(key, []).append(r)
+  out = []
+  for key in sorted(groups, key=lambda k: (not k[1], k[0], k[2], k[3])):
+    group = groups[key]
+    entry = {"target_epsilon": key[0], "pretrained": key[1], "noise_multiplicity": key[2], "l2_clip_norm": key[3],
+             "seeds": len(group)}
+    for metric in ("epsilon", "nn_correlation") + tuple(m for m, _ in METRICS):
+      entry[metric], entry[metric + "_ci"], _ = mean_ci([g[metric] for g in group])
+    if not np.isfinite(key[0]):  # Non-private runs: epsilon is infinite, not missing.
+      entry["epsilon"], entry["epsilon_ci"] = float("inf"), float("nan")
+    out.append(entry)
+  return out
+
+
+def _pm(mean: float, half: float, digits: int = 3) -> str:
+  if not np.isfinite(mean):
+    return "n/a"
+  return f"{mean:.{digits}g}" + (f" ± {half:.{digits - 1}g}" if np.isfinite(half) else "")
+
+
+def summary_markdown(summary: list[dict]) -> str:
+  """The per-setting table (mean ± 95% CI over seeds) and the pretrained/scratch FID ratio per epsilon."""
+  several = len({(s["noise_multiplicity"], s["l2_clip_norm"]) for s in summary}) > 1
+  head = ["epsilon (target)", "init"] + (["K", "C"] if several else []) + [
+      "epsilon (achieved)", "FID", "copy rate", "NN correlation (median)", "controllability r", "seeds"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for s in summary:
+    cells = [f"{s['target_epsilon']:g}", "pretrained" if s["pretrained"] else "scratch"]
+    cells += [str(s["noise_multiplicity"]), f"{s['l2_clip_norm']:g}"] if several else []
+    cells += ["inf" if not np.isfinite(s["epsilon"]) else f"{s['epsilon']:.3g}", _pm(s["fid"], s["fid_ci"]),
+              _pm(s["copy_rate"], s["copy_rate_ci"], 2), _pm(s["nn_correlation"], s["nn_correlation_ci"], 4),
+              _pm(s["controllability_r"], s["controllability_r_ci"], 2),
+              str(s["seeds"])]
+    lines.append("| " + " | ".join(cells) + " |")
+  lines.append("")
+  lines.append("Mean ± half-width of the 95% Student-t confidence interval over seeds.")
+  ratios = []
+  for s in summary:
+    if not s["pretrained"]:
+      continue
+    twin = [t for t in summary if not t["pretrained"] and t["target_epsilon"] == s["target_epsilon"]
+            and t["noise_multiplicity"] == s["noise_multiplicity"] and t["l2_clip_norm"] == s["l2_clip_norm"]]
+    if twin and np.isfinite(s["fid"]) and twin[0]["fid"] > 0:
+      ratios.append(f"epsilon {s['target_epsilon']:g}: {s['fid'] / twin[0]['fid']:.3g}")
+  if ratios:
+    lines.append(f"FID pretrained / scratch (means): {'; '.join(ratios)}.")
+  return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: pathlib.Path) -> None:
+  """FID, copy rate and controllability vs achieved epsilon, one line per setting other than epsilon;
+  mean over seeds with 95% CI bars. Non-private runs (epsilon inf) sit at the right edge, labelled inf.
   """
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  finite = [r["epsilon"] for r in rows if r["epsilon"] is not None and np.isfinite(r["epsilon"])]
+  summary = summarize([r for r in rows if r["epsilon"] is not None])
+  finite = [s["epsilon"] for s in summary if np.isfinite(s["epsilon"])]
   inf_x = (max(finite) * 2 if finite else 1.0)
-  lines: dict[str, dict[float, list]] = {}
-  for r in rows:
-    if r["fid"] is None or r["epsilon"] is None:
-      continue
-    label = f"{'pretrained' if r['pretrained'] else 'scratch'}, K={r['noise_multiplicity']}, C={r['l2_clip_norm']:g}"
-    lines.setdefault(label, {}).setdefault(r["target_epsilon"], []).append(r)
-  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-  for label, points in sorted(lines.items()):
-    xs, ys, lo, hi = [], [], [], []
-    for target in sorted(points):
-      group = points[target]
-      eps = float(np.mean([r["epsilon"] for r in group]))
-      fids = np.array([r["fid"] for r in group], float)
-      xs.append(eps if np.isfinite(eps) else inf_x)
-      ys.append(fids.mean())
-      lo.append(fids.mean() - fids.min())
-      hi.append(fids.max() - fids.mean())
-    ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label)
-  ax.set_xscale("log")
-  if any(not np.isfinite(r["epsilon"]) for r in rows if r["epsilon"] is not None):
-    ax.axvline(inf_x, color="0.8", lw=0.8, ls=":")
-    ax.text(inf_x, ax.get_ylim()[1], " inf (non-private)", va="top", fontsize=7, color="0.4")
-  ax.set_xlabel("epsilon (achieved)")
-  ax.set_ylabel("FID (lower is better)")
-  ax.set_title("privacy-utility: FID vs epsilon (mean over seeds, min/max)")
-  ax.grid(alpha=0.3, which="both")
+  lines: dict[str, list[dict]] = {}
+  for s in summary:
+    label = f"{'pretrained' if s['pretrained'] else 'scratch'}, K={s['noise_multiplicity']}, C={s['l2_clip_norm']:g}"
+    lines.setdefault(label, []).append(s)
+  fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 3.8), dpi=110)
+  for ax, (metric, title) in zip(axes, METRICS):
+    for label, points in sorted(lines.items()):
+      points = sorted(points, key=lambda s: s["target_epsilon"])
+      xs = [s["epsilon"] if np.isfinite(s["epsilon"]) else inf_x for s in points]
+      ys = [s[metric] for s in points]
+      err = [s[metric + "_ci"] if np.isfinite(s[metric + "_ci"]) else 0.0 for s in points]
+      ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ticks = sorted({round(e, 2) for e in finite})
+    labels = [f"{t:g}" for t in ticks]
+    if any(not np.isfinite(s["epsilon"]) for s in summary):
+      ax.axvline(inf_x, color="0.8", lw=0.8, ls=":")
+      ticks, labels = ticks + [inf_x], labels + ["inf\n(non-private)"]
+    ax.set_xticks(ticks, labels, fontsize=8)
+    ax.minorticks_off()
+    ax.set_xlabel("epsilon (achieved)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
   if lines:
-    ax.legend(fontsize=7)
+    axes[0].legend(fontsize=7)
+  fig.suptitle("privacy-utility vs epsilon (mean over seeds, 95% CI)", fontsize=10)
   fig.tight_layout()
   with atomic_open(path, "wb") as f:
     fig.savefig(f, format="png")
@@ -292,6 +376,10 @@ def ablate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, co
   rows = [r for r in (row(workdir, run) for run in runs) if r is not None]
   write_csv(rows, workdir / CSV_NAME)
   plot(rows, workdir / PLOT_NAME)
-  console.print(f"wrote {workdir / CSV_NAME} ({len(rows)} rows) and {workdir / PLOT_NAME}")
+  table = summary_markdown(summarize(rows))
+  with atomic_open(workdir / SUMMARY_NAME) as f:
+    f.write(table)
+  console.print(table)
+  console.print(f"wrote {workdir / CSV_NAME} ({len(rows)} rows), {workdir / SUMMARY_NAME} and {workdir / PLOT_NAME}")
   return {"rows": rows, "trained": trained, "evaluated": evaluated, "csv": workdir / CSV_NAME,
-          "png": workdir / PLOT_NAME}
+          "png": workdir / PLOT_NAME, "summary": workdir / SUMMARY_NAME}

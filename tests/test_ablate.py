@@ -120,3 +120,43 @@ def test_grid_end_to_end_and_rerun_does_no_work(pipeline, tmp_path):
   assert cli.main(args) == 0
   assert (tmp_path / "ablation.csv").read_text() == csv_text
   assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*") if p.is_file()} == mtimes
+
+
+def _row(eps, pretrained, seed, fid, copy, r, achieved=None):
+  return {"name": f"x{seed}", "target_epsilon": eps, "pretrained": pretrained, "noise_multiplicity": 2,
+          "l2_clip_norm": 1.0, "seed": seed, "epsilon": eps if achieved is None else achieved, "fid": fid, "kid": 0.0,
+          "copy_rate": copy, "nn_correlation": 0.9, "controllability_r": r}
+
+
+def test_mean_ci_is_the_student_t_interval():
+  mean, half, n = ablate.mean_ci([1.0, 2.0, 3.0, None, float("nan")])
+  # sd 1, n 3: t(0.975, 2) = 4.3027 -> 4.3027 / sqrt(3).
+  assert (mean, n) == (2.0, 3) and abs(half - 4.302653 / np.sqrt(3)) < 1e-5
+  assert ablate.mean_ci([5.0])[0] == 5.0 and np.isnan(ablate.mean_ci([5.0])[1])
+  assert ablate.mean_ci([])[2] == 0
+
+
+def test_summary_groups_seeds_and_reports_the_pretraining_ratio(tmp_path):
+  inf = float("inf")
+  rows = [_row(10.0, True, s, fid, 0.0, 0.5, achieved=9.99) for s, fid in enumerate((1.0, 2.0, 3.0))]
+  rows += [_row(10.0, False, s, fid, 0.0, 0.0, achieved=9.99) for s, fid in enumerate((8.0, 8.0, 8.0))]
+  rows += [_row(inf, True, s, 0.5, c, 0.9) for s, c in enumerate((0.25, 0.5, 0.75))]
+  summary = ablate.summarize(rows)
+  assert [(s["target_epsilon"], s["pretrained"], s["seeds"]) for s in summary] == [
+      (10.0, True, 3), (inf, True, 3), (10.0, False, 3)]
+  assert summary[0]["fid"] == 2.0 and summary[1]["copy_rate"] == 0.5 and summary[2]["fid_ci"] == 0.0
+  assert np.isinf(summary[1]["epsilon"])
+  text = ablate.summary_markdown(summary)
+  assert "| 10 | pretrained | 9.99 | 2 ± 2.5 | 0 ± 0 | 0.9 ± 0 | 0.5 ± 0 | 3 |" in text
+  assert "| inf | pretrained | inf |" in text
+  assert "FID pretrained / scratch (means): epsilon 10: 0.25." in text
+  ablate.plot(rows, tmp_path / "p.png")
+  assert (tmp_path / "p.png").stat().st_size > 5000
+
+
+def test_nonprivate_overrides_apply_to_epsilon_inf_runs_only(pipeline):
+  config = load_config(str(ROOT / "configs/ablation.py:tiny"), _overrides(pipeline, **{
+      "grid.target_epsilon": (10.0, float("inf")), "base.nonprivate_overrides": ("train.steps=7",)}))
+  runs = ablate.expand(config)
+  steps = {r.private: ablate.run_config(config, r).train.steps for r in runs}
+  assert steps == {True: 2, False: 7}
