@@ -31,20 +31,19 @@ def _ablation_config(arg):
 def get_config(arg=None):
   c = _ablation_config(arg)  # The grid, base, eval and vmap_seeds fields of configs/ablation.py.
   tiny = c.base.ldm_dp.endswith(":tiny")
-  # inf = the non-private trainer on the private data. Headline cells first (a partial run shows them).
-  c.grid.target_epsilon = (10.0, float("inf"), 3.0, 1.0)
+  c.grid.target_epsilon = (10.0, float("inf"), 3.0, 1.0)  # inf = non-private trainer; headline cells run first.
   c.grid.pretrained = (True, False)  # Public-pretrained LDM vs from scratch: the question of the study.
   c.grid.noise_multiplicity = (c.grid.noise_multiplicity[0],)  # One K (the variant's first).
   c.grid.l2_clip_norm = (1.0,)  # One C.
   c.grid.seeds = (0, 1, 2)  # Three seeds: mean and 95% CI per cell.
   if tiny:  # What `make demo` wrote (public stages) + the study's small private set.
-    c.base.autoencoder_workdir = "runs/demo/autoencoder"
-    c.base.pretrained_workdir = "runs/demo/ldm"
-    c.base.data_root = "runs/study/private"
-    c.base.scratch_stats_from = "runs/demo/phantoms/public/attributes.csv"
-    c.base.overrides = ("dp.expected_batch_size=4", "dp.microbatch_size=4", "train.sample_every=0")
-    c.base.nonprivate_overrides = ("train.steps=1000",)  # Long enough to memorize 16 volumes (measured).
-    c.eval.real = "runs/demo/phantoms/heldout"
-    c.eval.feature_weights = "runs/demo/ssl"
+    c.base.autoencoder_workdir = "runs/demo/autoencoder"  # The demo's public autoencoder.
+    c.base.pretrained_workdir = "runs/demo/ldm"  # The demo's public-pretrained LDM.
+    c.base.data_root = "runs/study/private"  # 16 private phantoms (jaxldm data phantoms ... --seed 3).
+    c.base.scratch_stats_from = "runs/demo/phantoms/public/attributes.csv"  # Public attribute mean/std for scratch runs.
+    c.base.overrides = ("dp.expected_batch_size=4", "dp.microbatch_size=4", "train.sample_every=0")  # q = 4/16.
+    c.base.nonprivate_overrides = ("train.steps=1000",)  # ~500 epochs of the 16 volumes (a CPU budget; see README Results).
+    c.eval.real = "runs/demo/phantoms/heldout"  # The demo's 64 held-out private volumes.
+    c.eval.feature_weights = "runs/demo/ssl"  # The demo's contrastive encoder (ssl3d features).
     c.eval.n = 32  # Copy rate resolution 1/32.
   return c
