@@ -328,8 +328,15 @@ def ablate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, co
   console = console or Console(stderr=True)
   workdir = pathlib.Path(workdir)
   runs = expand(config)
-  if not pathlib.Path(config.eval.real).is_dir():
-    raise ConfigError(f"config key 'eval.real': {config.eval.real} is not a directory of held-out volumes")
+  needed = [("eval.real", config.eval.real, "held-out real volumes"),
+            ("base.autoencoder_workdir", config.base.autoencoder_workdir, "a trained autoencoder"),
+            ("base.data_root", config.base.data_root, "the private training volumes")]
+  if any(run.pretrained for run in runs):
+    needed.append(("base.pretrained_workdir", config.base.pretrained_workdir, "the public-pretrained LDM"))
+  for key, path, what in needed:
+    if not pathlib.Path(path).is_dir():
+      raise ConfigError(f"config key '{key}': {path} is not a directory ({what}); create it first or point the "
+                        f"key at it (the study's tiny variant expects `make demo`'s runs/demo, see its docstring)")
   configs = {run: run_config(config, run) for run in runs}  # Every config error before any training.
   workdir.mkdir(parents=True, exist_ok=True)
   cache = set_compilation_cache(workdir)

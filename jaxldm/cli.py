@@ -628,9 +628,11 @@ def build_parser() -> argparse.ArgumentParser:
       "ablate", help="DP ablation grid: train, evaluate and tabulate every run (resumable)",
       description="Expands the grid of --config (target epsilon x pretrained x noise multiplicity x clip norm x "
                   "seeds), trains each run with the LDM trainer into WORKDIR/runs/NAME, evaluates it (jaxldm "
-                  "evaluate) and writes WORKDIR/ablation.csv and WORKDIR/ablation.png (FID vs epsilon). Runs with "
-                  "a report are not redone. Example: jaxldm ablate --config configs/ablation.py:tiny --workdir "
-                  "runs/ablation")
+                  "evaluate) and writes WORKDIR/ablation.csv (one row per run), WORKDIR/summary.md (mean and 95% CI "
+                  "over seeds per setting) and WORKDIR/ablation.png (FID, copy rate, controllability vs epsilon). "
+                  "Runs with a report are not redone. Examples: jaxldm ablate --config configs/ablation.py:tiny "
+                  "--workdir runs/ablation; the pretraining study (after make demo): jaxldm ablate --config "
+                  "configs/study_pretraining.py:tiny --workdir runs/study")
   p.add_argument("--config", required=True, help="ablation config[:variant], e.g. configs/ablation.py:tiny")
   p.add_argument("--workdir", required=True, help="sweep directory (runs, CSV, plot, XLA cache)")
   p.set_defaults(func=cmd_ablate, takes_overrides=True)

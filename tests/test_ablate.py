@@ -160,3 +160,13 @@ def test_nonprivate_overrides_apply_to_epsilon_inf_runs_only(pipeline):
   runs = ablate.expand(config)
   steps = {r.private: ablate.run_config(config, r).train.steps for r in runs}
   assert steps == {True: 2, False: 7}
+
+
+def test_missing_inputs_are_named_before_anything_is_written(pipeline, tmp_path):
+  from jaxldm.config import ConfigError
+
+  for key in ("base.data_root", "base.pretrained_workdir", "base.autoencoder_workdir", "eval.real"):
+    config = load_config(str(ROOT / "configs/ablation.py:tiny"), _overrides(pipeline, **{key: str(tmp_path / "nope")}))
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+      ablate.ablate(config, tmp_path / "sweep")
+    assert not (tmp_path / "sweep").exists()
