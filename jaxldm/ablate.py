@@ -214,10 +214,10 @@ def summarize(rows: list[dict]) -> list[dict]:
   return out
 
 
-def _pm(mean: float, half: float, digits: int = 3) -> str:
+def _pm(mean: float, half: float, spec: str = ".3g", half_spec: str = ".2g") -> str:
   if not np.isfinite(mean):
     return "n/a"
-  return f"{mean:.{digits}g}" + (f" ± {half:.{digits - 1}g}" if np.isfinite(half) else "")
+  return f"{mean:{spec}}" + (f" ± {half:{half_spec}}" if np.isfinite(half) else "")
 
 
 def summary_markdown(summary: list[dict]) -> str:
@@ -230,8 +230,9 @@ def summary_markdown(summary: list[dict]) -> str:
     cells = [f"{s['target_epsilon']:g}", "pretrained" if s["pretrained"] else "scratch"]
     cells += [str(s["noise_multiplicity"]), f"{s['l2_clip_norm']:g}"] if several else []
     cells += ["inf" if not np.isfinite(s["epsilon"]) else f"{s['epsilon']:.3g}", _pm(s["fid"], s["fid_ci"]),
-              _pm(s["copy_rate"], s["copy_rate_ci"], 2), _pm(s["nn_correlation"], s["nn_correlation_ci"], 4),
-              _pm(s["controllability_r"], s["controllability_r_ci"], 2),
+              _pm(s["copy_rate"], s["copy_rate_ci"], ".2f", ".2f"),
+              _pm(s["nn_correlation"], s["nn_correlation_ci"], ".4f", ".4f"),
+              _pm(s["controllability_r"], s["controllability_r_ci"], ".2f", ".2f"),
               str(s["seeds"])]
     lines.append("| " + " | ".join(cells) + " |")
   lines.append("")

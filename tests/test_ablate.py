@@ -147,7 +147,7 @@ def test_summary_groups_seeds_and_reports_the_pretraining_ratio(tmp_path):
   assert summary[0]["fid"] == 2.0 and summary[1]["copy_rate"] == 0.5 and summary[2]["fid_ci"] == 0.0
   assert np.isinf(summary[1]["epsilon"])
   text = ablate.summary_markdown(summary)
-  assert "| 10 | pretrained | 9.99 | 2 ± 2.5 | 0 ± 0 | 0.9 ± 0 | 0.5 ± 0 | 3 |" in text
+  assert "| 10 | pretrained | 9.99 | 2 ± 2.5 | 0.00 ± 0.00 | 0.9000 ± 0.0000 | 0.50 ± 0.00 | 3 |" in text
   assert "| inf | pretrained | inf |" in text
   assert "FID pretrained / scratch (means): epsilon 10: 0.25." in text
   ablate.plot(rows, tmp_path / "p.png")
