@@ -179,17 +179,13 @@ def mean_ci(values, level: float = 0.95) -> tuple[float, float, int]:
   """(mean, half-width of the two-sided Student-t confidence interval, n) of the finite values.
 
   The interval is over seeds (each seed: its own init, batches, DP noise and samples); with n = 1
-  there is no spread to estimate and the half-width is nan.
+  there is no spread to estimate and the half-width is nan. The statistics are
+  `jaxldm.eval.utility.seed_summary`'s (unbounded, so the interval is symmetric).
   """
-  from scipy import stats
+  from jaxldm.eval.utility import seed_summary
 
-  x = np.asarray([v for v in values if v is not None and np.isfinite(v)], float)
-  if x.size == 0:
-    return float("nan"), float("nan"), 0
-  if x.size == 1:
-    return float(x[0]), float("nan"), 1
-  half = stats.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size)
-  return float(x.mean()), float(half), int(x.size)
+  s = seed_summary([math.nan if v is None else v for v in values], level)
+  return s["mean"], s["ci"][1] - s["mean"], s["n"]
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -250,15 +246,16 @@ def summary_markdown(summary: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: pathlib.Path) -> None:
-  """FID, copy rate and controllability vs achieved epsilon, one line per setting other than epsilon;
-  mean over seeds with 95% CI bars. Non-private runs (epsilon inf) sit at the right edge, labelled inf.
+def plot(summary: list[dict], path: pathlib.Path) -> None:
+  """FID, copy rate and controllability vs achieved epsilon (`summarize`'s entries), one line per
+  setting other than epsilon; mean over seeds with 95% CI bars. Non-private runs (epsilon inf) sit at
+  the right edge, labelled inf; settings without an achieved epsilon are left out.
   """
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  summary = summarize([r for r in rows if r["epsilon"] is not None])
+  summary = [s for s in summary if not np.isnan(s["epsilon"])]
   finite = [s["epsilon"] for s in summary if np.isfinite(s["epsilon"])]
   inf_x = (max(finite) * 2 if finite else 1.0)
   lines: dict[str, list[dict]] = {}
@@ -383,8 +380,9 @@ def ablate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, co
 
   rows = [r for r in (row(workdir, run) for run in runs) if r is not None]
   write_csv(rows, workdir / CSV_NAME)
-  plot(rows, workdir / PLOT_NAME)
-  table = summary_markdown(summarize(rows))
+  summary = summarize(rows)
+  plot(summary, workdir / PLOT_NAME)
+  table = summary_markdown(summary)
   with atomic_open(workdir / SUMMARY_NAME) as f:
     f.write(table)
   console.print(table)

@@ -150,7 +150,7 @@ def test_summary_groups_seeds_and_reports_the_pretraining_ratio(tmp_path):
   assert "| 10 | pretrained | 9.99 | 2 ± 2.5 | 0.00 ± 0.00 | 0.9000 ± 0.0000 | 0.50 ± 0.00 | 3 |" in text
   assert "| inf | pretrained | inf |" in text
   assert "FID pretrained / scratch (means): epsilon 10: 0.25." in text
-  ablate.plot(rows, tmp_path / "p.png")
+  ablate.plot(summary, tmp_path / "p.png")
   assert (tmp_path / "p.png").stat().st_size > 5000
 
 
