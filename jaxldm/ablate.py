@@ -36,7 +36,7 @@ from jaxldm.config import ConfigError, load_config, parse_override
 
 CSV_NAME, PLOT_NAME, SUMMARY_NAME, RUN_RECORD = "ablation.csv", "ablation.png", "summary.md", "ablation_run.json"
 COLUMNS = ("name", "target_epsilon", "pretrained", "noise_multiplicity", "l2_clip_norm", "seed", "epsilon", "fid",
-           "kid", "copy_rate", "nn_correlation", "controllability_r", "steps", "train_s", "eval_s", "wall_s",
+           "kid", "copy_rate", "nn_correlation", "latent_copy_rate", "latent_nn_correlation", "controllability_r", "steps", "train_s", "eval_s", "wall_s",
            "seeds_per_program")
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -148,6 +148,9 @@ def row(workdir: pathlib.Path, run: Run) -> dict | None:
           # Median over samples of the correlation with the nearest training volume (Dar et al.'s
           # statistic before thresholding): a graded view of memorization next to the copy rate.
           "nn_correlation": (report.get("memorization") or {}).get("median_correlation"),
+          # The same criterion on the LDM's latents (not capped by the autoencoder or the extractor).
+          "latent_copy_rate": (report.get("latent_memorization") or {}).get("synthetic_copy_rate"),
+          "latent_nn_correlation": (report.get("latent_memorization") or {}).get("median_correlation"),
           "controllability_r": float(np.mean(rs)) if rs else None,
           "steps": trained.get("steps"), "train_s": timing.get("train_s"), "eval_s": timing.get("eval_s"),
           "wall_s": timing.get("wall_s"), "seeds_per_program": timing.get("seeds_per_program")}
@@ -171,7 +174,8 @@ def write_csv(rows: list[dict], path: pathlib.Path) -> None:
     f.write(buf.getvalue())
 
 
-METRICS = (("fid", "FID (lower is better)"), ("copy_rate", "memorization copy rate"),
+METRICS = (("fid", "FID (lower is better)"), ("copy_rate", "copy rate (image features)"),
+           ("latent_copy_rate", "copy rate (latents)"),
            ("controllability_r", "controllability r (mean over attributes)"))
 
 
@@ -202,7 +206,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     group = groups[key]
     entry = {"target_epsilon": key[0], "pretrained": key[1], "noise_multiplicity": key[2], "l2_clip_norm": key[3],
              "seeds": len(group)}
-    for metric in ("epsilon", "nn_correlation") + tuple(m for m, _ in METRICS):
+    for metric in ("epsilon", "nn_correlation", "latent_nn_correlation") + tuple(m for m, _ in METRICS):
       entry[metric], entry[metric + "_ci"], _ = mean_ci([g[metric] for g in group])
     if not np.isfinite(key[0]):  # Non-private runs: epsilon is infinite, not missing.
       entry["epsilon"], entry["epsilon_ci"] = float("inf"), float("nan")
@@ -220,7 +224,8 @@ def summary_markdown(summary: list[dict]) -> str:
   """The per-setting table (mean ± 95% CI over seeds) and the pretrained/scratch FID ratio per epsilon."""
   several = len({(s["noise_multiplicity"], s["l2_clip_norm"]) for s in summary}) > 1
   head = ["epsilon (target)", "init"] + (["K", "C"] if several else []) + [
-      "epsilon (achieved)", "FID", "copy rate", "NN correlation (median)", "controllability r", "seeds"]
+      "epsilon (achieved)", "FID", "copy rate (image)", "NN correlation (image, median)", "copy rate (latent)",
+      "NN correlation (latent, median)", "controllability r", "seeds"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for s in summary:
     cells = [f"{s['target_epsilon']:g}", "pretrained" if s["pretrained"] else "scratch"]
@@ -228,6 +233,8 @@ def summary_markdown(summary: list[dict]) -> str:
     cells += ["inf" if not np.isfinite(s["epsilon"]) else f"{s['epsilon']:.3g}", _pm(s["fid"], s["fid_ci"]),
               _pm(s["copy_rate"], s["copy_rate_ci"], ".2f", ".2f"),
               _pm(s["nn_correlation"], s["nn_correlation_ci"], ".4f", ".4f"),
+              _pm(s["latent_copy_rate"], s["latent_copy_rate_ci"], ".2f", ".2f"),
+              _pm(s["latent_nn_correlation"], s["latent_nn_correlation_ci"], ".3f", ".3f"),
               _pm(s["controllability_r"], s["controllability_r_ci"], ".2f", ".2f"),
               str(s["seeds"])]
     lines.append("| " + " | ".join(cells) + " |")
@@ -262,7 +269,7 @@ def plot(summary: list[dict], path: pathlib.Path) -> None:
   for s in summary:
     label = f"{'pretrained' if s['pretrained'] else 'scratch'}, K={s['noise_multiplicity']}, C={s['l2_clip_norm']:g}"
     lines.setdefault(label, []).append(s)
-  fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 3.8), dpi=110)
+  fig, axes = plt.subplots(1, len(METRICS), figsize=(4.5 * len(METRICS), 3.8), dpi=110)
   for ax, (metric, title) in zip(axes, METRICS):
     for label, points in sorted(lines.items()):
       points = sorted(points, key=lambda s: s["target_epsilon"])

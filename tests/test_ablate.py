@@ -111,6 +111,7 @@ def test_grid_end_to_end_and_rerun_does_no_work(pipeline, tmp_path):
   for r in result["rows"]:
     assert 0 < r["epsilon"] <= r["target_epsilon"] and r["steps"] == 2
     assert np.isfinite(r["fid"]) and 0 <= r["copy_rate"] <= 1 and r["wall_s"] > 0
+    assert 0 <= r["latent_copy_rate"] <= 1 and -1 <= r["latent_nn_correlation"] <= 1
   assert (tmp_path / "ablation.png").stat().st_size > 5000
   mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*") if p.is_file()}
 
@@ -125,7 +126,8 @@ def test_grid_end_to_end_and_rerun_does_no_work(pipeline, tmp_path):
 def _row(eps, pretrained, seed, fid, copy, r, achieved=None):
   return {"name": f"x{seed}", "target_epsilon": eps, "pretrained": pretrained, "noise_multiplicity": 2,
           "l2_clip_norm": 1.0, "seed": seed, "epsilon": eps if achieved is None else achieved, "fid": fid, "kid": 0.0,
-          "copy_rate": copy, "nn_correlation": 0.9, "controllability_r": r}
+          "copy_rate": copy, "nn_correlation": 0.9, "latent_copy_rate": copy / 2, "latent_nn_correlation": 0.5,
+          "controllability_r": r}
 
 
 def test_mean_ci_is_the_student_t_interval():
@@ -147,7 +149,9 @@ def test_summary_groups_seeds_and_reports_the_pretraining_ratio(tmp_path):
   assert summary[0]["fid"] == 2.0 and summary[1]["copy_rate"] == 0.5 and summary[2]["fid_ci"] == 0.0
   assert np.isinf(summary[1]["epsilon"])
   text = ablate.summary_markdown(summary)
-  assert "| 10 | pretrained | 9.99 | 2 ± 2.5 | 0.00 ± 0.00 | 0.9000 ± 0.0000 | 0.50 ± 0.00 | 3 |" in text
+  assert ("| 10 | pretrained | 9.99 | 2 ± 2.5 | 0.00 ± 0.00 | 0.9000 ± 0.0000 | 0.00 ± 0.00 | 0.500 ± 0.000 "
+          "| 0.50 ± 0.00 | 3 |") in text
+  assert summary[1]["latent_copy_rate"] == 0.25
   assert "| inf | pretrained | inf |" in text
   assert "FID pretrained / scratch (means): epsilon 10: 0.25." in text
   ablate.plot(summary, tmp_path / "p.png")

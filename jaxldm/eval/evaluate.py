@@ -41,6 +41,7 @@ from jaxldm.atomic import atomic_open
 from jaxldm.config import ConfigError
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
+LATENTS_FILE = "latents.npy"  # Next to drawn samples: the sampler's latents (latent-space memorization).
 
 
 @dataclasses.dataclass
@@ -97,8 +98,14 @@ def read_samples(directory: str | pathlib.Path, columns: list[str]):
   return volumes, values, mask
 
 
+def read_latents(directory: str | pathlib.Path) -> np.ndarray | None:
+  """The sampler's latents saved next to drawn samples (LATENTS_FILE), or None."""
+  path = pathlib.Path(directory) / LATENTS_FILE
+  return np.load(path, allow_pickle=False) if path.is_file() else None
+
+
 def draw_samples(workdir: pathlib.Path, out: pathlib.Path, real_root: pathlib.Path, opts: Options, spacing):
-  """n samples conditioned on the real set's attribute rows (cycled), kept in OUT/samples."""
+  """n samples conditioned on the real set's attribute rows (cycled), kept in OUT/samples with their latents."""
   from jaxldm.train import generate
 
   info = json.loads((workdir / "ldm.json").read_text())
@@ -109,14 +116,14 @@ def draw_samples(workdir: pathlib.Path, out: pathlib.Path, real_root: pathlib.Pa
              "steps": opts.steps, "checkpoint": _latest_checkpoint(workdir)}
   if record.is_file() and json.loads(record.read_text()) == request:
     volumes, values, mask = read_samples(target, columns)
-    return volumes, values, mask, "reused"
+    return volumes, values, mask, read_latents(target), "reused"
   csv = real_root / "attributes.csv"
-  volumes, values, mask, _ = generate.generate(
+  volumes, values, mask, _, latents = generate.generate(
       workdir, opts.n, seed=opts.seed, guidance_scale=opts.guidance, num_steps=opts.steps,
-      csv_path=csv if (csv.is_file() and columns) else None, batch_size=opts.batch_size)
+      csv_path=csv if (csv.is_file() and columns) else None, batch_size=opts.batch_size, return_latents=True)
   generate.write_volumes(target, volumes, spacing, names=columns, attributes=values, mask=mask,
-                         overwrite=True, extra_json={"sampling.json": request})
-  return volumes, values, mask, "drawn"
+                         overwrite=True, extra_json={"sampling.json": request}, extra_arrays={LATENTS_FILE: latents})
+  return volumes, values, mask, latents, "drawn"
 
 
 def _latest_checkpoint(workdir: pathlib.Path) -> int | None:
@@ -187,7 +194,37 @@ def _diversity(volumes: np.ndarray, seed: int) -> float | None:
     return None
 
 
-def memorization(train_f, val_f, syn_f, syn_v, train_v, out: pathlib.Path, figure: bool) -> dict:
+class _Autoencoder:
+  """The run's frozen autoencoder: volumes <-> latents scaled as the UNet sees them."""
+
+  def __init__(self, info: dict, batch_size: int):
+    import jax
+
+    from jaxldm.models import AutoencoderKL
+    from jaxldm.train import ldm
+
+    self.model, self.params, _ = ldm.load_autoencoder(info["autoencoder_workdir"])
+    self.scale, self.batch_size = float(info["scale_factor"]), batch_size
+    self._decode = jax.jit(lambda p, z: self.model.apply(p, z / self.scale, method=AutoencoderKL.decode))
+
+  def encode(self, volumes: np.ndarray) -> np.ndarray:
+    from jaxldm.train import ldm
+
+    return ldm.encode_latents(self.model, self.params, volumes, self.scale, self.batch_size)
+
+  def decode(self, latents: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.asarray(self._decode(self.params, latents[i:i + self.batch_size]))[..., 0]
+                           for i in range(0, len(latents), self.batch_size)])
+
+
+def memorization(train_f, val_f, syn_f, syn_v, train_v, out: pathlib.Path, figure: bool,
+                 ceiling_f=None) -> dict:
+  """Dar et al.'s criterion in the feature extractor's space.
+
+  ceiling_f: features of the autoencoder's reconstructions of the training volumes. An LDM that
+  reproduces a training latent exactly still shows the user its reconstruction, so their copy rate
+  is the most this criterion can report for this autoencoder (the detection ceiling).
+  """
   from jaxldm.eval import memorization as mem
 
   tau = mem.copy_threshold(train_f, val_f, percentile=95.0)
@@ -197,18 +234,51 @@ def memorization(train_f, val_f, syn_f, syn_v, train_v, out: pathlib.Path, figur
             "max_correlation": float(np.max(rates["nn_correlations"])),
             "median_correlation": float(np.median(rates["nn_correlations"])),
             "n_train": len(train_f), "n_validation": len(val_f)}
+  warnings = []
   if len(val_f) < len(train_f):
     # tau is the 95th percentile of each training volume's best match among the validation volumes;
     # samples are scored by their best match among the training volumes. With fewer validation than
     # training volumes the first is a best-of-fewer, tau comes out low and fresh samples get flagged
     # (measured: 20% of fresh phantoms with 32 validation vs 64 training, 1.5% with 64 vs 64).
-    result["warning"] = (f"only {len(val_f)} validation volumes for {len(train_f)} training volumes: tau is "
-                         "biased low and the copy rate high; use at least as many held-out volumes")
+    warnings.append(f"only {len(val_f)} validation volumes for {len(train_f)} training volumes: tau is "
+                    "biased low and the copy rate high; use at least as many held-out volumes")
+  if ceiling_f is not None:
+    ceiling = mem.copy_rates(ceiling_f, train_f, tau)
+    result["autoencoder_ceiling"] = ceiling["synthetic_copy_rate"]
+    result["autoencoder_median_correlation"] = float(np.median(ceiling["nn_correlations"]))
+    if ceiling["synthetic_copy_rate"] < 0.5:
+      warnings.append(f"only {ceiling['synthetic_copy_rate']:.0%} of the autoencoder's own reconstructions of the "
+                      "training volumes count as copies: an LDM that memorized every training latent would score "
+                      "about that, so a low copy rate here does not show the absence of memorization; read the "
+                      "latent-space copy rate, or train the autoencoder (or the feature extractor) longer")
+  if warnings:
+    result["warning"] = "; ".join(warnings)
   if figure:
     mem.save_closest_pairs(syn_v, train_v, rates["nn_indices"], rates["nn_correlations"],
                            out / "nearest_neighbours.png", top=min(8, len(syn_v)))
     result["figure"] = "nearest_neighbours.png"
   return result
+
+
+def latent_memorization(train_z, val_z, syn_z, source: str) -> dict:
+  """Dar et al.'s criterion on the LDM's own output: Pearson correlation of flattened latents.
+
+  The diffusion model learns the distribution of training LATENTS; the autoencoder is fixed and
+  public. Here a sample is a copy when its latent correlates with its nearest training latent more
+  than tau, the 95th percentile of the training latents' correlation to their nearest held-out
+  latent. Neither the autoencoder's reconstruction error nor the feature extractor caps what this
+  can see: an LDM that reproduces a training latent scores correlation 1. Aggregates only.
+  """
+  from jaxldm.eval import memorization as mem
+
+  flat = lambda z: np.asarray(z, np.float64).reshape(len(z), -1)
+  tau = mem.copy_threshold(flat(train_z), flat(val_z), percentile=95.0)
+  rates = mem.copy_rates(flat(syn_z), flat(train_z), tau)
+  return {"tau": float(tau), "percentile": 95.0, "synthetic_copy_rate": rates["synthetic_copy_rate"],
+          "train_copied_rate": rates["train_copied_rate"],
+          "max_correlation": float(np.max(rates["nn_correlations"])),
+          "median_correlation": float(np.median(rates["nn_correlations"])),
+          "latents": source, "n_train": len(train_z), "n_validation": len(val_z)}
 
 
 def safeguard(syn_v, train_v) -> dict:
@@ -287,9 +357,10 @@ def evaluate(workdir, real, out, opts: Options | None = None, *,
   status("sampling")
   if opts.samples:
     syn_v, values, mask = read_samples(opts.samples, columns)
+    syn_z = read_latents(opts.samples)
     how = f"read from {opts.samples}"
   else:
-    syn_v, values, mask, how = draw_samples(workdir, out, real, opts, spacing)
+    syn_v, values, mask, syn_z, how = draw_samples(workdir, out, real, opts, spacing)
   if syn_v.shape[1:] != real_v.shape[1:]:
     raise ConfigError(f"samples have shape {syn_v.shape[1:]} but the real volumes {real_v.shape[1:]} "
                       "after the run's preprocessing")
@@ -300,6 +371,15 @@ def evaluate(workdir, real, out, opts: Options | None = None, *,
   real_f = _cached_features(extractor, real_v, cache, "real")
   train_f = _cached_features(extractor, train_v, cache, "train")
   syn_f = extractor(syn_v)
+  status("latents (autoencoder)")
+  ae = _Autoencoder(info, opts.batch_size)
+  train_z, real_z = ae.encode(train_v), ae.encode(real_v)
+  latent_source = "sampler"
+  if syn_z is None or syn_z.shape != (len(syn_v), *train_z.shape[1:]):
+    # Samples without their latents (e.g. from `jaxldm sample`): re-encoding loses what the
+    # autoencoder's round trip loses, so this rate is a lower bound.
+    syn_z, latent_source = ae.encode(syn_v), "re-encoded from the sample volumes (a lower bound)"
+  ceiling_f = extractor(ae.decode(train_z))
 
   report: dict[str, Any] = {
       "workdir": str(workdir), "real": str(real), "train": str(train_root),
@@ -311,7 +391,9 @@ def evaluate(workdir, real, out, opts: Options | None = None, *,
   status("quality")
   report["quality"] = quality(real_f, syn_f, real_v, syn_v, extractor, cache, opts.seed)
   status("memorization")
-  report["memorization"] = memorization(train_f, real_f, syn_f, syn_v, train_v, out, opts.training_images)
+  report["memorization"] = memorization(train_f, real_f, syn_f, syn_v, train_v, out, opts.training_images,
+                                        ceiling_f=ceiling_f)
+  report["latent_memorization"] = latent_memorization(train_z, real_z, syn_z, latent_source)
   status("safeguard")
   report["safeguard"] = safeguard(syn_v, train_v)
   status("controllability")
@@ -339,6 +421,7 @@ def headline(report: dict) -> dict:
       "fid": report["quality"]["fid"], "kid": report["quality"]["kid"],
       "copy_rate": report["memorization"]["synthetic_copy_rate"],
       "train_copied_rate": report["memorization"]["train_copied_rate"],
+      "latent_copy_rate": (report.get("latent_memorization") or {}).get("synthetic_copy_rate"),
       "safeguard_rejected_fraction": report["safeguard"]["rejected_fraction"],
       "controllability": per_attribute,
       "rero_bound": dict(zip((str(k) for k in rero["kappas"]), rero["bounds"])) if rero else None,
@@ -349,7 +432,9 @@ def summary(report: dict) -> str:
   """The lines `jaxldm evaluate` and `jaxldm demo` print at the end."""
   bound = report.get("rero_bound") or {}
   line = (f"epsilon {report['epsilon']:.3g} (delta {report['delta']})  FID {report['fid']:.4g}  "
-          f"KID {report['kid']:.4g}  copy rate {report['copy_rate']:.3f}  "
+          f"KID {report['kid']:.4g}  copy rate {report['copy_rate']:.3f}"
+          + (f" (latent {report['latent_copy_rate']:.3f})" if report.get("latent_copy_rate") is not None else "")
+          + "  "
           f"safeguard rejects {report['safeguard_rejected_fraction']:.3f}")
   if bound:
     kappa, value = next(iter(bound.items()))
@@ -381,6 +466,7 @@ def _fmt(x, digits: int = 3) -> str:
 
 def markdown(report: dict) -> str:
   q, m, s, p = report["quality"], report["memorization"], report["safeguard"], report["privacy"]
+  lm = report.get("latent_memorization") or {}
   ex = report["extractor"]
   lines = [f"# jaxldm evaluation of `{report['workdir']}`", "",
            f"{report['created']}; {report['samples']['n']} samples ({report['samples']['how']}); real reference "
@@ -394,6 +480,8 @@ def markdown(report: dict) -> str:
            f"{_fmt(q['ms_ssim_diversity_real'])} |",
            f"| copy rate (synthetic that are copies) | {_fmt(m['synthetic_copy_rate'])} |",
            f"| training volumes copied | {_fmt(m['train_copied_rate'])} |",
+           f"| latent copy rate / training latents copied | {_fmt(lm.get('synthetic_copy_rate'))} / "
+           f"{_fmt(lm.get('train_copied_rate'))} |",
            f"| safeguard would reject | {s['rejected']} of {s['n']} |"]
   if report.get("rero_bound"):
     for kappa, bound in report["rero_bound"].items():
@@ -419,8 +507,17 @@ def markdown(report: dict) -> str:
             f"{m['n_validation']} validation volumes); a sample whose nearest training volume correlates above "
             f"tau is a copy. Max / median nearest correlation: {_fmt(m['max_correlation'])} / "
             f"{_fmt(m['median_correlation'])}."]
+  if "autoencoder_ceiling" in m:
+    lines += ["", f"Detection ceiling: {_fmt(m['autoencoder_ceiling'])} of the autoencoder's reconstructions of the "
+              f"training volumes count as copies (median correlation {_fmt(m['autoencoder_median_correlation'])}): "
+              "an LDM that memorized every training latent would score about that."]
   if "warning" in m:
     lines += ["", f"**Warning:** {m['warning']}."]
+  if lm:
+    lines += ["", "Latent space (the LDM's own output, before decoding): tau = "
+              f"{_fmt(lm['tau'])} from training vs held-out latents; copy rate {_fmt(lm['synthetic_copy_rate'])}, "
+              f"training latents copied {_fmt(lm['train_copied_rate'])}, max / median nearest correlation "
+              f"{_fmt(lm['max_correlation'])} / {_fmt(lm['median_correlation'])}; sample latents: {lm['latents']}."]
   if "figure" in m:
     lines += ["", f"![nearest neighbours]({m['figure']})", "",
               "*This figure shows training volumes: keep it with the data owner; do not release it.*"]

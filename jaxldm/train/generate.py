@@ -62,8 +62,13 @@ def conditioning(info: dict, n: int, *, csv_path=None, fixed: dict[str, float] |
 
 
 def generate(workdir, n: int, *, seed: int = 0, guidance_scale: float = 1.0, method: str = "ddim",
-             num_steps: int | None = 50, csv_path=None, fixed=None, batch_size: int = 8):
-  """Volumes (n, D, H, W) in the training intensity range, plus the conditioning used."""
+             num_steps: int | None = 50, csv_path=None, fixed=None, batch_size: int = 8,
+             return_latents: bool = False):
+  """Volumes (n, D, H, W) in the training intensity range, plus the conditioning used.
+
+  return_latents: also return the sampler's latents (n, D', H', W', Z), scaled as the UNet saw them,
+  as a fifth value (latent-space memorization compares them with the training latents).
+  """
   unet, params, info, _ = load_ldm(workdir)
   ae_model, ae_params, _ = ldm.load_autoencoder(info["autoencoder_workdir"])
   d = info["diffusion"]
@@ -75,7 +80,7 @@ def generate(workdir, n: int, *, seed: int = 0, guidance_scale: float = 1.0, met
                  static_argnums=(1,))
   scale = info["scale_factor"]
   decode = jax.jit(lambda p, z: ae_model.apply(p, z / scale, method=AutoencoderKL.decode))
-  out = []
+  out, latents = [], []
   from rich.progress import track
   for start in track(range(0, n, batch_size), description="sampling", transient=True):
     b = min(batch_size, n - start)
@@ -84,15 +89,21 @@ def generate(workdir, n: int, *, seed: int = 0, guidance_scale: float = 1.0, met
       kw = {"attributes": jnp.asarray(standardised[start:start + b]), "attribute_mask": jnp.asarray(mask[start:start + b])}
     z = draw(params, (b, *info["latent_shape"]), jax.random.fold_in(jax.random.PRNGKey(seed), start), **kw)
     out.append(np.asarray(decode(ae_params, z))[..., 0])
+    if return_latents:
+      latents.append(np.asarray(z))
+  if return_latents:
+    return np.concatenate(out), values, mask, info, np.concatenate(latents)
   return np.concatenate(out), values, mask, info
 
 
 def write_volumes(out_dir, volumes: np.ndarray, spacing, *, names=None, attributes=None, mask=None,
-                  overwrite: bool = False, prefix: str = "sample", extra_json: dict | None = None) -> pathlib.Path:
+                  overwrite: bool = False, prefix: str = "sample", extra_json: dict | None = None,
+                  extra_arrays: dict | None = None) -> pathlib.Path:
   """NIfTI files (voxel axes W, H, D; RAS affine = spacing) + attributes.csv, written atomically.
 
   extra_json: {filename: record} JSON files written into the same directory, in the same atomic
   step (e.g. safeguard.json: the volumes never appear without the record of how they were chosen).
+  extra_arrays: {filename.npy: array} written in the same step (e.g. the sampler's latents).
   """
   out_dir = pathlib.Path(out_dir)
   if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -113,6 +124,8 @@ def write_volumes(out_dir, volumes: np.ndarray, spacing, *, names=None, attribut
           w.writerow([sid, *[f"{attributes[i, j]:.6g}" if mask[i, j] else "" for j in range(len(names))]])
     for filename, record in (extra_json or {}).items():
       (tmp / filename).write_text(json.dumps(record, indent=2) + "\n")
+    for filename, array in (extra_arrays or {}).items():
+      np.save(tmp / filename, np.asarray(array))
     if out_dir.exists():
       shutil.rmtree(out_dir)
     tmp.rename(out_dir)

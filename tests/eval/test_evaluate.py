@@ -38,6 +38,11 @@ def test_report_has_every_section_and_reruns_identically(run, tmp_path, capsys):
   assert report["epsilon"] == float("inf") and report["rero_bound"] is None  # Non-private run.
   assert np.isfinite(report["fid"]) and report["fid"] >= 0
   assert 0 <= report["copy_rate"] <= 1 and report["samples"]["n"] == 4
+  # Latent-space memorization reads the sampler's own latents, saved next to the samples.
+  latent = report["latent_memorization"]
+  assert latent["latents"] == "sampler" and 0 <= report["latent_copy_rate"] <= 1
+  assert np.load(out / "samples" / evaluate.LATENTS_FILE).shape[0] == 4
+  assert 0 <= report["memorization"]["autoencoder_ceiling"] <= 1
   assert report["extractor"]["name"] == "ssl3d" and report["quality"]["extractor"] == "ssl3d"
   # Phantom data: phantoms.measure against the conditioned LV volume (ED or ES by phase) and phase.
   section = report["controllability_details"]
@@ -55,7 +60,7 @@ def test_report_has_every_section_and_reruns_identically(run, tmp_path, capsys):
   assert _evaluate(run, out) == 0
   again = json.loads((out / "report.json").read_text())
   assert again["samples"]["how"] == "reused"
-  for key in ("fid", "kid", "copy_rate", "safeguard_rejected_fraction"):
+  for key in ("fid", "kid", "copy_rate", "latent_copy_rate", "safeguard_rejected_fraction"):
     assert again[key] == report[key]
 
 
@@ -70,6 +75,34 @@ def test_copies_of_training_volumes_are_flagged(run, tmp_path):
   assert report["memorization"]["max_correlation"] == pytest.approx(1.0, abs=1e-5)
   assert report["safeguard"]["rejected"] == 6
   assert "nearest_neighbours.png" not in report["figures"]
+  # No latents.npy with these samples: re-encoded, which for exact training volumes gives back the
+  # training latents themselves.
+  assert report["latent_memorization"]["latents"].startswith("re-encoded")
+  assert report["latent_copy_rate"] == 1.0
+
+
+def test_latent_memorization_flags_copied_latents_only():
+  rng = np.random.default_rng(0)
+  train, val = rng.normal(size=(16, 2, 4, 4, 2)), rng.normal(size=(16, 2, 4, 4, 2))
+  copies = train[:8] + 0.05 * rng.normal(size=(8, 2, 4, 4, 2))
+  fresh = rng.normal(size=(8, 2, 4, 4, 2))
+  got = evaluate.latent_memorization(train, val, np.concatenate([copies, fresh]), "sampler")
+  assert got["synthetic_copy_rate"] == 0.5 and got["train_copied_rate"] == 0.5
+  assert got["max_correlation"] > 0.99 and got["tau"] < 0.9
+  assert evaluate.latent_memorization(train, val, fresh, "sampler")["synthetic_copy_rate"] <= 1 / 8
+
+
+def test_memorization_reports_the_autoencoder_ceiling(tmp_path):
+  rng = np.random.default_rng(1)
+  train_f, val_f = rng.normal(size=(12, 16)), rng.normal(size=(12, 16))
+  syn_f = rng.normal(size=(6, 16))
+  args = (train_f, val_f, syn_f, None, None, tmp_path, False)
+  # Reconstructions as good as the originals: the criterion can see every copy, no warning.
+  perfect = evaluate.memorization(*args, ceiling_f=train_f)
+  assert perfect["autoencoder_ceiling"] == 1.0 and "warning" not in perfect
+  # Reconstructions unrelated to their originals: a memorizing LDM would be invisible; say so.
+  blurred = evaluate.memorization(*args, ceiling_f=rng.normal(size=(12, 16)))
+  assert blurred["autoencoder_ceiling"] <= 0.25 and "latent-space copy rate" in blurred["warning"]
 
 
 def test_privacy_section_reads_the_ledger(tmp_path):

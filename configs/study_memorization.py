@@ -1,0 +1,36 @@
+"""Study (issue 7): does a non-private LDM on small data copy its training volumes, and does DP stop it?
+
+epsilon {10, 1, inf} x public-pretrained x 3 seeds on the `jaxldm ablate` machinery (configs/ablation.py;
+same fields), on the same 16 private phantoms as configs/study_pretraining.py. The DP cells are the
+pretraining study's pretrained cells (same configs and seeds); epsilon = inf trains the non-private LDM
+for 1000 steps (~500 epochs of the 16 volumes) instead of 600. Every run is evaluated by Dar et al.'s
+criterion twice: in the contrastive encoder's image-feature space (capped by the autoencoder: see
+the reports' "detection ceiling") and on the LDM's own latents (`latent_memorization` in report.json).
+
+  make demo
+  jaxldm data phantoms --out runs/study/private --n 16 --domain private --seed 3 --size tiny
+  jaxldm ablate --config configs/study_memorization.py:tiny --workdir runs/study_memorization
+
+The table is WORKDIR/summary.md (mean and 95% CI over seeds); seeds fix the DP noise seed (research
+runs, see ablation.py).
+"""
+
+import importlib.util
+import pathlib
+
+
+def _study_config(arg):
+  path = pathlib.Path(__file__).with_name("study_pretraining.py")
+  spec = importlib.util.spec_from_file_location("_jaxldm_study_pretraining", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def get_config(arg=None):
+  c = _study_config(arg)  # The pretraining study's fields (base runs, private set, evaluation).
+  tiny = c.base.ldm_dp.endswith(":tiny")
+  c.grid.target_epsilon = (10.0, float("inf"), 1.0)  # inf = the non-private trainer: the memorization reference.
+  c.grid.pretrained = (True,)  # Public-pretrained only (the better DP model, the one a user would release).
+  c.base.nonprivate_overrides = ("train.steps=1000",) if tiny else ("train.steps=40000",)  # Longer non-private training.
+  return c
