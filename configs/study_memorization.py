@@ -15,20 +15,13 @@ The table is WORKDIR/summary.md (mean and 95% CI over seeds); seeds fix the DP n
 runs, see ablation.py).
 """
 
-import importlib.util
 import pathlib
 
-
-def _study_config(arg):
-  path = pathlib.Path(__file__).with_name("study_pretraining.py")
-  spec = importlib.util.spec_from_file_location("_jaxldm_study_pretraining", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from jaxldm.config import config_from_file
 
 
 def get_config(arg=None):
-  c = _study_config(arg)  # The pretraining study's fields (base runs, private set, evaluation).
+  c = config_from_file(pathlib.Path(__file__).with_name("study_pretraining.py"), arg)  # Its base, private set, eval.
   tiny = c.base.ldm_dp.endswith(":tiny")
   c.grid.target_epsilon = (10.0, float("inf"), 1.0)  # inf = the non-private trainer: the memorization reference.
   c.grid.pretrained = (True,)  # Public-pretrained only (the better DP model, the one a user would release).

@@ -16,20 +16,13 @@ compared with, and the memorization reference. Seeds fix the DP noise seed (rese
 ablation.py). The results table is WORKDIR/summary.md (mean and 95% CI over seeds).
 """
 
-import importlib.util
 import pathlib
 
-
-def _ablation_config(arg):
-  path = pathlib.Path(__file__).with_name("ablation.py")
-  spec = importlib.util.spec_from_file_location("_jaxldm_ablation_base", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from jaxldm.config import config_from_file
 
 
 def get_config(arg=None):
-  c = _ablation_config(arg)  # The grid, base, eval and vmap_seeds fields of configs/ablation.py.
+  c = config_from_file(pathlib.Path(__file__).with_name("ablation.py"), arg)  # The grid, base, eval and vmap_seeds fields of configs/ablation.py.
   tiny = c.base.ldm_dp.endswith(":tiny")
   c.grid.target_epsilon = (10.0, float("inf"), 3.0, 1.0)  # inf = non-private trainer; headline cells run first.
   c.grid.pretrained = (True, False)  # Public-pretrained LDM vs from scratch: the question of the study.

@@ -31,15 +31,9 @@ def split_spec(spec: str) -> tuple[pathlib.Path, str | None]:
   return pathlib.Path(spec), None
 
 
-def load_config(spec: str, overrides: Iterable[str] | Mapping[str, Any] = ()) -> ml_collections.ConfigDict:
-  """Loads `path[:variant]`, applies overrides and returns the locked config.
-
-  Args:
-    spec: path to a Python file defining `get_config(arg)`, optionally followed by `:variant`.
-    overrides: `"a.b=value"` strings (the `--config.` prefix is optional) or a mapping of dotted
-      keys to values.
-  """
-  path, arg = split_spec(spec)
+def config_from_file(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file, unlocked: also how one config file builds on another."""
+  path = pathlib.Path(path)
   if not path.is_file():
     raise ConfigError(f"config file {path} does not exist (give a path like configs/data.py or configs/data.py:tiny)")
   module_name = f"_jaxldm_config_{abs(hash(str(path.resolve())))}"
@@ -64,6 +58,18 @@ def load_config(spec: str, overrides: Iterable[str] | Mapping[str, Any] = ()) ->
     raise ConfigError(f"config file {path}: get_config({arg!r}) failed: {type(e).__name__}: {e}") from e
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"config file {path}: get_config must return an ml_collections.ConfigDict")
+  return config
+
+
+def load_config(spec: str, overrides: Iterable[str] | Mapping[str, Any] = ()) -> ml_collections.ConfigDict:
+  """Loads `path[:variant]`, applies overrides and returns the locked config.
+
+  Args:
+    spec: path to a Python file defining `get_config(arg)`, optionally followed by `:variant`.
+    overrides: `"a.b=value"` strings (the `--config.` prefix is optional) or a mapping of dotted
+      keys to values.
+  """
+  config = config_from_file(*split_spec(spec))
   config.lock()
   if isinstance(overrides, Mapping):
     items = list(overrides.items())
