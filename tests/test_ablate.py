@@ -174,3 +174,21 @@ def test_missing_inputs_are_named_before_anything_is_written(pipeline, tmp_path)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
       ablate.ablate(config, tmp_path / "sweep")
     assert not (tmp_path / "sweep").exists()
+
+
+def test_memorization_study_reuses_the_pretraining_studys_dp_runs():
+  """Its DP cells are the pretraining study's pretrained cells (same trainer configs, seeds and noise
+  seeds), so the two tables can be read together; only the non-private runs train longer."""
+  mem = load_config(str(ROOT / "configs/study_memorization.py:tiny"))
+  pre = load_config(str(ROOT / "configs/study_pretraining.py:tiny"))
+  runs = ablate.expand(mem)
+  assert len(runs) == 9 and all(r.pretrained for r in runs)
+  assert {r.target_epsilon for r in runs} == {1.0, 10.0, float("inf")}
+  pretraining_runs = set(ablate.expand(pre))
+  for run in runs:
+    config = ablate.run_config(mem, run)
+    if run.private:
+      assert run in pretraining_runs
+      assert config.to_dict() == ablate.run_config(pre, run).to_dict()
+    else:
+      assert config.train.steps == 1000 > ablate.run_config(pre, run).train.steps
