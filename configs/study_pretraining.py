@@ -22,7 +22,7 @@ from jaxldm.config import config_from_file
 
 
 def get_config(arg=None):
-  c = config_from_file(pathlib.Path(__file__).with_name("ablation.py"), arg)  # The grid, base, eval and vmap_seeds fields of configs/ablation.py.
+  c = config_from_file(pathlib.Path(__file__).with_name("ablation.py"), arg)  # grid, base, eval, vmap_seeds.
   tiny = c.base.ldm_dp.endswith(":tiny")
   c.grid.target_epsilon = (10.0, float("inf"), 3.0, 1.0)  # inf = non-private trainer; headline cells run first.
   c.grid.pretrained = (True, False)  # Public-pretrained LDM vs from scratch: the question of the study.

@@ -36,8 +36,8 @@ from jaxldm.config import ConfigError, load_config, parse_override
 
 CSV_NAME, PLOT_NAME, SUMMARY_NAME, RUN_RECORD = "ablation.csv", "ablation.png", "summary.md", "ablation_run.json"
 COLUMNS = ("name", "target_epsilon", "pretrained", "noise_multiplicity", "l2_clip_norm", "seed", "epsilon", "fid",
-           "kid", "copy_rate", "nn_correlation", "latent_copy_rate", "latent_nn_correlation", "controllability_r", "steps", "train_s", "eval_s", "wall_s",
-           "seeds_per_program")
+           "kid", "copy_rate", "nn_correlation", "latent_copy_rate", "latent_nn_correlation", "controllability_r",
+           "steps", "train_s", "eval_s", "wall_s", "seeds_per_program")
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -194,29 +194,6 @@ def _diversity(volumes: np.ndarray, seed: int) -> float | None:
     return None
 
 
-class _Autoencoder:
-  """The run's frozen autoencoder: volumes <-> latents scaled as the UNet sees them."""
-
-  def __init__(self, info: dict, batch_size: int):
-    import jax
-
-    from jaxldm.models import AutoencoderKL
-    from jaxldm.train import ldm
-
-    self.model, self.params, _ = ldm.load_autoencoder(info["autoencoder_workdir"])
-    self.scale, self.batch_size = float(info["scale_factor"]), batch_size
-    self._decode = jax.jit(lambda p, z: self.model.apply(p, z / self.scale, method=AutoencoderKL.decode))
-
-  def encode(self, volumes: np.ndarray) -> np.ndarray:
-    from jaxldm.train import ldm
-
-    return ldm.encode_latents(self.model, self.params, volumes, self.scale, self.batch_size)
-
-  def decode(self, latents: np.ndarray) -> np.ndarray:
-    return np.concatenate([np.asarray(self._decode(self.params, latents[i:i + self.batch_size]))[..., 0]
-                           for i in range(0, len(latents), self.batch_size)])
-
-
 def memorization(train_f, val_f, syn_f, syn_v, train_v, out: pathlib.Path, figure: bool,
                  ceiling_f=None) -> dict:
   """Dar et al.'s criterion in the feature extractor's space.
@@ -372,14 +349,18 @@ def evaluate(workdir, real, out, opts: Options | None = None, *,
   train_f = _cached_features(extractor, train_v, cache, "train")
   syn_f = extractor(syn_v)
   status("latents (autoencoder)")
-  ae = _Autoencoder(info, opts.batch_size)
-  train_z, real_z = ae.encode(train_v), ae.encode(real_v)
+  from jaxldm.train import ldm
+
+  ae_model, ae_params, _ = ldm.load_autoencoder(info["autoencoder_workdir"])
+  encode = lambda v: ldm.encode_latents(ae_model, ae_params, v, float(info["scale_factor"]), opts.batch_size)
+  train_z, real_z = encode(train_v), encode(real_v)
   latent_source = "sampler"
   if syn_z is None or syn_z.shape != (len(syn_v), *train_z.shape[1:]):
     # Samples without their latents (e.g. from `jaxldm sample`): re-encoding loses what the
     # autoencoder's round trip loses, so this rate is a lower bound.
-    syn_z, latent_source = ae.encode(syn_v), "re-encoded from the sample volumes (a lower bound)"
-  ceiling_f = extractor(ae.decode(train_z))
+    syn_z, latent_source = encode(syn_v), "re-encoded from the sample volumes (a lower bound)"
+  recon_v = ldm.decode_latents(ae_model, ae_params, train_z, float(info["scale_factor"]), opts.batch_size)
+  ceiling_f = _cached_features(extractor, recon_v, cache, "train-recon")
 
   report: dict[str, Any] = {
       "workdir": str(workdir), "real": str(real), "train": str(train_root),

@@ -23,7 +23,6 @@ from dp_accounting import pld
 from dp_accounting import rdp
 
 
-
 class _DropNonConvergedOrders(logging.Filter):
   """dp-accounting's RDP code logs one absl WARNING per Renyi order it cannot evaluate for large q
   (hundreds per calibration) and leaves that order out. Leaving orders out can only raise the

@@ -21,7 +21,6 @@ import numpy as np
 from jaxldm.config import ConfigError
 from jaxldm.data.dataset import read_attributes
 from jaxldm.diffusion import make_schedule, sample
-from jaxldm.models import AutoencoderKL
 from jaxldm.train import common, ldm
 
 
@@ -79,7 +78,7 @@ def generate(workdir, n: int, *, seed: int = 0, guidance_scale: float = 1.0, met
                                    guidance_scale=guidance_scale, method=method, num_steps=num_steps),
                  static_argnums=(1,))
   scale = info["scale_factor"]
-  decode = jax.jit(lambda p, z: ae_model.apply(p, z / scale, method=AutoencoderKL.decode))
+  decode = ldm.latent_decoder(ae_model, scale)
   out, latents = [], []
   from rich.progress import track
   for start in track(range(0, n, batch_size), description="sampling", transient=True):
@@ -185,7 +184,7 @@ def _candidate_sampler(unet, params, info, standardised, mask, *, seed, guidance
                                    guidance_scale=guidance_scale, method=method, num_steps=num_steps),
                  static_argnums=(1,))
   scale = info["scale_factor"]
-  decode = jax.jit(lambda p, z: ae_model.apply(p, z / scale, method=AutoencoderKL.decode))
+  decode = ldm.latent_decoder(ae_model, scale)
   has_attrs = len(info["attributes"]) > 0
 
   def sample_slots(slots: np.ndarray, round_index: int) -> np.ndarray:

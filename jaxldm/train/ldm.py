@@ -102,6 +102,20 @@ def encode_latents(model, params, volumes: np.ndarray, scale: float, batch_size:
   return np.concatenate(out)
 
 
+def latent_decoder(model, scale: float):
+  """Jitted (params, latents scaled as the UNet sees them) -> decoded volumes (B, D, H, W, 1)."""
+  return jax.jit(lambda p, z: model.apply(p, z / scale, method=AutoencoderKL.decode))
+
+
+def decode_latents(model, params, latents: np.ndarray, scale: float, batch_size: int) -> np.ndarray:
+  """Volumes (N, D, H, W) of scaled latents: the inverse direction of `encode_latents`."""
+  decode = latent_decoder(model, scale)
+  out = []
+  for valid, chunk in common.iterate_batches(latents, batch_size):
+    out.append(np.asarray(decode(params, jnp.asarray(chunk)))[:valid, ..., 0])
+  return np.concatenate(out)
+
+
 # ---------------------------------------------------------------------------------------------
 # Steps
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +291,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> P
   start = int(state.step)
   if start:
     console.print(f"resuming from step {start}")
-  decode = jax.jit(lambda p, z: ae_model.apply(p, z / scale, method=AutoencoderKL.decode))
+  decode = latent_decoder(ae_model, scale)
   sampler = jax.jit(functools.partial(
       sample, unet_apply(unet), schedule=schedule, prediction=config.diffusion.prediction,
       guidance_scale=config.sampling.guidance_scale, method="ddim", num_steps=config.sampling.num_steps),
