@@ -20,7 +20,10 @@ intensity range, attributes as {name: (N,)} with NaN = missing) that returns a p
 
 Uncertainty: every study repeats training over `seeds` (init, data order, noise) and reports, per
 metric, the mean, the std and a Student-t confidence interval of the mean over seeds
-(`seed_summary`), plus the per-seed values. Everything is deterministic for the given seeds.
+(`seed_summary`), plus the per-seed values. Everything is deterministic for the given seeds except
+the DP-SGD runs of (b): their Poisson sampling and noise seeds are secret, drawn from OS entropy
+per run, unless `noise_seed=` fixes them (reproducible, NOT private: tests and research grids only,
+flagged in the result's "noise_seed"). See docs/privacy.md.
 
 All outputs are aggregates over test sets: nothing per training example leaves these functions.
 """
@@ -190,7 +193,7 @@ def dp_pretraining_utility(
     l2_clip_norm: float = 1.0, microbatch_size: int = 4, pretrain_steps: int = 100, batch_size: int = 8,
     learning_rate: float = 2e-3, dp_learning_rate: float | None = None, accountant: str = "rdp",
     model: Mapping[str, Any] | None = None, seeds: Sequence[int] = (0, 1, 2), confidence: float = 0.95,
-    progress: bool = True) -> dict[str, Any]:
+    progress: bool = True, noise_seed: int | None = None) -> dict[str, Any]:
   """DP-SGD binary classifier on real data, from scratch vs pretrained on synthetic volumes.
 
   Args:
@@ -205,17 +208,30 @@ def dp_pretraining_utility(
     pretrain_steps, batch_size, learning_rate: the non-private pretraining.
     dp_learning_rate: DP phase learning rate (default learning_rate).
     model: regressor architecture (DEFAULT_MODEL keys).
-    seeds: repetitions; confidence: of the intervals over seeds.
+    seeds: repetitions (initialisation and pretraining order; public); confidence: of the
+      intervals over seeds.
+    noise_seed: None (default): every DP-SGD run draws its Poisson-sampling and noise seeds from
+      OS entropy, so the epsilon means something and two calls differ. An int: each run's seeds
+      derive from (noise_seed, seed, arm), reproducible and NOT private (tests, research grids);
+      flagged in the result.
 
   Returns:
-    {"epsilon_target", "epsilon", "delta", "noise_multiplier", "sampling_rate", "steps",
-     "pretrain_steps", "l2_clip_norm", "accountant", "seeds", "n_pretrain", "n_train", "n_test",
-     "dp_only": {"auroc", "accuracy"}, "pretrained_dp": {...}, "pretrained_only": {...} (the
-     synthetic-pretrained model before any private step), "auroc_gain": seed_summary of the
-     per-seed pretrained_dp - dp_only AUROC}.
+    {"epsilon_target", "epsilon" (of ONE DP-trained classifier), "epsilon_all_runs" (all
+     2 x len(seeds) DP runs on the same training set, composed: what reporting every score costs),
+     "delta", "noise_multiplier", "sampling_rate", "steps", "pretrain_steps", "l2_clip_norm",
+     "accountant", "noise_seed" (ledger.OS_ENTROPY or ledger.FIXED_SEED), "seeds", "n_pretrain",
+     "n_train", "n_test", "dp_only": {"auroc", "accuracy"}, "pretrained_dp": {...},
+     "pretrained_only": {...} (the synthetic-pretrained model before any private step),
+     "auroc_gain": seed_summary of the per-seed pretrained_dp - dp_only AUROC, "data_owner_only":
+     the keys above that are not covered by the epsilon (the dataset sizes)}.
+    The scores are post-processing of the DP classifiers as far as the training set goes; they are
+    computed on the held-out real test set, which DP does not protect.
   """
   from jaxldm.privacy import accounting
+  from jaxldm.privacy import ledger as ledger_lib
 
+  if noise_seed is not None and (int(noise_seed) < 0 or any(int(s) < 0 for s in seeds)):
+    raise ValueError(f"noise_seed {noise_seed} and seeds {list(seeds)} must be >= 0")
   pre_v = _check_volumes(pretrain_volumes, "pretrain_volumes")
   tr_v = _check_volumes(train_volumes, "train_volumes")
   te_v = _check_volumes(test_volumes, "test_volumes")
@@ -230,6 +246,12 @@ def dp_pretraining_utility(
                                                   delta=delta, accountant=accountant)
     eps = accounting.epsilon(noise_multiplier=sigma, sampling_rate=q, steps=steps, delta=delta,
                              accountant=accountant)
+  # Every DP run of the study trains on the same private set: k runs of T steps of one mechanism
+  # compose as one run of k T steps.
+  n_runs = 2 * len(seeds)
+  eps_all = math.inf if math.isinf(eps) else (
+      accounting.epsilon(noise_multiplier=sigma, sampling_rate=q, steps=steps * n_runs, delta=delta,
+                         accountant=accountant) if n_runs else 0.0)
   spec = TargetSpec(("label",), ("label",), (2,))
   enc = lambda y: spec.encode(y[:, None], np.ones((len(y), 1), np.float32))
   model_ = regressor_lib.build_model(dict(model or DEFAULT_MODEL), spec.num_outputs)
@@ -243,21 +265,34 @@ def dp_pretraining_utility(
   rows: dict[str, list[dict[str, float]]] = {"dp_only": [], "pretrained_dp": [], "pretrained_only": []}
   dp_kwargs = dict(sampling_rate=q, noise_multiplier=sigma, l2_clip_norm=l2_clip_norm,
                    microbatch_size=microbatch_size, progress=progress)
+  # Secret seeds by default: None lets every fit_private run draw fresh ones from OS entropy (the
+  # two arms of a seed get independent noise: they are two releases of the same data).
+  run_seed = lambda seed, arm: None if noise_seed is None else _derived_seed(noise_seed, seed, arm)
   for seed in seeds:
     pre = pre_fitter.fit(pre_v, enc(pre_y), seed, progress=progress, description=f"pretrain seed {seed}")
     rows["pretrained_only"].append(scores(pre))
     rows["dp_only"].append(scores(dp_fitter.fit_private(
-        tr_v, enc(tr_y), seed, description=f"DP-SGD seed {seed}", **dp_kwargs)))
+        tr_v, enc(tr_y), seed, description=f"DP-SGD seed {seed}", noise_seed=run_seed(seed, 0), **dp_kwargs)))
     rows["pretrained_dp"].append(scores(dp_fitter.fit_private(
-        tr_v, enc(tr_y), seed, params=pre, description=f"pretrained DP-SGD seed {seed}", **dp_kwargs)))
+        tr_v, enc(tr_y), seed, params=pre, description=f"pretrained DP-SGD seed {seed}",
+        noise_seed=run_seed(seed, 1), **dp_kwargs)))
   gain = [a["auroc"] - b["auroc"] for a, b in zip(rows["pretrained_dp"], rows["dp_only"])]
-  out = {"epsilon_target": float(epsilon), "epsilon": float(eps), "delta": delta, "noise_multiplier": float(sigma),
-         "sampling_rate": q, "steps": steps, "pretrain_steps": pretrain_steps, "l2_clip_norm": l2_clip_norm,
-         "accountant": accountant, "seeds": list(seeds), "n_pretrain": len(pre_v), "n_train": len(tr_v),
+  provenance = ledger_lib.OS_ENTROPY if noise_seed is None else ledger_lib.FIXED_SEED
+  out = {"epsilon_target": float(epsilon), "epsilon": float(eps), "epsilon_all_runs": float(eps_all),
+         "delta": delta, "noise_multiplier": float(sigma), "sampling_rate": q, "steps": steps,
+         "pretrain_steps": pretrain_steps, "l2_clip_norm": l2_clip_norm, "accountant": accountant,
+         "noise_seed": provenance, "seeds": list(seeds), "n_pretrain": len(pre_v), "n_train": len(tr_v),
          "n_test": len(te_v)}
   out.update({k: _summaries(v, confidence) for k, v in rows.items()})
   out["auroc_gain"] = seed_summary(gain, confidence)
+  out["data_owner_only"] = ["n_train", "n_test"]  # Dataset sizes: not covered by the epsilon.
   return out
+
+
+def _derived_seed(noise_seed: int, seed: int, arm: int) -> int:
+  """A reproducible 63-bit seed per (fixed noise seed, study seed, arm): tests/research grids only."""
+  words = np.random.SeedSequence([int(noise_seed), int(seed), int(arm)]).generate_state(2, np.uint32)
+  return ((int(words[0]) << 32) | int(words[1])) >> 1
 
 
 # ---------------------------------------------------------------------------------------------

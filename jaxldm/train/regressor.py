@@ -10,7 +10,9 @@ turns a finished run into a `Predictor` for `jaxldm.eval.controllability.regress
 
 The pieces the utility studies reuse live here too, as pure functions: the per-example loss (ONE
 example, no batch axis, so `jaxldm.privacy.noise.private_grad` can clip it), a jitted non-private
-step, a jitted DP-SGD step, a `Fitter` that trains on arrays, and `predict`.
+step, a jitted DP-SGD step, a `Fitter` that trains on arrays, and `predict`. The DP-SGD fit draws
+its sampling and noise seeds from OS entropy unless a noise seed is fixed for a test (flagged);
+see docs/privacy.md.
 """
 
 from __future__ import annotations
@@ -155,9 +157,11 @@ def new_state(params, tx) -> common.TrainState:
 class Fitter:
   """Trains one architecture on in-memory arrays, many times (seeds, datasets) with one compilation.
 
-  `fit` runs `steps` non-private steps; `fit_private` runs DP-SGD with Poisson batches. Both are
-  deterministic for a seed: batch order from `common.batch_indices` / the PoissonBatcher seed,
-  keys fold_in(PRNGKey(seed), step).
+  `fit` runs `steps` non-private steps, deterministic for a seed (batch order from
+  `common.batch_indices`, keys fold_in(PRNGKey(seed), step)). `fit_private` runs DP-SGD with
+  Poisson batches: `seed` fixes only the initialisation; the sampling and noise seeds are secret
+  (OS entropy, fresh per call) unless a `noise_seed` is passed (tests and research grids only,
+  flagged in `last_private_fit`).
   """
   model: AttributeRegressor
   spec: TargetSpec
@@ -172,6 +176,9 @@ class Fitter:
                                          classification_weight=self.classification_weight),
                          donate_argnums=0)
     self._private_steps: dict[tuple, Any] = {}
+    # What the last `fit_private` ran: its mechanism and the provenance of its seeds ("noise_seed":
+    # ledger.OS_ENTROPY or ledger.FIXED_SEED), for the caller's records.
+    self.last_private_fit: dict[str, Any] | None = None
 
   def init(self, shape, seed: int):
     return init_params(self.model, shape, seed)
@@ -196,17 +203,26 @@ class Fitter:
 
   def fit_private(self, volumes: np.ndarray, encoded: Mapping[str, np.ndarray], seed: int, *,
                   sampling_rate: float, noise_multiplier: float, l2_clip_norm: float, microbatch_size: int = 4,
-                  params=None, progress: bool = True, description: str = "regressor (DP-SGD)"):
+                  params=None, progress: bool = True, description: str = "regressor (DP-SGD)",
+                  noise_seed: int | None = None):
     """DP-SGD for `self.steps` steps; returns the final parameters (EMA is off: it is not needed).
 
     Poisson sampling with rate q, noise multiplier sigma, clip C: the mechanism
-    `jaxldm.privacy.accounting` accounts for. The batch-sampling and noise seeds derive from
-    `seed` (a study, reproducible by design: not a secret-seeded production run).
+    `jaxldm.privacy.accounting` accounts for. `seed` (public) fixes the initialisation only. The
+    Poisson-sampling and noise seeds are SECRET: with `noise_seed` None (the default) both are
+    drawn from OS entropy, fresh per call, as the trainers do (`jaxldm.train.dp`); only then does
+    the accounted epsilon protect anything. An int `noise_seed` (noise seed k, sampling seed k + 1,
+    the trainers' convention) makes the run reproducible for tests and research grids and is NOT
+    private; `self.last_private_fit["noise_seed"]` says which (ledger.OS_ENTROPY / FIXED_SEED).
     """
+    from jaxldm.privacy import ledger as ledger_lib
     from jaxldm.privacy.sampling import PoissonBatcher
 
     n = len(volumes)
-    batcher = PoissonBatcher(n, sampling_rate, seed=seed, microbatch_size=microbatch_size)
+    # Noise: 64 bits of OS entropy, or key_from_seed(noise_seed) (all 64 bits, flagged FIXED_SEED).
+    base, provenance = ledger_lib.noise_base_key(noise_seed)
+    sampling_seed = None if noise_seed is None else int(noise_seed) + 1  # None: 63 bits of OS entropy.
+    batcher = PoissonBatcher(n, sampling_rate, seed=sampling_seed, microbatch_size=microbatch_size)
     key = (float(noise_multiplier), float(l2_clip_norm), int(microbatch_size), batcher.expected_batch_size)
     if key not in self._private_steps:
       tx = common.make_optimizer(self.optim, self.steps, private=True)
@@ -220,8 +236,8 @@ class Fitter:
     params = self.init(volumes.shape[1:], seed) if params is None else params
     state = new_state(params, tx)
     data = {"volume": np.asarray(volumes, np.float32), **encoded}
-    # The base key of the DP noise: fold_in of the seed and a stream id, then of the step.
-    base = jax.random.fold_in(jax.random.PRNGKey(seed), 0x0D9)
+    if noise_seed is not None:
+      description = f"{description} [fixed noise seed: NOT SECURE]"
     bar, task = common.progress_bar(self.steps, 0, description)
     with maybe_progress(bar, progress):
       for step in range(self.steps):
@@ -231,6 +247,9 @@ class Fitter:
                            jax.random.fold_in(base, step))
         if progress:
           bar.update(task, completed=step + 1)
+    self.last_private_fit = {"noise_seed": provenance, "sampling_rate": float(sampling_rate),
+                             "noise_multiplier": float(noise_multiplier), "l2_clip_norm": float(l2_clip_norm),
+                             "steps": int(self.steps)}
     return state.params
 
 

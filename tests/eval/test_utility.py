@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import numpy as np
 import pytest
 from scipy import stats
@@ -9,6 +10,7 @@ from scipy import stats
 from jaxldm.data import phantoms
 from jaxldm.data.defaults import SIZES
 from jaxldm.eval import utility as ut
+from jaxldm.privacy.ledger import FIXED_SEED, OS_ENTROPY
 
 SHAPE, SPACING = SIZES["tiny"]
 SMALL = {"channels": (4, 8), "num_res_blocks": 1, "kernel": (1, 3, 3), "stride": (1, 2, 2), "dtype": "float32"}
@@ -60,6 +62,8 @@ def test_dp_pretraining_utility_runs_end_to_end(data):
                                   sampling_rate=0.5, pretrain_steps=2, batch_size=4, microbatch_size=4,
                                   model=SMALL, seeds=(0, 1), progress=False)
   assert 0 < out["noise_multiplier"] and out["epsilon"] <= 10.0
+  assert out["noise_seed"] == OS_ENTROPY  # The default: secret sampling and noise seeds.
+  assert out["epsilon"] < out["epsilon_all_runs"] and out["data_owner_only"] == ["n_train", "n_test"]
   for arm in ("dp_only", "pretrained_dp", "pretrained_only"):
     assert set(out[arm]) == {"auroc", "accuracy"}
     for s in out[arm].values():
@@ -69,6 +73,40 @@ def test_dp_pretraining_utility_runs_end_to_end(data):
   with pytest.raises(ValueError, match="0 or 1"):
     ut.dp_pretraining_utility(sv, sa["lv_edv_ml"], rv, ra["phase"], tv, ta["phase"], epsilon=1.0, steps=1,
                               pretrain_steps=1, model=SMALL, seeds=(0,), progress=False)
+
+
+def test_dp_pretraining_noise_is_secret_unless_fixed(data, monkeypatch):
+  """Same public seeds: default runs get fresh OS-entropy noise (results differ, flagged os-entropy);
+  a fixed noise seed reproduces every DP run exactly and is flagged NOT SECURE."""
+  (sv, sa), (rv, ra), (tv, ta) = data["syn"], data["train"], data["test"]
+  fitted, original = [], ut.regressor_lib.Fitter.fit_private
+
+  def spy(self, *args, **kwargs):  # Records every DP run's final parameters and seed provenance.
+    params = original(self, *args, **kwargs)
+    fitted.append((np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(params)]),
+                   self.last_private_fit["noise_seed"]))
+    return params
+
+  monkeypatch.setattr(ut.regressor_lib.Fitter, "fit_private", spy)
+  run = lambda **kw: ut.dp_pretraining_utility(sv, sa["phase"], rv, ra["phase"], tv, ta["phase"], epsilon=10.0,
+                                               steps=2, sampling_rate=0.5, pretrain_steps=1, batch_size=4,
+                                               model=SMALL, seeds=(0,), progress=False, **kw)
+  first, second = run(), run()
+  assert first["noise_seed"] == second["noise_seed"] == OS_ENTROPY
+  (a_dp, a_flag), (a_pre, _), (b_dp, _), (b_pre, _) = fitted
+  assert a_flag == OS_ENTROPY
+  assert not np.array_equal(a_dp, b_dp) and not np.array_equal(a_pre, b_pre)  # Fresh noise per call.
+  assert not np.array_equal(a_dp, a_pre)
+  fitted.clear()
+  fixed, again = run(noise_seed=7), run(noise_seed=7)
+  assert fixed["noise_seed"] == again["noise_seed"] == FIXED_SEED and "NOT SECURE" in FIXED_SEED
+  assert fixed == again
+  (c_dp, c_flag), (c_pre, _), (d_dp, _), (d_pre, _) = fitted
+  assert c_flag == FIXED_SEED
+  np.testing.assert_array_equal(c_dp, d_dp)
+  np.testing.assert_array_equal(c_pre, d_pre)
+  other = run(noise_seed=8)
+  assert other["noise_seed"] == FIXED_SEED and not np.array_equal(fitted[-2][0], c_dp)
 
 
 def test_denoiser_improves_psnr_over_the_noisy_input(data):

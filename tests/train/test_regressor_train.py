@@ -14,6 +14,7 @@ from jaxldm.data import phantoms
 from jaxldm.data.defaults import SIZES
 from jaxldm.eval import controllability as ctl
 from jaxldm.models.regressor import AttributeRegressor, TargetSpec, attributes_from_dict
+from jaxldm.privacy.ledger import FIXED_SEED, OS_ENTROPY
 from jaxldm.train import regressor
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -113,8 +114,19 @@ def test_fitter_learns_and_dp_step_runs():
   again = fitter.fit(vols, enc, 0, progress=False)
   for x, y in zip(jax.tree_util.tree_leaves(fitted), jax.tree_util.tree_leaves(again)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # deterministic for a seed
-  private = fitter.fit_private(vols, enc, 0, sampling_rate=0.5, noise_multiplier=1.0, l2_clip_norm=1.0,
-                               microbatch_size=4, progress=False)
+  dp = dict(sampling_rate=0.5, noise_multiplier=1.0, l2_clip_norm=1.0, microbatch_size=4, progress=False)
+  private = fitter.fit_private(vols, enc, 0, **dp)
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(private))
   assert any(not np.array_equal(np.asarray(x), np.asarray(y))
              for x, y in zip(jax.tree_util.tree_leaves(private), jax.tree_util.tree_leaves(p0)))
+
+  # Secret seeds: the same public seed twice gives different noise and batches, flagged os-entropy;
+  # a fixed noise seed reproduces exactly and is flagged NOT SECURE.
+  flat = lambda p: np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(p)])
+  assert fitter.last_private_fit["noise_seed"] == OS_ENTROPY
+  assert not np.array_equal(flat(private), flat(fitter.fit_private(vols, enc, 0, **dp)))
+  assert fitter.last_private_fit["noise_seed"] == OS_ENTROPY
+  fixed = flat(fitter.fit_private(vols, enc, 0, noise_seed=5, **dp))
+  assert fitter.last_private_fit["noise_seed"] == FIXED_SEED
+  np.testing.assert_array_equal(fixed, flat(fitter.fit_private(vols, enc, 0, noise_seed=5, **dp)))
+  assert not np.array_equal(fixed, flat(fitter.fit_private(vols, enc, 0, noise_seed=6, **dp)))
