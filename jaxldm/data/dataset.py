@@ -363,6 +363,24 @@ class VolumeDataset:
     return read_attributes(csv_path, self.columns, categories=self.categories,
                            subject_ids=self.subject_ids, strict_ids=strict_ids)
 
+  def fingerprint(self) -> str:
+    """sha256 of what a training run reads: file names and contents, attribute columns and rows.
+
+    Pinned by a DP run's privacy ledger (a resume on other data is refused) and recorded by every
+    stage, so a DP stage can recognise a model or statistic derived from its own private data
+    (docs/privacy.md, "Stages compose"). One digest over the whole set: it reveals nothing about a
+    single volume to someone who does not hold the entire dataset.
+    """
+    h = hashlib.sha256()
+    for sid, path in sorted(zip(self.subject_ids, self.paths)):
+      h.update(sid.encode() + b"\0")
+      with open(path, "rb") as f:
+        h.update(hashlib.sha256(f.read()).digest())
+    h.update(repr(tuple(self.columns)).encode())
+    h.update(np.ascontiguousarray(self.attributes, np.float32).tobytes())
+    h.update(np.ascontiguousarray(self.attribute_mask, np.float32).tobytes())
+    return h.hexdigest()
+
   def _make_cache_dir(self) -> None:
     try:
       self.cache_dir.mkdir(parents=True, exist_ok=True)

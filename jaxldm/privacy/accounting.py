@@ -103,6 +103,32 @@ def epsilon(*, noise_multiplier: float, sampling_rate: float, steps: int, delta:
   return float(acc.get_epsilon(delta))
 
 
+def composed_epsilon(stages, *, delta: float, accountant: str = 'pld',
+                     value_discretization_interval: float = DEFAULT_VALUE_DISCRETIZATION_INTERVAL) -> float:
+  """Epsilon at `delta` of several DP-SGD stages on the SAME data, composed by dp-accounting.
+
+  stages: dicts with noise_multiplier, sampling_rate, steps (each a Poisson-sampled Gaussian run).
+  Tighter than adding the stages' epsilons (which is also an upper bound).
+  """
+  events = []
+  for s in stages:
+    check_params(noise_multiplier=s['noise_multiplier'], sampling_rate=s['sampling_rate'],
+                 steps=s['steps'], delta=delta, accountant=accountant)
+    if s['steps'] == 0:
+      continue
+    if s['noise_multiplier'] == 0:
+      return math.inf
+    events.append(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(s['sampling_rate'],
+                                            dp_accounting.GaussianDpEvent(s['noise_multiplier'])),
+        int(s['steps'])))
+  if not events:
+    return 0.0
+  acc = _accountant(accountant, value_discretization_interval)
+  acc.compose(dp_accounting.ComposedDpEvent(events))
+  return float(acc.get_epsilon(delta))
+
+
 def _solve_decreasing(f: Callable[[float], float], target: float, guess: float, lo_limit: float,
                       hi_limit: float) -> float:
   """Smallest-known x in [lo_limit, hi_limit] with f(x) <= target, f decreasing, f(x) ~ target.

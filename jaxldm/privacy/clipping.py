@@ -241,8 +241,9 @@ def clipped_grad_sum(loss_fn: LossFn,
 
   Returns:
     grad_sum: pytree like params (float32 or wider).
-    aux: "loss" (B,), "grad_norm" (B,) pre-clipping L2 norm, "clipped_fraction" () over real
-      examples (per-layer: any leaf clipped), "aux" per-example aux (B, ...) or None. These are
+    aux: "loss" (B,), "grad_norm" (B,) pre-clipping L2 norm, "clipped" (B,) whether each real
+      example was clipped (per-layer: any leaf), "clipped_fraction" () over real examples, "aux"
+      per-example aux (B, ...) or None. These are
       per-example values: in a DP run only aggregates may leave the step.
 
   Raises:
@@ -276,6 +277,7 @@ def clipped_grad_sum(loss_fn: LossFn,
       'loss': per_example['loss'],
       'grad_norm': per_example['grad_norm'],
       'clipped_fraction': jnp.sum(per_example['clipped']) / jnp.maximum(num_real, 1),
+      'clipped': per_example['clipped'],
       'aux': per_example['aux'] if has_aux else None,
   }
   return grad_sum, aux

@@ -2,9 +2,11 @@
 
 Why a separate file from the checkpoint: the ledger is the human- and auditor-readable statement of
 the guarantee (q, sigma, C, delta, steps actually taken, epsilon so far, where the noise seed came
-from), and it must survive restarts exactly. Invariant 5 of ../shared/DESIGN.md: accounting
-composes exactly the steps taken with the q and sigma used, so resuming with a different mechanism
-is refused, and `can_take` lets the trainer stop BEFORE the target would be exceeded.
+from, the settings and the dataset fingerprint the guarantee depends on, and the earlier stages on
+the same private data it composes with), and it must survive restarts exactly. docs/privacy.md,
+"Exact accounting": accounting composes exactly the steps taken with the q and sigma used, so
+resuming with a different mechanism, other settings or other data is refused, and `can_take` lets
+the trainer stop BEFORE the target would be exceeded.
 
 Writes are atomic (temporary file in the same directory, fsync, os.replace): a crash mid-write
 leaves the previous ledger, never a truncated one.
@@ -32,7 +34,7 @@ from jaxldm.privacy import accounting
 LEDGER_FILENAME = 'privacy_ledger.json'
 OS_ENTROPY = 'os-entropy'
 FIXED_SEED = 'fixed-seed (NOT SECURE: tests only)'
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 # Resuming with another value of any of these would make the ledger lie about the steps already
 # taken (the mechanism and data) or quietly move the budget (target_epsilon: to spend more, start a
 # new workdir or edit the ledger deliberately).
@@ -88,6 +90,12 @@ class PrivacyLedger:
   accountant: str = 'pld'
   target_epsilon: float | None = None
   noise_seed_provenance: str = OS_ENTROPY
+  # Settings the guarantee depends on, by config key (e.g. 'data.fingerprint', 'dp.per_layer'):
+  # a resume that changes any is refused naming the key.
+  pinned: dict = dataclasses.field(default_factory=dict)
+  # Earlier DP stages on the same private data (each: stage, workdir, sampling_rate,
+  # noise_multiplier, steps, delta, accountant): `composed_epsilon` composes them with this run.
+  upstream: list = dataclasses.field(default_factory=list)
   steps: int = 0
   epsilon_so_far: float = 0.0
   created: str = ''
@@ -97,13 +105,19 @@ class PrivacyLedger:
   def load_or_create(cls, workdir: str, *, sampling_rate: float, noise_multiplier: float,
                      l2_clip_norm: float, delta: float, dataset_size: int,
                      accountant: str = 'pld', target_epsilon: float | None = None,
-                     noise_seed_provenance: str = OS_ENTROPY) -> 'PrivacyLedger':
+                     noise_seed_provenance: str = OS_ENTROPY, pinned: dict | None = None,
+                     upstream: list | None = None) -> 'PrivacyLedger':
     """Resumes the ledger in `workdir`, or creates it (and the workdir) if absent.
 
+    `pinned` maps config keys to the values the guarantee depends on; `upstream` lists the earlier
+    DP stages on the same data (replaced by the current list on resume: they may have trained on).
+
     Raises:
-      ValueError: invalid parameters, or an existing ledger with a different mechanism (names the
-        field): the steps already taken were paid for with the recorded values.
+      ValueError: invalid parameters, or an existing ledger with a different mechanism or pinned
+        setting (names the field or config key): the steps already taken were paid for with the
+        recorded values.
     """
+    pinned = dict(pinned or {})
     accounting.check_params(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate,
                             delta=delta, target_epsilon=target_epsilon, accountant=accountant)
     if not l2_clip_norm > 0:
@@ -119,7 +133,7 @@ class PrivacyLedger:
       os.makedirs(workdir, exist_ok=True)
       now = _now()
       ledger = cls(path=path, noise_seed_provenance=noise_seed_provenance, created=now,
-                   updated=now, **wanted)
+                   updated=now, pinned=pinned, upstream=list(upstream or []), **wanted)
       ledger._write()
       return ledger
     ledger = cls.load(path)
@@ -129,6 +143,18 @@ class PrivacyLedger:
             f'{path}: cannot resume with {name}={wanted[name]!r}, the ledger records '
             f'{name}={getattr(ledger, name)!r} for the {ledger.steps} steps already taken. Resume '
             'with the recorded value, or start a new run in a new workdir.')
+    for key, value in pinned.items():
+      if key not in ledger.pinned and ledger.steps == 0:
+        continue
+      if key not in ledger.pinned or not _same(ledger.pinned[key], value):
+        recorded = repr(ledger.pinned[key]) if key in ledger.pinned else 'nothing (an older ledger)'
+        raise ValueError(
+            f"{path}: cannot resume with config key '{key}' = {value!r}; the ledger records "
+            f'{recorded} for the {ledger.steps} steps already taken. Resume with the recorded '
+            'setting (and the same private data), or start a new run in a new workdir.')
+    ledger.pinned.update(pinned)
+    if upstream is not None:
+      ledger.upstream = list(upstream)
     if noise_seed_provenance != ledger.noise_seed_provenance:
       # A run is only as secure as its weakest segment: once fixed, always flagged.
       if FIXED_SEED in (noise_seed_provenance, ledger.noise_seed_provenance):
@@ -143,6 +169,8 @@ class PrivacyLedger:
       with open(path) as f:
         record = json.load(f)
       record.pop('format_version')
+      record.setdefault('pinned', {})  # Format 1 pinned nothing.
+      record.setdefault('upstream', [])
       return cls(path=path, **record)
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise ValueError(f'{path} is not a readable privacy ledger ({e}). Restore it from a backup '
@@ -154,6 +182,14 @@ class PrivacyLedger:
                               sampling_rate=self.sampling_rate,
                               steps=self.steps if steps is None else steps, delta=self.delta,
                               accountant=self.accountant)
+
+  def composed_epsilon(self, steps: int | None = None) -> float:
+    """Epsilon of this run composed with its `upstream` stages (same data), at this run's delta."""
+    stages = [dict(noise_multiplier=u['noise_multiplier'], sampling_rate=u['sampling_rate'],
+                   steps=u['steps']) for u in self.upstream]
+    stages.append(dict(noise_multiplier=self.noise_multiplier, sampling_rate=self.sampling_rate,
+                       steps=self.steps if steps is None else steps))
+    return accounting.composed_epsilon(stages, delta=self.delta, accountant=self.accountant)
 
   def can_take(self, n_more_steps: int = 1) -> bool:
     """False if n more steps would push epsilon above the target (always True without one)."""

@@ -15,6 +15,18 @@ Key derivation inside `private_grad` (the trainer passes rng = fold_in(run_key, 
 The global example index i subsumes (microbatch, position in microbatch), so keys do not depend on
 the microbatch size. Keeping the noise stream separate matters: if an example reused the noise key,
 the loss randomness would be correlated with the DP noise.
+
+Released statistics (docs/privacy.md, "Nothing un-noised leaves"): the mean loss and the fraction of
+clipped examples of a private batch are membership signals if logged as computed. With
+`stats_weight` w > 0, each example contributes, besides its clipped gradient (norm <= C), one extra
+coordinate per statistic, bounded by w * C: its loss clipped to [-stats_bound, stats_bound] and
+scaled by w * C / stats_bound, and its "was clipped" indicator times w * C. The gradient and these
+coordinates form ONE vector with L2 sensitivity C_joint = C * sqrt(1 + k w^2) (k statistics), and ONE
+Gaussian mechanism adds N(0, (sigma * C_joint)^2) to all of it: the accountant's analysis of sigma is
+unchanged (noise relative to the sensitivity), no separate budget is spent, and the statistics' noise
+scales with sigma. The price is sqrt(1 + k w^2) more gradient noise (1% for k = 2, w = 0.1). The
+statistics are divided by the expected batch size, like the gradient (Andrew et al. 2021 release the
+clipped count of adaptive clipping the same way).
 """
 
 from collections.abc import Callable
@@ -35,6 +47,21 @@ NOISE_STREAM = 1
 def split_step_rng(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(example_rng, noise_rng) for one step; see the module docstring for why they differ."""
   return jax.random.fold_in(rng, EXAMPLE_STREAM), jax.random.fold_in(rng, NOISE_STREAM)
+
+
+def _stat_coordinates(aux: dict[str, Any], *, stats_bound: Any, weight: Any) -> dict[str, Any]:
+  """Per-statistic sums of the per-example coordinates, each example's bounded by `weight`.
+
+  loss and every scalar aux value: clip(x, -B, B) * weight / B; was-clipped indicator: * weight.
+  Masked (padding) rows are already zero in `aux` (clipping masks them with `where`).
+  """
+  scale = weight / stats_bound
+  sums = {'loss': jnp.sum(jnp.clip(aux['loss'], -stats_bound, stats_bound)) * scale,
+          'clipped_fraction': jnp.sum(aux['clipped'].astype(jnp.float32)) * weight}
+  for name, value in (aux.get('aux') or {}).items():
+    if jnp.ndim(value) == 1:  # Scalars per example only.
+      sums[name] = jnp.sum(jnp.clip(value, -stats_bound, stats_bound)) * scale
+  return sums
 
 
 def add_noise(grad_sum: PyTree, rng: jax.Array, *, std: Any) -> PyTree:
@@ -78,7 +105,9 @@ def private_grad(loss_fn: Callable[..., Any],
                  microbatch_size: int | None = None,
                  num_microbatches: Any = None,
                  has_aux: bool = False,
-                 per_layer: bool = False) -> tuple[PyTree, dict[str, Any]]:
+                 per_layer: bool = False,
+                 stats_weight: float = 0.0,
+                 stats_bound: float = 1.0) -> tuple[PyTree, dict[str, Any]]:
   """DP-SGD gradient of one logical batch: (clipped sum + Gaussian noise) / expected batch size.
 
   g = (sum_i mask_i clip(grad_i, C) + N(0, (noise_multiplier * C)^2 I)) / expected_batch_size
@@ -96,10 +125,15 @@ def private_grad(loss_fn: Callable[..., Any],
     num_microbatches: see `clipping.clipped_grad_sum` (variable count, one compilation).
     has_aux: loss_fn returns (loss, aux).
     per_layer: per-layer clipping (sensitivity still C).
+    stats_weight: w (static); > 0 releases noisy means of the loss, the clipped fraction and each
+      scalar aux value through the same Gaussian mechanism (module docstring); 0 releases none.
+    stats_bound: B (static) > 0; per-example losses and aux values are clipped to [-B, B].
 
   Returns:
-    (noisy averaged gradient like params, aux from clipping plus "noise_std" of the gradient
-    after division, i.e. sigma * C / expected_batch_size).
+    (noisy averaged gradient like params, aux from clipping (per example: never to be released
+    from a DP run) plus "noise_std" of the gradient after division, i.e.
+    sigma * C_joint / expected_batch_size, and with stats_weight > 0 "released": {name: noisy mean
+    over the expected batch size} and "released_noise_std": {name: its noise std}).
   """
   _check_nonnegative_if_concrete('noise_multiplier', noise_multiplier)
   _check_nonnegative_if_concrete('expected_batch_size', expected_batch_size, strict=True)
@@ -109,8 +143,21 @@ def private_grad(loss_fn: Callable[..., Any],
       microbatch_size=microbatch_size, num_microbatches=num_microbatches, has_aux=has_aux,
       per_layer=per_layer)
   num_leaves = len(jax.tree_util.tree_leaves(grad_sum))
-  std = noise_multiplier * clipping.sensitivity(l2_clip_norm, per_layer, num_leaves)
-  noisy_sum = add_noise(grad_sum, noise_rng, std=std)
+  sens = clipping.sensitivity(l2_clip_norm, per_layer, num_leaves)
+  if stats_weight < 0 or (stats_weight > 0 and not stats_bound > 0):
+    raise ValueError(f'stats_weight must be >= 0 and stats_bound > 0, got {stats_weight}, {stats_bound}.')
+  if stats_weight > 0:
+    weight = stats_weight * l2_clip_norm
+    stats = _stat_coordinates(aux, stats_bound=stats_bound, weight=weight)
+    joint = jnp.sqrt(sens**2 + len(stats) * weight**2)  # Add/remove-one L2 sensitivity of the vector.
+    std = noise_multiplier * joint
+    noisy_sum, noisy_stats = add_noise((grad_sum, stats), noise_rng, std=std)  # ONE mechanism.
+    unit = {name: (weight if name == 'clipped_fraction' else weight / stats_bound) for name in stats}
+    aux['released'] = {name: noisy_stats[name] / unit[name] / expected_batch_size for name in stats}
+    aux['released_noise_std'] = {name: std / unit[name] / expected_batch_size for name in stats}
+  else:
+    std = noise_multiplier * sens
+    noisy_sum = add_noise(grad_sum, noise_rng, std=std)
   grad = jax.tree_util.tree_map(lambda x: x / jnp.asarray(expected_batch_size, x.dtype), noisy_sum)
   aux['noise_std'] = std / expected_batch_size
   return grad, aux

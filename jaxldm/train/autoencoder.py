@@ -177,7 +177,7 @@ def estimate_scale_factor(model, params, volumes: np.ndarray, batch_size: int) -
 # The run
 # ---------------------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-  workdir, console = common.prepare_workdir(config, workdir)
+  workdir, console = common.prepare_workdir(config, workdir, record_config=False)
   private = "dp" in config and bool(config.dp.enabled)
   primary = distributed.is_primary()  # Process 0 writes logs and records (orbax: all processes).
   if private:
@@ -186,6 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   # --- data ---------------------------------------------------------------------------------
   dataset = build_dataset(config.data, progress=True)
   volumes, _, _ = dataset.arrays()
+  fingerprint = dataset.fingerprint()
   n = len(volumes)
   console.print(f"data: {n} volumes {tuple(volumes.shape[1:])} from {config.data.root}"
                 + (" [bold](private)[/]" if private else ""))
@@ -211,13 +212,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   state = common.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
                             ema_params=jax.tree_util.tree_map(jnp.copy, params), extra=extra)
   console.print(f"autoencoder: {common.count_params(params):,} parameters")
-  if primary:
-    (workdir / "parameters.txt").write_text(common.parameter_overview(params))
 
   # --- privacy ------------------------------------------------------------------------------
   steps, bs = config.train.steps, config.train.batch_size
   mesh = common.make_mesh(config.train.num_devices)
-  dp_run = dp.setup(config.dp, workdir, n, steps, console, mesh.devices.size) if private else None
+  dp_run = None
+  if private:
+    dp_run = dp.setup(config.dp, workdir, n, steps, console, mesh.devices.size,
+                      pinned=dp.pinned_settings(config.dp, fingerprint))
 
   # --- checkpoint ---------------------------------------------------------------------------
   state = common.replicate(state, mesh)  # Before restoring: orbax restores into this sharding.
@@ -226,6 +228,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   start = int(state.step)
   if start:
     console.print(f"resuming from step {start}")
+  if private:
+    dp_run.resume_at(start)
+  if primary:  # Every resume check has passed: now the run's records may change.
+    common.save_config(config, workdir / "config.json")
+    (workdir / "parameters.txt").write_text(common.parameter_overview(params))
   log = common.MetricsLog(workdir, start) if primary else None
 
   # --- step ---------------------------------------------------------------------------------
@@ -267,8 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           metrics["epsilon"] = epsilon
         if primary:
           log.write(done, metrics)
-        eps = f" eps {epsilon:.2f}" if private else ""
-        progress.update(task, completed=done, rate=rate_meter(done), info=f"loss {float(metrics['loss']):.4f}{eps}")
+        progress.update(task, completed=done, rate=rate_meter(done), info=common.progress_info(metrics))
       else:
         progress.update(task, completed=done)
       if sample_now and primary:  # Never under DP (check_private): these are training volumes.
@@ -294,7 +300,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   else:
     scale, latent_shape = estimate_scale_factor(model, ema_params, volumes, bs)
   info = {"scale_factor": scale, "latent_shape": latent_shape, "data_shape": list(volumes.shape[1:]),
-          "model": to_dict(config.model), "steps": final_step, "private": private}
+          "model": to_dict(config.model), "steps": final_step, "private": private,
+          "data_fingerprint": fingerprint}
   if private:
     info["privacy"] = dp_run.record(epsilon, stopped_for_budget)
     console.print(dp_run.summary(final_step, stopped_for_budget))

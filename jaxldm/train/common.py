@@ -239,13 +239,21 @@ def restore_params(directory: str | pathlib.Path, target_params, *, use_ema: boo
 # ---------------------------------------------------------------------------------------------
 # workdir, metrics and progress
 # ---------------------------------------------------------------------------------------------
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: str | pathlib.Path):
-  """Creates WORKDIR and WORKDIR/samples, records the resolved config; returns (path, console)."""
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+                    record_config: bool = True):
+  """Creates WORKDIR and WORKDIR/samples, records the resolved config; returns (path, console).
+
+  record_config=False: the trainer writes config.json itself (`save_config`) once every resume
+  check has passed, so a refused resume leaves the run's recorded config as it was.
+  """
   from rich.console import Console
 
   workdir = pathlib.Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise ConfigError(f"--workdir {workdir}: is a file, not a directory; choose a directory")
   (workdir / "samples").mkdir(parents=True, exist_ok=True)
-  save_config(config, workdir / "config.json")
+  if record_config:
+    save_config(config, workdir / "config.json")
   return workdir, Console()
 
 
@@ -253,6 +261,14 @@ def write_json(path: str | pathlib.Path, record: dict) -> None:
   """Atomic: a reader never sees half a file."""
   with atomic_open(path) as f:
     f.write(json.dumps(record, indent=2) + "\n")
+
+
+def progress_info(metrics: dict[str, Any]) -> str:
+  """The progress bar's text: the (DP: noisy) loss if logged, and epsilon."""
+  parts = [f"loss {float(metrics['loss']):.4f}"] if "loss" in metrics else []
+  if "epsilon" in metrics:
+    parts.append(f"eps {float(metrics['epsilon']):.2f}")
+  return " ".join(parts)
 
 
 class MetricAverager:

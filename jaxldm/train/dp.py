@@ -8,7 +8,14 @@
   run.record(...)       what the run record says about privacy
 
 A trainer supplies only its per-example loss. Keeping this in one module keeps the two trainers
-from drifting apart on the parts that carry the guarantee (DESIGN.md, "Privacy invariants").
+from drifting apart on the parts that carry the guarantee (docs/privacy.md).
+
+Resumes (docs/privacy.md, "Exact accounting"): every start of a run is a new *attempt*, counted in
+the secrets file; the noise key and the sampling seed of an attempt fold the attempt in, so steps
+re-taken after a crash (from a checkpoint older than the ledger) are fresh mechanism invocations and
+are counted again: the ledger may over-count, never under-count. A ledger that records steps
+without its secrets file, a checkpoint ahead of the ledger, or a change of any pinned setting
+(data fingerprint, clipping, trainable set, K, released statistics) is refused.
 
 Multi-host: process 0 owns the files (ledger, secrets); the seeds are broadcast so every process
 samples the same batches and draws the same noise, and every process keeps the same accounting in
@@ -47,6 +54,8 @@ def dp_config(*, private: bool, tiny: bool) -> ml_collections.ConfigDict:
   c.microbatch_size = 8 if tiny else 32  # Examples per vmapped chunk (memory bound; same result).
   c.accountant = "rdp" if tiny else "pld"  # "pld" (tighter) or "rdp".
   c.noise_seed = config_dict.placeholder(int)  # Fixed noise/sampling seed: TESTS ONLY (flagged insecure).
+  c.stats_weight = 0.1  # Sensitivity of each logged statistic (loss, clipped fraction) as a fraction of C; 0 logs none.
+  c.stats_bound = 1.0  # Per-example losses are clipped to [-B, B] before their noisy mean is logged.
   return c
 
 
@@ -59,20 +68,47 @@ def _memory_ledger(ledger_cls, **fields):
 
 @dataclasses.dataclass
 class PrivateRun:
-  """What a DP training loop needs, built once by `setup`."""
+  """What a DP training loop needs, built once by `setup`; `resume_at` once the checkpoint is known."""
   ledger: Any                 # jaxldm.privacy.ledger.PrivacyLedger (file on process 0).
-  batcher: Any                # jaxldm.privacy.sampling.PoissonBatcher (secret sampling seed).
-  noise_key: jax.Array        # Base key of the DP noise (secret); step s uses fold_in(key, s).
+  batcher: Any                # jaxldm.privacy.sampling.PoissonBatcher (secret, per-attempt seed).
+  noise_key: jax.Array        # This attempt's base key of the DP noise; step s uses fold_in(key, s).
   noise_multiplier: float     # Sigma actually used (given or calibrated).
-  allowed_steps: int          # Steps the budget allows (<= train.steps).
+  allowed_steps: int          # Steps the budget allows (<= train.steps), as a step index.
   per_layer: bool             # Per-layer clipping (dp.per_layer).
+  attempt: int = 0            # Starts of this run so far, this one included, minus one.
+  steps: int = 0              # train.steps.
+  console: Any = None
+  start: int = 0              # The step the loop resumes from (checkpoint).
+  ledger_steps_at_start: int = 0  # Mechanism invocations the ledger counted before this attempt.
 
   @property
   def expected_batch_size(self) -> float:
     return self.batcher.expected_batch_size
 
+  def resume_at(self, start: int) -> int:
+    """Fixes the step the loop resumes from; returns the last step index the budget allows.
+
+    Every step this attempt executes is a new invocation of the mechanism (fresh noise and batch),
+    counted on top of what the ledger already holds, even a step the ledger counted before a crash.
+
+    Raises:
+      ConfigError: a checkpoint ahead of the ledger (the ledger would under-count).
+    """
+    if start > self.ledger.steps:
+      raise ConfigError(f"{self.ledger.path}: the checkpoint is at step {start} but the ledger counts only "
+                        f"{self.ledger.steps} steps; the ledger would under-count. Restore the run's ledger, "
+                        "or start a new run in a new workdir")
+    self.start, self.ledger_steps_at_start = int(start), int(self.ledger.steps)
+    allowed = _allowed_count(self.ledger, self.ledger.target_epsilon, self.ledger.steps + self.steps - start)
+    self.allowed_steps = start + allowed - self.ledger.steps
+    if self.allowed_steps < self.steps and self.console is not None:
+      retaken = f" ({self.ledger.steps - start} re-taken after a crash count again)" if self.ledger.steps > start else ""
+      self.console.print(f"[yellow]budget: epsilon {self.ledger.target_epsilon} allows {self.allowed_steps - start} "
+                         f"more of the {self.steps - start} remaining steps{retaken}[/]")
+    return self.allowed_steps
+
   def step_inputs(self, examples, step: int, mesh: jax.sharding.Mesh):
-    """(batch, mask, num_microbatches, rng) of step `step`: a pure function of the secrets and step.
+    """(batch, mask, num_microbatches, rng) of step `step`: a pure function of the secrets, attempt, step.
 
     The same on every process (same seeds), so the global batch can be assembled from each
     process's rows, and the noise key is the same everywhere (noise drawn once, globally).
@@ -82,33 +118,51 @@ class PrivateRun:
                                       sb.mask.astype(np.float32)), mesh)
     return batch, mask, jnp.asarray(sb.num_microbatches, jnp.int32), jax.random.fold_in(self.noise_key, step)
 
-  def record_steps(self, total_steps: int) -> float:
-    """Epsilon after steps 1..total_steps; process 0 writes the ledger first (it may over-count,
-    never under-count: call it before anything computed from these steps leaves the loop)."""
-    return self.ledger.record_total(total_steps)
+  def record_steps(self, done: int) -> float:
+    """Epsilon after the steps of this attempt up to step `done`; process 0 writes the ledger first
+    (call it before anything computed from these steps leaves the loop)."""
+    return self.ledger.record_total(self.ledger_steps_at_start + max(0, int(done) - self.start))
 
   def record(self, epsilon: float, stopped_for_budget: bool) -> dict:
     ledger = self.ledger
-    return dict(epsilon=epsilon, delta=ledger.delta, noise_multiplier=ledger.noise_multiplier,
-                sampling_rate=ledger.sampling_rate, l2_clip_norm=ledger.l2_clip_norm,
-                per_layer=self.per_layer, accountant=ledger.accountant,
-                noise_seed=ledger.noise_seed_provenance, stopped_for_budget=stopped_for_budget)
+    out = dict(epsilon=epsilon, delta=ledger.delta, noise_multiplier=ledger.noise_multiplier,
+               sampling_rate=ledger.sampling_rate, l2_clip_norm=ledger.l2_clip_norm,
+               per_layer=self.per_layer, accountant=ledger.accountant, mechanism_steps=ledger.steps,
+               noise_seed=ledger.noise_seed_provenance, stopped_for_budget=stopped_for_budget,
+               data_fingerprint=ledger.pinned.get("data.fingerprint"))
+    if ledger.upstream:
+      out["stages"] = [dict(u) for u in ledger.upstream] + [dict(
+          stage="this run", epsilon=epsilon, steps=ledger.steps, noise_multiplier=ledger.noise_multiplier,
+          sampling_rate=ledger.sampling_rate)]
+      out["composed_epsilon"] = ledger.composed_epsilon()
+    return out
 
   def summary(self, steps: int, stopped_for_budget: bool) -> str:
     ledger = self.ledger
-    return (f"DP: epsilon {ledger.epsilon(steps):.3f} at delta {ledger.delta:g} after {steps} steps "
+    composed = (f"; composed with {len(ledger.upstream)} earlier stage(s) on the same data: epsilon "
+                f"{ledger.composed_epsilon():.3f}" if ledger.upstream else "")
+    return (f"DP: epsilon {ledger.epsilon():.3f} at delta {ledger.delta:g} after {ledger.steps} mechanism steps "
             f"(sigma {ledger.noise_multiplier:.4f}, q {ledger.sampling_rate:.4g}, {ledger.accountant}"
-            f"{', per-layer clipping' if self.per_layer else ''})"
+            f"{', per-layer clipping' if self.per_layer else ''}){composed}"
             + (" — stopped: the next step would exceed the budget" if stopped_for_budget else ""))
 
 
+def pinned_settings(dp: ml_collections.ConfigDict, data_fingerprint: str, **extra) -> dict:
+  """What a resume must not change, by config key (extra: e.g. train.trainable, K)."""
+  return {"data.fingerprint": data_fingerprint, "dp.per_layer": bool(dp.per_layer),
+          "dp.stats_weight": float(dp.stats_weight), "dp.stats_bound": float(dp.stats_bound), **extra}
+
+
 def setup(dp: ml_collections.ConfigDict, workdir: pathlib.Path, n: int, steps: int, console,
-          num_devices: int) -> PrivateRun:
+          num_devices: int, *, pinned: dict | None = None, upstream: list | None = None) -> PrivateRun:
   """Sigma, ledger, secret seeds, Poisson batcher and step budget of a DP run over n examples.
 
+  Call `resume_at(start)` on the result once the checkpoint step is known.
+
   Raises:
-    ConfigError: a sampling rate outside (0, 1], an unreachable target epsilon, or a workdir whose
-      ledger records another mechanism (each names the config key or the file).
+    ConfigError: a sampling rate outside (0, 1], an unreachable target epsilon, a workdir whose
+      ledger records another mechanism or pinned setting, or steps without the secrets file (each
+      names the config key or the file).
   """
   from jaxldm.privacy import accounting, ledger as ledger_lib, sampling
 
@@ -121,6 +175,11 @@ def setup(dp: ml_collections.ConfigDict, workdir: pathlib.Path, n: int, steps: i
     raise ConfigError(f"config key 'dp.l2_clip_norm': {dp.l2_clip_norm}; the clip norm must be > 0")
   if dp.microbatch_size < 1:
     raise ConfigError(f"config key 'dp.microbatch_size': {dp.microbatch_size}; it must be >= 1")
+  if not dp.stats_weight >= 0 or not dp.stats_bound > 0:
+    raise ConfigError(f"config keys 'dp.stats_weight' ({dp.stats_weight}) and 'dp.stats_bound' "
+                      f"({dp.stats_bound}): need stats_weight >= 0 and stats_bound > 0")
+  if not 0 < dp.delta < 1:
+    raise ConfigError(f"config key 'dp.delta': {dp.delta}; delta must be in (0, 1), e.g. 1e-5")
   sigma = dp.noise_multiplier
   if sigma <= 0:
     try:
@@ -129,57 +188,135 @@ def setup(dp: ml_collections.ConfigDict, workdir: pathlib.Path, n: int, steps: i
     except ValueError as e:
       raise ConfigError(f"config key 'dp.target_epsilon': {e}") from e
   sigma = float(sigma)
-  provenance = ledger_lib.FIXED_SEED if dp.noise_seed is not None else ledger_lib.OS_ENTROPY
   fields = dict(sampling_rate=q, noise_multiplier=sigma, l2_clip_norm=dp.l2_clip_norm, delta=dp.delta,
-                dataset_size=n, accountant=dp.accountant, target_epsilon=dp.target_epsilon,
-                noise_seed_provenance=provenance)
+                dataset_size=n, accountant=dp.accountant, target_epsilon=dp.target_epsilon)
   if distributed.is_primary():
+    secrets_path = workdir / SECRETS_FILENAME
+    ledger_path = workdir / ledger_lib.LEDGER_FILENAME
+    if ledger_path.is_file() and not secrets_path.is_file():
+      recorded = ledger_lib.PrivacyLedger.load(str(ledger_path)).steps
+      if recorded:
+        raise ConfigError(f"{secrets_path} is missing but {ledger_path} records {recorded} steps: a resume "
+                          "would draw new secret seeds and its steps could go uncounted. Restore the "
+                          "secrets file, or start a new run in a new workdir")
+    if ledger_path.is_file() and pinned and "data.fingerprint" in pinned:
+      recorded = ledger_lib.PrivacyLedger.load(str(ledger_path))
+      was = recorded.pinned.get("data.fingerprint")
+      if recorded.steps and was != pinned["data.fingerprint"]:
+        raise ConfigError(f"config key 'data.root': the private dataset differs from the one {ledger_path} "
+                          f"counts {recorded.steps} steps on (data fingerprint {pinned['data.fingerprint'][:12]} "
+                          f"vs {str(was)[:12]}); resume on the original data (same files and attributes), or "
+                          "start a new run in a new workdir")
+    seeds = _peek_seeds(secrets_path, dp.noise_seed)
     try:
-      ledger = ledger_lib.PrivacyLedger.load_or_create(str(workdir), **fields)
+      ledger = ledger_lib.PrivacyLedger.load_or_create(
+          str(workdir), noise_seed_provenance=seeds["provenance"], pinned=pinned, upstream=upstream, **fields)
     except ValueError as e:
       raise ConfigError(str(e)) from e
-    seeds = _load_or_create_seeds(workdir, dp.noise_seed)
+    seeds = _start_attempt(secrets_path, seeds)  # Only once every check has passed.
   else:
-    ledger, seeds = None, {"noise_seed": 0, "sampling_seed": 0}
-  # Every process: process 0's seeds and step count (same batches, same noise, same budget).
-  seeds = distributed.broadcast_seeds(seeds)
+    ledger, seeds = None, {"noise_seed": 0, "sampling_seed": 0, "attempt": 0}
+  # Every process: process 0's seeds, attempt and step count (same batches, same noise, same budget).
+  ints = distributed.broadcast_seeds({k: seeds[k] for k in ("noise_seed", "sampling_seed", "attempt")})
   taken = distributed.broadcast_int(ledger.steps if ledger is not None else 0)
   if ledger is None:
     ledger = _memory_ledger(ledger_lib.PrivacyLedger, path=str(workdir / ledger_lib.LEDGER_FILENAME),
-                            steps=taken, **fields)
+                            steps=taken, pinned=dict(pinned or {}), upstream=list(upstream or []), **fields)
 
   # One static padded size, a multiple of microbatch x devices so the batch shards evenly.
   multiple = dp.microbatch_size * num_devices
-  batcher = sampling.PoissonBatcher(n, q, seeds["sampling_seed"], microbatch_size=dp.microbatch_size,
+  attempt = ints["attempt"]
+  batcher = sampling.PoissonBatcher(n, q, _attempt_seed(ints["sampling_seed"], attempt),
+                                    microbatch_size=dp.microbatch_size,
                                     max_size=sampling.max_batch_size(n, q, multiple))
-  noise_key = ledger_lib.key_from_seed(seeds["noise_seed"])  # All 63 bits (PRNGKey keeps 32).
-  allowed = _allowed_steps(ledger, dp.target_epsilon, steps)
-  if allowed < steps:
-    console.print(f"[yellow]budget: epsilon {dp.target_epsilon} allows {allowed} of {steps} steps[/]")
+  # All 63 bits of the seed (PRNGKey keeps 32), then the attempt: re-taken steps get fresh noise.
+  noise_key = jax.random.fold_in(ledger_lib.key_from_seed(ints["noise_seed"]), attempt)
   console.print(f"DP-SGD: q = {q:.4g} (expected batch {dp.expected_batch_size}), sigma = {sigma:.4f}, "
                 f"C = {dp.l2_clip_norm}{' per layer' if dp.per_layer else ''}, delta = {dp.delta:g}, "
                 f"{dp.accountant.upper()} accountant, noise seed: {ledger.noise_seed_provenance}; "
-                f"padded batch {batcher.max_size}")
-  return PrivateRun(ledger=ledger, batcher=batcher, noise_key=noise_key, noise_multiplier=sigma,
-                    allowed_steps=allowed, per_layer=bool(dp.per_layer))
+                f"padded batch {batcher.max_size}" + (f"; attempt {attempt + 1}" if attempt else ""))
+  run = PrivateRun(ledger=ledger, batcher=batcher, noise_key=noise_key, noise_multiplier=sigma,
+                   allowed_steps=steps, per_layer=bool(dp.per_layer), attempt=attempt, steps=steps,
+                   console=console)
+  run.resume_at(0)  # Trainers call it again with the checkpoint's step.
+  return run
 
 
-def _load_or_create_seeds(workdir: pathlib.Path, fixed: int | None) -> dict[str, int]:
-  """The secret seeds live in the workdir (never in logs) so a resumed run continues exactly."""
-  path = workdir / "dp_secrets.json"
+SECRETS_FILENAME = "dp_secrets.json"
+
+
+def upstream_stages(config_key: str, workdir, info: dict, fingerprint: str) -> list[dict]:
+  """The DP stages of an input model (autoencoder, pretrained LDM) on this run's private data.
+
+  An input trained on other data (another fingerprint) composes with nothing. One trained on the
+  SAME data: with DP, its stages compose with this run (listed, for the ledger); without DP, it is
+  refused (docs/privacy.md, "Stages compose"): its parameters are an un-noised function of the
+  private data.
+
+  Raises:
+    ConfigError: naming `config_key`, for a non-private input trained on the private data.
+  """
+  from jaxldm.privacy import ledger as ledger_lib
+
+  workdir = pathlib.Path(workdir)
+  if info.get("data_fingerprint") != fingerprint:
+    return []
+  if not info.get("private"):
+    raise ConfigError(f"config key '{config_key}': {workdir} was trained WITHOUT DP on this run's private data "
+                      "(same data fingerprint), so it carries the data outside the mechanism; train it on "
+                      "public data, or with DP (its epsilon then composes with this run's)")
+  ledger = ledger_lib.PrivacyLedger.load(str(workdir / ledger_lib.LEDGER_FILENAME))
+  own = dict(stage=config_key, workdir=str(workdir.absolute()), sampling_rate=ledger.sampling_rate,
+             noise_multiplier=ledger.noise_multiplier, steps=ledger.steps, delta=ledger.delta,
+             accountant=ledger.accountant, epsilon=ledger.epsilon())
+  return [dict(u) for u in ledger.upstream] + [own]
+
+
+def merge_stages(*lists: list[dict]) -> list[dict]:
+  """Stages of several inputs, each workdir once (a pretrained LDM may list the same autoencoder)."""
+  out, seen = [], set()
+  for stages in lists:
+    for st in stages:
+      if st["workdir"] not in seen:
+        seen.add(st["workdir"])
+        out.append(st)
+  return out
+
+
+def _peek_seeds(path: pathlib.Path, fixed: int | None) -> dict:
+  """The run's secret seeds (from the file, or new), NOT yet written: nothing is written before
+  every resume check has passed. Provenance comes from the seeds actually used."""
+  from jaxldm.privacy import ledger as ledger_lib
+
   if path.is_file():
-    return json.loads(path.read_text())
+    seeds = json.loads(path.read_text())
+    seeds.setdefault("attempt", 0)
+    seeds.setdefault("provenance", ledger_lib.FIXED_SEED if fixed is not None else ledger_lib.OS_ENTROPY)
+    seeds["attempt"] += 1  # This start is a new attempt.
+    return seeds
   entropy = lambda: int.from_bytes(os.urandom(8), "little") >> 1
-  seeds = {"noise_seed": fixed if fixed is not None else entropy(),
-           "sampling_seed": fixed + 1 if fixed is not None else entropy()}
-  with atomic_open(path, private=True) as f:  # 0600 from the first byte.
+  return {"noise_seed": fixed if fixed is not None else entropy(),
+          "sampling_seed": fixed + 1 if fixed is not None else entropy(), "attempt": 0,
+          "provenance": ledger_lib.FIXED_SEED if fixed is not None else ledger_lib.OS_ENTROPY}
+
+
+def _start_attempt(path: pathlib.Path, seeds: dict) -> dict:
+  """Writes the secrets with this attempt's number (0600 from the first byte)."""
+  with atomic_open(path, private=True) as f:
     json.dump(seeds, f)
   return seeds
 
 
-def _allowed_steps(ledger, target_epsilon: float, steps: int) -> int:
-  """The largest step count whose epsilon stays within the target."""
-  if not target_epsilon > 0 or ledger.epsilon(steps) <= target_epsilon * (1 + 1e-9):
+def _attempt_seed(sampling_seed: int, attempt: int) -> int:
+  """The sampling seed of an attempt: 63 bits from (secret seed, attempt)."""
+  words = np.random.SeedSequence([int(sampling_seed) >> 32, int(sampling_seed) & 0xFFFFFFFF,
+                                  int(attempt)]).generate_state(2, np.uint32)
+  return (int(words[0]) << 31) | (int(words[1]) >> 1)
+
+
+def _allowed_count(ledger, target_epsilon: float | None, steps: int) -> int:
+  """The largest mechanism-step count (<= steps) whose epsilon stays within the target."""
+  if target_epsilon is None or not target_epsilon > 0 or ledger.epsilon(steps) <= target_epsilon * (1 + 1e-9):
     return steps
   lo, hi = ledger.steps, steps
   while lo < hi:
@@ -202,19 +339,19 @@ def private_gradient(loss_fn, params, batch, mask, num_microbatches, rng, *, dp:
       the one noise key of this logical batch.
 
   Returns:
-    (noisy gradient like params, metrics). Aggregates only (invariant 7): nothing per example
-    leaves the step.
+    (noisy gradient like params, metrics). Only what the mechanism releases (docs/privacy.md,
+    "Nothing un-noised leaves"): the norm of the noisy gradient (post-processing), and with
+    dp.stats_weight > 0 the noisy means of the loss, the clipped fraction and each scalar aux value,
+    released through the step's one Gaussian mechanism. Nothing per example, and no un-noised
+    aggregate, leaves the step.
   """
   from jaxldm.privacy import noise
 
   grads, aux = noise.private_grad(
       loss_fn, params, batch, rng, l2_clip_norm=dp.l2_clip_norm, noise_multiplier=noise_multiplier,
       expected_batch_size=expected_batch_size, mask=mask, microbatch_size=dp.microbatch_size,
-      num_microbatches=num_microbatches, has_aux=has_aux, per_layer=bool(dp.per_layer))
-  real = jnp.maximum(mask.sum(), 1)
-  mean = lambda v: (v * mask).sum() / real
-  metrics = {"loss": mean(aux["loss"]), "grad_norm": common.global_norm(grads),
-             "clipped_fraction": aux["clipped_fraction"]}
-  if has_aux:
-    metrics.update({name: mean(value) for name, value in aux["aux"].items()})
+      num_microbatches=num_microbatches, has_aux=has_aux, per_layer=bool(dp.per_layer),
+      stats_weight=float(dp.stats_weight), stats_bound=float(dp.stats_bound))
+  metrics = {"grad_norm": common.global_norm(grads)}  # Of the noisy gradient: post-processing.
+  metrics.update(aux.get("released", {}))
   return grads, metrics

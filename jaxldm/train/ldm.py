@@ -68,9 +68,11 @@ def unet_apply(unet: LatentUNet):
   return apply_fn
 
 
-def attribute_stats(config, attributes: np.ndarray, mask: np.ndarray, columns) -> tuple[list, list]:
+def attribute_stats(config, attributes: np.ndarray, mask: np.ndarray, columns, dataset=None) -> tuple[list, list]:
   """Mean/std used to standardise attributes. In DP runs they must not come from the private data."""
   source = config.conditioning.stats_from
+  if config.dp.enabled and source not in ("data", "pretrained") and dataset is not None:
+    _check_public_csv(source, dataset)
   if source == "data":
     if config.dp.enabled:
       raise ConfigError("config key 'conditioning.stats_from': 'data' would compute attribute statistics "
@@ -91,6 +93,25 @@ def attribute_stats(config, attributes: np.ndarray, mask: np.ndarray, columns) -
     mean.append(float(present.mean()) if present.size else 0.0)
     std.append(float(present.std()) if present.size > 1 and present.std() > 0 else 1.0)
   return mean, std
+
+
+def _check_public_csv(source: str, dataset) -> None:
+  """Refuses a statistics CSV that is the private data's attribute table (or a copy of its rows)."""
+  path = pathlib.Path(source)
+  private_csv = dataset.root / "attributes.csv"
+  same_file = path.is_file() and private_csv.is_file() and (
+      path.resolve() == private_csv.resolve() or path.read_bytes() == private_csv.read_bytes())
+  same_rows = False
+  if not same_file and path.is_file() and len(dataset.columns):
+    try:
+      vals, msk = read_attributes(source, dataset.columns, subject_ids=dataset.subject_ids, strict_ids=False)
+      same_rows = bool(msk.sum()) and np.array_equal(vals * msk, dataset.attributes * dataset.attribute_mask)
+    except Exception:  # A CSV keyed differently is not the private table.
+      same_rows = False
+  if same_file or same_rows:
+    raise ConfigError(f"config key 'conditioning.stats_from': {source} holds the private data's attribute rows; "
+                      "statistics from it would leave the DP mechanism un-noised. Use 'pretrained' or a "
+                      "CSV of public data")
 
 
 def encode_latents(model, params, volumes: np.ndarray, scale: float, batch_size: int) -> np.ndarray:
@@ -172,7 +193,7 @@ def _step_cache_key(config, private: bool, num_attributes: int, latent_channels:
   the expected batch size are traced arguments, so runs at different epsilons share one program."""
   parts = {"model": to_dict(config.model), "diffusion": to_dict(config.diffusion), "optim": to_dict(config.optim),
            "steps": config.train.steps, "trainable": config.train.trainable, "private": private,
-           "dp": {k: to_dict(config.dp)[k] for k in ("l2_clip_norm", "per_layer", "microbatch_size")},
+           "dp": {k: to_dict(config.dp)[k] for k in ("l2_clip_norm", "per_layer", "microbatch_size", "stats_weight", "stats_bound")},
            "num_attributes": num_attributes, "latent_channels": latent_channels, "vmapped": vmapped}
   return json.dumps(parts, sort_keys=True, default=str)
 
@@ -226,7 +247,7 @@ class Prepared:
 
 def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Prepared:
   """Setup, data, model, privacy, state and checkpoint of one run (the sections before the loop)."""
-  workdir, console = common.prepare_workdir(config, workdir)
+  workdir, console = common.prepare_workdir(config, workdir, record_config=False)
   private = bool(config.dp.enabled)
   primary = distributed.is_primary()  # Process 0 writes logs and records (orbax: all processes).
   # --- autoencoder (frozen) -----------------------------------------------------------------
@@ -240,7 +261,15 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> P
     raise ConfigError(f"config key 'data.shape': {tuple(volumes.shape[1:])} differs from the autoencoder's "
                       f"{tuple(ae_info['data_shape'])}")
   columns = list(dataset.columns)
-  mean, std = attribute_stats(config, attributes, attr_mask, columns)
+  fingerprint = dataset.fingerprint()
+  upstream = []
+  if private:  # Inputs trained on this private data: DP ones compose, non-private ones are refused.
+    upstream = dp.upstream_stages("autoencoder_workdir", config.autoencoder_workdir, ae_info, fingerprint)
+    if config.pretrained_workdir:
+      pre_info = json.loads((pathlib.Path(config.pretrained_workdir) / "ldm.json").read_text())
+      upstream = dp.merge_stages(upstream, dp.upstream_stages("pretrained_workdir", config.pretrained_workdir,
+                                                              pre_info, fingerprint))
+  mean, std = attribute_stats(config, attributes, attr_mask, columns, dataset)
   attributes = ((attributes - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)) * attr_mask
   latents = encode_latents(ae_model, ae_params, volumes, scale, config.train.batch_size)
   n = len(latents)
@@ -264,22 +293,23 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> P
   trainable, frozen = partition.split(params, config.train.trainable)
   console.print(f"latent UNet: {common.count_params(params):,} parameters, "
                 f"{common.count_params(trainable):,} trainable ({config.train.trainable})")
-  if primary:
-    (workdir / "parameters.txt").write_text(common.parameter_overview(params))
   schedule = make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps,
                            config.diffusion.beta_start, config.diffusion.beta_end)
 
   info = {"attributes": columns, "attribute_mean": mean, "attribute_std": std,
           "autoencoder_workdir": str(pathlib.Path(config.autoencoder_workdir).absolute()),
           "scale_factor": scale, "latent_shape": list(latents.shape[1:]), "model": to_dict(config.model),
-          "diffusion": to_dict(config.diffusion), "private": private}
-  if primary:
-    common.write_json(workdir / "ldm.json", info)
+          "diffusion": to_dict(config.diffusion), "private": private, "data_fingerprint": fingerprint}
 
   # --- privacy ------------------------------------------------------------------------------
   steps = config.train.steps
   mesh = common.make_mesh(config.train.num_devices)
-  dp_run = dp.setup(config.dp, workdir, n, steps, console, mesh.devices.size) if private else None
+  dp_run = None
+  if private:
+    pinned = dp.pinned_settings(config.dp, fingerprint, **{
+        "train.trainable": config.train.trainable,
+        "diffusion.noise_multiplicity": int(config.diffusion.noise_multiplicity)})
+    dp_run = dp.setup(config.dp, workdir, n, steps, console, mesh.devices.size, pinned=pinned, upstream=upstream)
 
   # --- state and checkpoint -----------------------------------------------------------------
   tx = common.make_optimizer(config.optim, steps, private=private)
@@ -291,6 +321,12 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> P
   start = int(state.step)
   if start:
     console.print(f"resuming from step {start}")
+  if private:
+    dp_run.resume_at(start)
+  if primary:  # Every resume check has passed: now the run's records may change.
+    common.save_config(config, workdir / "config.json")
+    common.write_json(workdir / "ldm.json", info)
+    (workdir / "parameters.txt").write_text(common.parameter_overview(params))
   decode = latent_decoder(ae_model, scale)
   sampler = jax.jit(functools.partial(
       sample, unet_apply(unet), schedule=schedule, prediction=config.diffusion.prediction,
@@ -340,8 +376,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       if private and (log_now or sample_now or save_now):
         # The ledger is written before anything computed from these steps leaves the loop (metrics,
         # samples, checkpoints): after a crash it may over-count, never under-count. A resume from an
-        # older checkpoint re-takes steps with the same batches and noise (both seeded by step), which
-        # releases nothing new, so record_total counts them once.
+        # older checkpoint re-takes steps with fresh batches and noise (a new attempt), counted again.
         epsilon = dp_run.record_steps(done)
       if log_now:
         metrics = averager.pop()  # Means over the steps since the last log line.
@@ -351,8 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         if primary:
           log.write(done, metrics)
         rate = rate_meter(done)
-        eps = f" eps {metrics['epsilon']:.2f}" if private else ""
-        progress.update(task, completed=done, rate=rate, info=f"loss {float(metrics['loss']):.4f}{eps}")
+        progress.update(task, completed=done, rate=rate, info=common.progress_info(metrics))
       else:
         progress.update(task, completed=done)
       if sample_now and primary:  # From the EMA parameters only: nothing private is decoded.
@@ -367,7 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       ckpt.save(final_step, state)
   ckpt.close()
 
-  record = {"steps": final_step, "private": private}
+  record = {"steps": final_step, "private": private, "data_fingerprint": info["data_fingerprint"]}
   if private:
     record.update(dp_run.record(epsilon, stopped_for_budget))
     console.print(dp_run.summary(final_step, stopped_for_budget))

@@ -18,10 +18,10 @@ SMALL_UNET = {"model.base_channels": 8, "model.context_dim": 8, "sampling.num_st
 
 
 @pytest.fixture(scope="module")
-def ae_dir(tiny_nifti_dir, tmp_path_factory):
+def ae_dir(public_nifti_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("ae")
   config = load_config(str(ROOT / "configs/autoencoder.py:tiny"),
-                       {**DATA, "data.root": str(tiny_nifti_dir), "train.steps": 1, "train.batch_size": 4})
+                       {**DATA, "data.root": str(public_nifti_dir), "train.steps": 1, "train.batch_size": 4})
   autoencoder.train_and_evaluate(config, workdir)
   return workdir
 
@@ -33,11 +33,11 @@ def _ldm_config(spec, data_dir, ae, **overrides):
 
 
 @pytest.fixture(scope="module")
-def pretrained_dir(tiny_nifti_dir, ae_dir, tmp_path_factory):
+def pretrained_dir(public_nifti_dir, ae_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("ldm")
-  record = ldm.train_and_evaluate(_ldm_config("configs/ldm.py:tiny", tiny_nifti_dir, ae_dir,
+  record = ldm.train_and_evaluate(_ldm_config("configs/ldm.py:tiny", public_nifti_dir, ae_dir,
                                               **{"train.steps": 2, "train.batch_size": 4, "train.sample_every": 2}), workdir)
-  assert record == {"steps": 2, "private": False}
+  assert record["steps"] == 2 and record["private"] is False and len(record["data_fingerprint"]) == 64
   assert (workdir / "samples" / "samples_000002.png").is_file()
   return workdir
 
@@ -85,13 +85,15 @@ def test_dp_per_layer_switch_reaches_the_clipping(tiny_nifti_dir, ae_dir, pretra
   for per_layer in (False, True):
     workdir = tmp_path / str(per_layer)
     runs[per_layer] = ldm.train_and_evaluate(_dp(tiny_nifti_dir, ae_dir, pretrained_dir, **{
-        "train.steps": 1, "dp.noise_multiplier": 1.0, "dp.l2_clip_norm": 1e-3, "dp.per_layer": per_layer,
+        "train.steps": 1, "dp.noise_multiplier": 1e-4, "dp.target_epsilon": 1e9, "dp.l2_clip_norm": 1e-3,
+        "dp.per_layer": per_layer,
         "optim.optimizer": "sgd", "optim.learning_rate": 1.0, "train.trainable": "all"}), workdir)
   assert runs[False]["per_layer"] is False and runs[True]["per_layer"] is True
   assert runs[True]["epsilon"] == runs[False]["epsilon"]  # Sensitivity C either way: same accounting.
   for per_layer in (False, True):  # Every real example was clipped (flat: norm > C; per layer: a leaf).
     lines = [json.loads(l) for l in (tmp_path / str(per_layer) / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["clipped_fraction"] == 1.0
+    count = lines[-1]["clipped_fraction"] * 2  # Noisy count / expected batch size 2; sigma ~0 here.
+    assert count >= 1 and abs(count - round(count)) < 0.02  # Noise std 1e-3.
   params = {}
   for per_layer in (False, True):
     ckpt = common.Checkpointer(tmp_path / str(per_layer) / "checkpoints")
