@@ -20,9 +20,19 @@ Sections (each skipped with a reason when it does not apply):
                    attribute regressor (--regressor WORKDIR) for real data;
   privacy          the run's privacy ledger (epsilon, delta, sigma, q, steps) and the ReRo bound.
 
-Writes OUT/report.json, OUT/report.md and figures. Deterministic for a seed. The
-nearest-neighbour figure shows TRAINING volumes: it is for the data owner, not for release
-(report.md says so); `--no-training-images` leaves it out.
+Writes OUT/report.json, OUT/report.md and figures. Deterministic for a seed.
+
+What may be released (docs/privacy.md). The report separates three kinds of output; report.json
+lists each kind's keys at the top level (`release_labels`) and report.md gives each its section:
+  covered_by_dp      the samples and the DP run's mechanism and epsilon/delta (post-processing of
+                     the released model: the epsilon covers them);
+  heldout_reference  FID/KID/precision/recall/diversity and phantom controllability: the samples
+                     against the held-out real set, which the epsilon says nothing about;
+  data_owner_only    numbers computed from the TRAINING data outside DP: memorization thresholds
+                     and copy rates (image and latent), safeguard decisions, a non-DP regressor's
+                     controllability, dataset sizes, and figures of real volumes ("For the data
+                     owner only — do not release"). `--no-training-images` leaves out the
+                     nearest-neighbour figure of training volumes.
 """
 
 from __future__ import annotations
@@ -388,6 +398,7 @@ def evaluate(workdir, real, out, opts: Options | None = None, *,
   report["figures"] = ["real_vs_synthetic.png"] + ([report["memorization"]["figure"]]
                                                    if "figure" in report["memorization"] else [])
   report.update(headline(report))
+  report.update(release_labels(report))
   write(report, out)
   return report
 
@@ -409,19 +420,72 @@ def headline(report: dict) -> dict:
   }
 
 
+REGRESSOR_NOTE = "a regressor trained without DP on real data"
+
+
+def _controllability_private(report: dict) -> bool:
+  """True when controllability came from a non-DP model of real data (--regressor), not phantoms.measure."""
+  source = (report.get("controllability_details") or {}).get("source")
+  return source is not None and source != "phantoms.measure"
+
+
+def release_labels(report: dict) -> dict:
+  """Which report keys and OUT files may leave the data owner (docs/privacy.md).
+
+  Entries are top-level report keys, "section.key" for one field of a section, or paths under OUT
+  (a name with "/" or a file extension). Keys in none of the lists are run metadata (paths, dates,
+  the extractor, the figure list).
+  """
+  private = bool(report["privacy"].get("private"))
+  samples_dir = report["samples"].get("how") in ("drawn", "reused")  # Written to OUT/samples.
+  ctl = ["controllability", "controllability_details"]
+  # Every field of the privacy section but the dataset size (the data owner's, below).
+  covered = (["epsilon", "delta", "rero_bound", "samples"]
+             + [f"privacy.{k}" for k in report["privacy"] if k != "dataset_size"]) if private else []
+  if private and samples_dir:
+    covered += ["samples/"]  # The volumes and latents.npy; not their attributes.csv (below).
+  heldout = ["quality", "fid", "kid"] + ([] if _controllability_private(report) else ctl)
+  if samples_dir:
+    heldout.append("samples/attributes.csv")  # The conditions: the held-out set's attribute rows.
+  owner = ["memorization", "latent_memorization", "safeguard", "copy_rate", "train_copied_rate",
+           "latent_copy_rate", "safeguard_rejected_fraction"]
+  owner += ctl if _controllability_private(report) else []
+  owner += ["privacy.dataset_size"] if private else ["samples"] + (["samples/"] if samples_dir else [])
+  owner += [f for f in report.get("figures", [])]  # Real volumes: held-out and (nearest neighbours) training.
+  return {
+      "covered_by_dp": covered, "heldout_reference": heldout, "data_owner_only": owner,
+      "release_notes": {
+          "covered_by_dp": ("post-processing of the DP-trained model: the epsilon/delta of report['privacy'] "
+                            "covers its training data" if private else
+                            "non-private run: nothing in this report is covered by DP; the samples may "
+                            "reproduce training data and are listed under data_owner_only"),
+          "heldout_reference": ("the samples measured against the held-out real reference set: they add "
+                                "nothing about the training data beyond the samples, but DP does not protect "
+                                "the held-out set; aggregates only, release them if its owner agrees"),
+          "data_owner_only": ("computed from the training data (or a non-DP model of real data) outside the "
+                              "DP mechanism, or images of real volumes: for the data owner only, do not "
+                              "release"),
+      },
+  }
+
+
 def summary(report: dict) -> str:
-  """The lines `jaxldm evaluate` and `jaxldm demo` print at the end."""
+  """The lines `jaxldm evaluate` and `jaxldm demo` print at the end, labelled as report.md is."""
   bound = report.get("rero_bound") or {}
-  line = (f"epsilon {report['epsilon']:.3g} (delta {report['delta']})  FID {report['fid']:.4g}  "
-          f"KID {report['kid']:.4g}  copy rate {report['copy_rate']:.3f}"
-          + (f" (latent {report['latent_copy_rate']:.3f})" if report.get("latent_copy_rate") is not None else "")
-          + "  "
-          f"safeguard rejects {report['safeguard_rejected_fraction']:.3f}")
+  line = f"epsilon {report['epsilon']:.3g} (delta {report['delta']})"
   if bound:
     kappa, value = next(iter(bound.items()))
     line += f"  ReRo bound (prior {kappa}) {value:.3g}"
+  line += f"  FID {report['fid']:.4g}  KID {report['kid']:.4g}"
+  owner = (f"for the data owner only (do not release): copy rate {report['copy_rate']:.3f}"
+           + (f" (latent {report['latent_copy_rate']:.3f})" if report.get("latent_copy_rate") is not None else "")
+           + f"  safeguard rejects {report['safeguard_rejected_fraction']:.3f}")
   ctl = ", ".join(f"{k} r={v:.2f}" for k, v in (report["controllability"] or {}).items() if v is not None)
-  return line + (f"\ncontrollability: {ctl}" if ctl else "")
+  if ctl and _controllability_private(report):
+    owner += f"  controllability ({REGRESSOR_NOTE}): {ctl}"
+  elif ctl:
+    line += f"\ncontrollability: {ctl}"
+  return f"{line}\n{owner}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,45 +509,92 @@ def _fmt(x, digits: int = 3) -> str:
   return str(x)
 
 
+OWNER_HEADING = "## For the data owner only — do not release"
+RELEASED_HEADING = "## Released under DP"
+HELDOUT_HEADING = "## Against the held-out reference set"
+
+
+def _composed_lines(p: dict) -> list[str]:
+  """Placeholder for the composed epsilon of every stage that touched the same private data
+  (autoencoder, LDM, ...; docs/privacy.md "Stages compose"): the report does not carry it yet."""
+  del p
+  return []
+
+
+def _privacy_lines(p: dict) -> list[str]:
+  if not p.get("private"):
+    return [f"{p.get('note', 'non-private run')}: nothing in this report is covered by DP. The samples of a "
+            "non-private model may reproduce its training data; they are listed with the data owner's outputs."]
+  lines = ["| metric | value |", "|---|---|", f"| epsilon (delta) | {_fmt(p['epsilon'])} ({_fmt(p['delta'])}) |"]
+  for kappa, bound in zip((p.get("rero") or {}).get("kappas", []), (p.get("rero") or {}).get("bounds", [])):
+    lines.append(f"| ReRo bound at prior {kappa} | {_fmt(bound)} |")
+  lines += ["", f"epsilon {_fmt(p['epsilon'])} at delta {_fmt(p['delta'])} ({p['accountant']} accountant), "
+            f"sigma {_fmt(p['noise_multiplier'])}, q {_fmt(p['sampling_rate'])}, {p['steps']} steps, "
+            f"C {_fmt(p['l2_clip_norm'])}; noise seed: {p['noise_seed_provenance']}."]
+  lines += _composed_lines(p)  # The composed epsilon (stages composed) goes here.
+  lines += ["", "epsilon covers the diffusion model's training data only (not the public pretraining data, "
+            "and not the autoencoder unless it was trained with DP). Covered: the samples (volumes and "
+            "latents) and the model's parameters, with the numbers in this section."]
+  return lines
+
+
+def _controllability_lines(ctl: dict) -> list[str]:
+  lines = [f"Source: {ctl.get('source', '-')}; n = {ctl.get('n', '-')}.", "",
+           "| attribute | conditioned on | Pearson r [CI] | MAE | n used |", "|---|---|---|---|---|"]
+  for name, a in ctl.get("attributes", {}).items():
+    ci = a.get("pearson_r_ci") or [None, None]
+    lines.append(f"| {name} | {a.get('conditioned_on', '-')} | {_fmt(a.get('pearson_r'))} "
+                 f"[{_fmt(ci[0])}, {_fmt(ci[1])}] | {_fmt(a.get('mae'))} | {a.get('n', '-')} |")
+  for name, c in ctl.get("categorical", {}).items():
+    lines.append(f"\n{name}: accuracy {_fmt(c.get('accuracy'))}" +
+                 (f", AUROC {_fmt(c.get('auroc'))}" if c.get("auroc") is not None else ""))
+  return lines
+
+
 def markdown(report: dict) -> str:
+  """Three sections: released under DP, measured against the held-out set, and the data owner's."""
   q, m, s, p = report["quality"], report["memorization"], report["safeguard"], report["privacy"]
   lm = report.get("latent_memorization") or {}
   ex = report["extractor"]
+  ctl = report["controllability_details"]
+  ctl_private = _controllability_private(report)
   lines = [f"# jaxldm evaluation of `{report['workdir']}`", "",
            f"{report['created']}; {report['samples']['n']} samples ({report['samples']['how']}); real reference "
            f"`{report['real']}`; training data `{report['train']}`.", "",
-           "## Summary", "", "| metric | value |", "|---|---|",
-           f"| epsilon (delta) | {_fmt(report['epsilon'])} ({_fmt(report['delta'])}) |",
+           "report.json lists what each section holds: `covered_by_dp`, `heldout_reference` and "
+           "`data_owner_only` (docs/privacy.md).", "",
+           RELEASED_HEADING, "", *_privacy_lines(p), "",
+           HELDOUT_HEADING, "",
+           "The samples against the held-out real volumes: nothing about the training data beyond the samples, "
+           "but DP does not protect the held-out set (aggregates only; release them if its owner agrees).", "",
+           "| metric | value |", "|---|---|",
            f"| FID ({ex['name']}) | {_fmt(q['fid'])} |",
            f"| KID ({ex['name']}) | {_fmt(q['kid'])} ± {_fmt(q['kid_std'])} |",
            f"| precision / recall | {_fmt(q['precision'])} / {_fmt(q['recall'])} |",
            f"| MS-SSIM diversity synthetic / real | {_fmt(q['ms_ssim_diversity_synthetic'])} / "
            f"{_fmt(q['ms_ssim_diversity_real'])} |",
-           f"| copy rate (synthetic that are copies) | {_fmt(m['synthetic_copy_rate'])} |",
-           f"| training volumes copied | {_fmt(m['train_copied_rate'])} |",
-           f"| latent copy rate / training latents copied | {_fmt(lm.get('synthetic_copy_rate'))} / "
-           f"{_fmt(lm.get('train_copied_rate'))} |",
-           f"| safeguard would reject | {s['rejected']} of {s['n']} |"]
-  if report.get("rero_bound"):
-    for kappa, bound in report["rero_bound"].items():
-      lines.append(f"| ReRo bound at prior {kappa} | {_fmt(bound)} |")
-  lines += ["", f"Features: `{ex['name']}` version `{ex['version']}` ({ex['preprocessing']}). Every feature-based "
-            "number above (FID, KID, precision/recall, copy rate) comes from this extractor.", "",
-            "## Controllability", ""]
-  ctl = report["controllability_details"]
-  if "skipped" in ctl:
-    lines.append(f"Skipped: {ctl['skipped']}.")
-  else:
-    lines += [f"Source: {ctl.get('source', '-')}; n = {ctl.get('n', '-')}.", "",
-              "| attribute | conditioned on | Pearson r [CI] | MAE | n used |", "|---|---|---|---|---|"]
-    for name, a in ctl.get("attributes", {}).items():
-      ci = a.get("pearson_r_ci") or [None, None]
-      lines.append(f"| {name} | {a.get('conditioned_on', '-')} | {_fmt(a.get('pearson_r'))} "
-                   f"[{_fmt(ci[0])}, {_fmt(ci[1])}] | {_fmt(a.get('mae'))} | {a.get('n', '-')} |")
-    for name, c in ctl.get("categorical", {}).items():
-      lines.append(f"\n{name}: accuracy {_fmt(c.get('accuracy'))}" +
-                   (f", AUROC {_fmt(c.get('auroc'))}" if c.get("auroc") is not None else ""))
-  lines += ["", "## Memorization (Dar et al. 2023)", "",
+           "", f"Features: `{ex['name']}` version `{ex['version']}` ({ex['preprocessing']}). Every feature-based "
+           "number in this report (these and the image-space memorization numbers) comes from this extractor.", ""]
+  if not ctl_private:
+    lines += ["### Controllability", ""]
+    lines += [f"Skipped: {ctl['skipped']}.", ""] if "skipped" in ctl else [*_controllability_lines(ctl), ""]
+
+  n_train = p.get("dataset_size") if p.get("private") else m.get("n_train")
+  lines += [OWNER_HEADING, "",
+            "*Computed from the training data (or a non-DP model of real data) outside the DP mechanism, or "
+            "images of real volumes: the epsilon does not cover anything in this section. Keep it with the "
+            "data owner; do not release it.*", "",
+            "| metric | value |", "|---|---|",
+            f"| copy rate (synthetic that are copies) | {_fmt(m['synthetic_copy_rate'])} |",
+            f"| training volumes copied | {_fmt(m['train_copied_rate'])} |",
+            f"| latent copy rate / training latents copied | {_fmt(lm.get('synthetic_copy_rate'))} / "
+            f"{_fmt(lm.get('train_copied_rate'))} |",
+            f"| safeguard would reject | {s['rejected']} of {s['n']} (RMSE threshold {_fmt(s['threshold'])}) |",
+            f"| training set size | {_fmt(n_train)} |",
+            f"| memorization validation volumes | {_fmt(m['n_validation'])} |"]
+  if not p.get("private"):
+    lines += ["", "The samples (OUT/samples) of this non-private model: not covered by DP."]
+  lines += ["", "### Memorization (Dar et al. 2023)", "",
             f"tau = {_fmt(m['tau'])} (95th percentile of each training volume's correlation to its nearest of "
             f"{m['n_validation']} validation volumes); a sample whose nearest training volume correlates above "
             f"tau is a copy. Max / median nearest correlation: {_fmt(m['max_correlation'])} / "
@@ -499,20 +610,14 @@ def markdown(report: dict) -> str:
               f"{_fmt(lm['tau'])} from training vs held-out latents; copy rate {_fmt(lm['synthetic_copy_rate'])}, "
               f"training latents copied {_fmt(lm['train_copied_rate'])}, max / median nearest correlation "
               f"{_fmt(lm['max_correlation'])} / {_fmt(lm['median_correlation'])}; sample latents: {lm['latents']}."]
+  if ctl_private:
+    lines += ["", f"### Controllability ({REGRESSOR_NOTE})", "", *_controllability_lines(ctl)]
+  lines += ["", "### Figures", "", "![real vs synthetic](real_vs_synthetic.png)", "",
+            "*Shows held-out real volumes next to samples.*"]
   if "figure" in m:
     lines += ["", f"![nearest neighbours]({m['figure']})", "",
-              "*This figure shows training volumes: keep it with the data owner; do not release it.*"]
-  lines += ["", "## Privacy", ""]
-  if p.get("private"):
-    lines += [f"epsilon {_fmt(p['epsilon'])} at delta {_fmt(p['delta'])} ({p['accountant']} accountant), "
-              f"sigma {_fmt(p['noise_multiplier'])}, q {_fmt(p['sampling_rate'])}, {p['steps']} steps, "
-              f"C {_fmt(p['l2_clip_norm'])}, N {p['dataset_size']}; noise seed: {p['noise_seed_provenance']}.",
-              "epsilon covers the diffusion model's training data only (not the public pretraining data, "
-              "and not the autoencoder unless it was trained with DP)."]
-  else:
-    lines.append(p.get("note", "non-private run"))
-  lines += ["", "## Figures", "", "![real vs synthetic](real_vs_synthetic.png)", ""]
-  return "\n".join(lines)
+              "*Shows training volumes next to their nearest samples.*"]
+  return "\n".join(lines + [""])
 
 
 def write(report: dict, out: pathlib.Path) -> None:

@@ -52,6 +52,8 @@ def test_report_has_every_section_and_reruns_identically(run, tmp_path, capsys):
   assert "phase" in section["categorical"] or section["attributes"]["lv_volume_ml"]["n_nan_predicted"] > 0
   md = (out / "report.md").read_text()
   assert "FID (ssl3d)" in md and "do not release" in md
+  _check_release_labels(report, out)
+  assert report["covered_by_dp"] == [] and "samples/" in report["data_owner_only"]  # Non-private run.
   for fig in report["figures"]:
     assert (out / fig).stat().st_size > 1000
   assert "wrote" in capsys.readouterr().out
@@ -62,6 +64,67 @@ def test_report_has_every_section_and_reruns_identically(run, tmp_path, capsys):
   assert again["samples"]["how"] == "reused"
   for key in ("fid", "kid", "copy_rate", "latent_copy_rate", "safeguard_rejected_fraction"):
     assert again[key] == report[key]
+
+
+# Every number the report computes from the training data outside DP, and its label in report.md.
+OWNER_NUMBERS = {"copy_rate": "copy rate (synthetic that are copies)", "train_copied_rate": "training volumes copied",
+                 "latent_copy_rate": "latent copy rate", "safeguard_rejected_fraction": "safeguard would reject",
+                 "memorization": "tau =", "latent_memorization": "Latent space", "safeguard": "RMSE threshold"}
+
+
+def _resolve(report, out, entry):
+  """True when a release-label entry names something the report or OUT holds."""
+  if "/" in entry or entry.endswith((".png", ".csv", ".npy")):
+    return (out / entry).exists()
+  section, _, key = entry.partition(".")
+  return section in report and (not key or key in report[section])
+
+
+def _check_release_labels(report, out):
+  """JSON lists every data-owner-only number; report.md shows them only under the data owner's heading."""
+  lists = {k: report[k] for k in ("covered_by_dp", "heldout_reference", "data_owner_only")}
+  assert set(report["release_notes"]) == set(lists)
+  for entries in lists.values():
+    assert all(_resolve(report, out, e) for e in entries), entries
+  owner = set(lists["data_owner_only"])
+  released = set(lists["covered_by_dp"]) | set(lists["heldout_reference"])
+  assert not owner & released
+  # Nothing released contains a data-owner-only entry (e.g. "privacy" would contain privacy.dataset_size).
+  assert not any(o.startswith(r + ".") or o.startswith(r + "/") for o in owner for r in released)
+  assert set(OWNER_NUMBERS) <= owner and set(report["figures"]) <= owner
+  private = report["privacy"]["private"]
+  assert ("privacy.dataset_size" in owner) == private and ("privacy.epsilon" in lists["covered_by_dp"]) == private
+  assert set(report["controllability_details"].get("source") == "phantoms.measure" and
+             ["controllability", "controllability_details"] or []) <= set(lists["heldout_reference"])
+
+  md = (out / "report.md").read_text()
+  assert md.count(evaluate.OWNER_HEADING) == 1 and md.count(evaluate.RELEASED_HEADING) == 1
+  before, after = md.split(evaluate.OWNER_HEADING)
+  assert before.index(evaluate.RELEASED_HEADING) < before.index(evaluate.HELDOUT_HEADING)
+  for label in OWNER_NUMBERS.values():
+    assert label in after and label not in before, label
+  for word in ("copy", "copied", "safeguard", "tau", "nearest", "training set size", ".png"):
+    assert word not in before.lower(), word
+  assert f"| copy rate (synthetic that are copies) | {evaluate._fmt(report['copy_rate'])} |" in after
+  for fig in report["figures"]:
+    assert f"({fig})" in after
+  n_train = report["privacy"]["dataset_size"] if private else report["memorization"]["n_train"]
+  assert f"| training set size | {n_train} |" in after
+  if private:
+    assert f"epsilon {evaluate._fmt(report['epsilon'])} at delta" in before and "noise seed: os-entropy" in before
+    assert "N " + str(n_train) not in before
+  # The printed summary labels the same numbers.
+  printed = evaluate.summary(report)
+  assert printed.index("for the data owner only") < printed.index("copy rate")
+  assert "copy rate" not in printed.split("for the data owner only")[0]
+
+
+def test_dp_run_report_separates_what_dp_covers(mini_demo):
+  """The demo's report (the DP run, evaluated against held-out private phantoms)."""
+  out = mini_demo[0]
+  report = json.loads((out / "report.json").read_text())
+  _check_release_labels(report, out)
+  assert {"epsilon", "delta", "rero_bound", "samples/", "privacy.noise_multiplier"} <= set(report["covered_by_dp"])
 
 
 def test_copies_of_training_volumes_are_flagged(run, tmp_path):
