@@ -327,14 +327,75 @@ def cmd_bench_grads(args, overrides) -> int:
   return 0
 
 
-def cmd_bench_compare(args) -> int:
-  from jaxldm.bench import report
+def cmd_bench_compare(args, overrides) -> int:
+  from jaxldm.bench import compare, report
 
-  rows = report.compare(report.load(args.a), report.load(args.b))
-  if not rows:
-    print(f"{args.a} and {args.b} share no (model, batch) pair", file=sys.stderr)
-    return 1
-  report.console().print(report.compare_table(rows, pathlib.Path(args.a).stem, pathlib.Path(args.b).stem))
+  if args.from_files or args.files:
+    files = args.from_files or args.files
+    if len(files) != 2 or overrides or args.model or args.config:
+      raise ConfigError("bench compare: give two record files (--from-files A B), or --model and --config to run both")
+    a, b = files
+    rows = report.compare(report.load(a), report.load(b))
+    if not rows:
+      print(f"{a} and {b} share no (model, batch) pair", file=sys.stderr)
+      return 1
+    report.console().print(report.compare_table(rows, pathlib.Path(a).stem, pathlib.Path(b).stem))
+    return 0
+  if not (args.model and args.config):
+    raise ConfigError("bench compare: --model and --config are required (or --from-files A B)")
+  compare.load_twin()  # Missing torch/opacus: one line, before anything is measured.
+  from rich.console import Console
+  with Console(stderr=True).status("benchmarking") as status:
+    result = compare.run(args.model, args.config, overrides, batches=args.batch, modes=args.modes,
+                         microbatch=args.microbatch, repeats=args.repeats, warmup=args.warmup,
+                         device=args.device, threads=args.threads,
+                         progress=lambda msg: status.update(f"benchmarking: {msg}"))
+  con = report.console()
+  con.print(report.table(result["jaxldm"], title=f"jaxldm: {args.model} {args.config}"))
+  con.print(report.table(result["pytorch"], title=f"PyTorch/Opacus twin on {result['pytorch'][0]['device_kind']}"))
+  con.print(compare.ratio_table(result["ratios"], title=f"{args.model} {args.config}: jaxldm vs PyTorch/Opacus"))
+  if args.json:
+    report.save_json(args.json, result)
+  return 0
+
+
+def cmd_bench_trainer(args, overrides) -> int:
+  from rich.console import Console
+
+  from jaxldm.bench import report, trainer
+
+  with Console(stderr=True).status("benchmarking") as status:
+    record = trainer.run(args.config, overrides, steps=args.steps, warmup=args.warmup, examples=args.examples,
+                         sigma=args.sigma, same_k=not args.no_same_k,
+                         progress=lambda msg: status.update(f"benchmarking: {msg}"))
+  report.console().print(trainer.table(record))
+  if args.json:
+    report.save_json(args.json, record)
+  return 0
+
+
+def cmd_bench_gpu_check(args) -> int:
+  import os
+  # Before JAX touches the GPU: grow memory as needed, so the Opacus twin finds room afterwards.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  from rich.console import Console
+
+  from jaxldm.bench import gpu_check
+
+  size = "tiny" if args.tiny else "paper"
+  out = args.out or ("benchmarks/gpu" if size == "paper" else None)
+  if out is None:
+    raise ConfigError("bench gpu-check --tiny: give --out DIR (the tiny run writes there, not into benchmarks/)")
+  console = Console(stderr=True)
+  summary = gpu_check.run(out, size=size, models=args.models, batches=args.batch, dtypes=args.dtypes,
+                          convs=args.conv, modes=args.modes, repeats=args.repeats, warmup=args.warmup,
+                          budget_s=args.budget_s, opacus=not args.no_opacus, results=args.results,
+                          compile_workers=args.compile_workers,
+                          progress=lambda msg: console.print(f"[dim]gpu-check:[/] {msg}"))
+  print(gpu_check.rows_markdown(summary))
+  bad = sum(r["status"] != "ok" for r in summary["jaxldm"])
+  print(f"wrote {summary['files']['jaxldm']} and rows in {summary['files']['results']} "
+        f"({len(summary['jaxldm']) - bad} ok, {bad} oom/error/skipped; {summary['wall_s']:.0f} s)")
   return 0
 
 
@@ -590,12 +651,79 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--json", metavar="OUT.json", help="write the records here (and the plot next to it)")
   p.add_argument("--png", metavar="OUT.png", help="plot path (default: next to --json)")
   p.set_defaults(func=cmd_bench_grads, takes_overrides=True)
-  p = bench_sub.add_parser("compare", help="step-time ratios between two benchmark files",
-                           description="Ratios B / A of step times for every pair of modes measured on the "
-                                       "same model and batch, e.g. an Opacus file against a jaxldm one.")
-  p.add_argument("a", help="reference records (e.g. jaxldm's)")
-  p.add_argument("b", help="records to compare (e.g. scripts/bench_opacus.py's)")
-  p.set_defaults(func=cmd_bench_compare)
+  p = bench_sub.add_parser(
+      "compare", help="jaxldm vs its PyTorch/Opacus twin, same model and batch, one command",
+      description="Runs the PyTorch/Opacus twin (jaxldm/bench/torch_twin.py, in a subprocess) and jaxldm's "
+                  "gradient modes on the same model, batch and inputs back to back, and prints the ratios "
+                  "Opacus DP / jaxldm DP, jaxldm non-private / PyTorch plain, jaxldm DP / jaxldm non-private "
+                  "(fastest DP mode of each). Needs torch and opacus: pip install -e '.[bench]'. "
+                  "Example: jaxldm bench compare --model unet --config configs/ldm.py:tiny --batch 8 "
+                  "--json compare.json. With --from-files A B (or two positional files): step-time "
+                  "ratios B / A of two saved record files.")
+  p.add_argument("files", nargs="*", metavar="FILE", help="two record files (same as --from-files)")
+  p.add_argument("--from-files", nargs=2, metavar=("A", "B"),
+                 help="compare two saved record files (A e.g. jaxldm's, B scripts/bench_opacus.py's) instead")
+  p.add_argument("--model", choices=("unet", "autoencoder"), help="which network")
+  p.add_argument("--config", help="its training config[:variant], e.g. configs/ldm.py:tiny")
+  p.add_argument("--batch", type=_ints, default=(8,), help="batch sizes, comma-separated (default 8)")
+  p.add_argument("--modes", type=lambda t: tuple(m.strip() for m in t.split(",") if m.strip()), default=("nonprivate", "vmap"),
+                 help="jaxldm modes (default nonprivate,vmap; the twin runs plain, opacus_functorch, opacus_hooks)")
+  p.add_argument("--microbatch", type=int, default=0, help="microbatch size of vmap_microbatch (default batch/4)")
+  p.add_argument("--repeats", type=int, default=5, help="timed repeats per mode (default 5)")
+  p.add_argument("--warmup", type=int, default=2, help="untimed calls after the first (default 2)")
+  p.add_argument("--device", default="", help="the twin's torch device (default cuda if torch sees one, else cpu)")
+  p.add_argument("--threads", type=int, default=0, help="the twin's torch threads (default all cores)")
+  p.add_argument("--json", metavar="OUT.json", help="write both record lists and the ratios here")
+  p.set_defaults(func=cmd_bench_compare, takes_overrides=True)
+
+  p = bench_sub.add_parser(
+      "trainer", help="time the LDM trainer's own jitted DP step (batcher included) vs its non-private step",
+      description="Builds the LDM trainer's jitted steps (jaxldm.train.ldm.jitted_step) and the DP run's "
+                  "Poisson batcher (dp.setup in a temporary directory, dp.PrivateRun.step_inputs: sampling, "
+                  "padding, microbatches, sharding) on random latents (no autoencoder or data files), times "
+                  "the private step and the non-private step at the expected batch size, and reports "
+                  "DP step / (K x non-private step), K = diffusion.noise_multiplicity. "
+                  "Example: jaxldm bench trainer --config configs/ldm_dp.py:tiny --steps 10")
+  p.add_argument("--config", required=True, help="a DP LDM config[:variant], e.g. configs/ldm_dp.py:tiny")
+  p.add_argument("--steps", type=int, default=10, help="timed steps of each kind (default 10; medians)")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first call (default 2)")
+  p.add_argument("--examples", type=int, default=0,
+                 help="synthetic training set size N (default max(64, 8 x expected batch)); q = expected batch / N")
+  p.add_argument("--sigma", type=float, default=1.0, help="noise multiplier (default 1; the time does not depend on it)")
+  p.add_argument("--no-same-k", action="store_true",
+                 help="skip the non-private step at the DP config's K (one compile less)")
+  p.add_argument("--json", metavar="OUT.json", help="write the record here")
+  p.set_defaults(func=cmd_bench_trainer, takes_overrides=True)
+
+  p = bench_sub.add_parser(
+      "gpu-check", help="one-call GPU check: paper models, batch 8/32, fp32/bf16, native/taps, memory, TFLOP/s",
+      description="The paper-size autoencoder and UNet at batch 8 and 32, float32 and bfloat16, conv kernel "
+                  "gradient native and taps, modes nonprivate/vmap/vmap_microbatch: step times, XLA memory "
+                  "plan, device peak memory, achieved TFLOP/s; then the PyTorch/Opacus twin on the same "
+                  "device. Out-of-memory configurations are recorded, not fatal; a time budget bounds the "
+                  "run (< 8 min on one H100/H200). Writes <out>/<device>_<size>_*.json and appends rows to "
+                  "the results file under '## GPU check'. --tiny: the same run on small models (CPU). "
+                  "Example: bash scripts/gpu_check.sh, or jaxldm bench gpu-check --tiny --out /tmp/gc")
+  p.add_argument("--tiny", action="store_true", help="small :tiny models, batch 2,4, 2 repeats (a CPU run)")
+  p.add_argument("--out", help="output folder (default benchmarks/gpu; required with --tiny)")
+  p.add_argument("--results", help="markdown file the rows go to (default benchmarks/RESULTS.md, "
+                                   "with --tiny <out>/RESULTS.md)")
+  p.add_argument("--models", type=lambda t: tuple(m.strip() for m in t.split(",") if m.strip()), default=("unet", "autoencoder"),
+                 help="comma-separated (default unet,autoencoder)")
+  p.add_argument("--batch", type=_ints, default=None, help="physical batch sizes (default 8,32; --tiny 2,4)")
+  p.add_argument("--dtypes", type=lambda t: tuple(m.strip() for m in t.split(",") if m.strip()), default=("bfloat16", "float32"),
+                 help="model.dtype values (default bfloat16,float32)")
+  p.add_argument("--conv", type=lambda t: tuple(m.strip() for m in t.split(",") if m.strip()), default=("native", "taps"),
+                 help="conv kernel gradients (default native,taps)")
+  p.add_argument("--modes", type=lambda t: tuple(m.strip() for m in t.split(",") if m.strip()), default=("nonprivate", "vmap", "vmap_microbatch"),
+                 help="gradient modes (default nonprivate,vmap,vmap_microbatch)")
+  p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5; --tiny 2)")
+  p.add_argument("--warmup", type=int, default=None, help="untimed calls (default 2; --tiny 1)")
+  p.add_argument("--budget-s", type=float, default=None,
+                 help="time budget in seconds, the twin included (default 450; --tiny none)")
+  p.add_argument("--compile-workers", type=int, default=0, help="parallel XLA compiles (default cores/2, at most 8)")
+  p.add_argument("--no-opacus", action="store_true", help="skip the PyTorch/Opacus twin")
+  p.set_defaults(func=cmd_bench_gpu_check)
 
   p = sub.add_parser(
       "evaluate", help="quality, memorization, safeguard, controllability and privacy report of an LDM",

@@ -189,64 +189,150 @@ def rss_peak_bytes() -> int:
 
 
 def _program_bytes(compiled) -> int | None:
+  m = memory_analysis(compiled)
+  return None if m is None else m["temp_bytes"] + m["argument_bytes"] + m["output_bytes"]
+
+
+def memory_analysis(compiled) -> dict | None:
+  """XLA's static memory plan of a compiled program (bytes), or None where the backend has none."""
   try:
     m = compiled.memory_analysis()
-    return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
   except Exception:  # Not every backend implements it.
     return None
+  if m is None:
+    return None
+  fields = {"temp_bytes": "temp_size_in_bytes", "argument_bytes": "argument_size_in_bytes",
+            "output_bytes": "output_size_in_bytes", "alias_bytes": "alias_size_in_bytes",
+            "generated_code_bytes": "generated_code_size_in_bytes"}
+  return {k: int(getattr(m, v, 0) or 0) for k, v in fields.items()}
+
+
+def cost_analysis(compiled) -> dict:
+  """XLA's flop and byte counts of a compiled program ({} where the backend gives none).
+
+  XLA counts a loop body once, whatever its trip count: for programs with loops (vmap_microbatch,
+  loop) the flops are a lower bound; `useful_flops` in the records (the non-private program's
+  flops at the same batch) is the comparable work measure.
+  """
+  try:
+    c = compiled.cost_analysis()
+  except Exception:
+    return {}
+  if isinstance(c, (list, tuple)):  # Older JAX: one dict per program.
+    c = c[0] if c else {}
+  if not c:
+    return {}
+  out = {}
+  if c.get("flops") is not None and float(c["flops"]) >= 0:
+    out["flops"] = float(c["flops"])
+  if c.get("bytes accessed") is not None and float(c["bytes accessed"]) >= 0:
+    out["bytes_accessed"] = float(c["bytes accessed"])
+  return out
 
 
 def _block(tree) -> None:
   jax.tree_util.tree_map(lambda x: x.block_until_ready(), tree)
 
 
-def run(target: Target, *, batches: Sequence[int], modes: Sequence[str], microbatch: int = 0,
-        repeats: int = 5, warmup: int = 2, seed: int = 0, progress=None) -> list[dict]:
-  """Times every (mode, batch); returns one record per pair (see the module docstring)."""
+def check_modes(modes: Sequence[str]) -> None:
   for m in modes:
     if m not in MODES:
       raise ConfigError(f"--modes: unknown mode {m!r}; choose from {', '.join(MODES)}")
-  params = target.params
+
+
+@dataclasses.dataclass
+class Lowered:
+  """The modes of one (target, batch size), traced and lowered, not yet compiled."""
+  target: Target
+  batch_size: int
+  microbatch: int
+  batch: Any
+  rng: jax.Array
+  lowered: dict  # mode -> jax.stages.Lowered
+  trace_s: dict  # mode -> seconds spent tracing and lowering (part of the records' compile_s).
+  conv_weight_grad: str  # The convolution kernel gradient traced into them (jaxldm.models.conv).
+
+
+def lower(target: Target, batch_size: int, modes: Sequence[str], *, microbatch: int = 0,
+          seed: int = 0) -> Lowered:
+  """Traces every mode (the convolution kernel-gradient choice is fixed here, at trace time)."""
+  from jaxldm.models import conv
+
+  check_modes(modes)
+  micro = microbatch or max(1, batch_size // 4)
+  batch = jax.device_put(target.make_batch(batch_size))
+  rng = jax.random.PRNGKey(seed)
+  lowered, trace_s = {}, {}
+  for mode in modes:
+    t0 = time.perf_counter()
+    lowered[mode] = jax.jit(gradient_fn(mode, target, batch_size, microbatch=micro)).lower(target.params, batch, rng)
+    trace_s[mode] = time.perf_counter() - t0
+  return Lowered(target, batch_size, micro, batch, rng, lowered, trace_s, conv.resolved_weight_grad())
+
+
+def compile_timed(lowered) -> tuple[Any, float]:
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  return compiled, time.perf_counter() - t0
+
+
+def measure(low: Lowered, compiled: dict, compile_s: dict, *, repeats: int = 5, warmup: int = 2,
+            progress=None) -> list[dict]:
+  """Warm-up, then the modes alternate in every repeat; one record per mode."""
+  target, b, params, batch, rng = low.target, low.batch_size, low.target.params, low.batch, low.rng
+  modes = list(compiled)
+  for mode in modes:
+    for _ in range(warmup):
+      _block(compiled[mode](params, batch, rng))
+  times = {mode: [] for mode in modes}
+  for r in range(repeats):
+    for mode in modes:  # Alternate modes: load drift hits all of them.
+      key = jax.random.fold_in(rng, r)
+      t0 = time.perf_counter()
+      _block(compiled[mode](params, batch, key))
+      times[mode].append(time.perf_counter() - t0)
+    if progress:
+      progress(f"B={b} repeat {r + 1}/{repeats}")
+  peak = _device_peak_bytes()
   n_params = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
   device = jax.local_devices()[0]
+  costs = {mode: cost_analysis(compiled[mode]) for mode in modes}
+  useful = costs.get("nonprivate", {}).get("flops")
+  records = []
+  for mode in modes:
+    step_s = statistics.median(times[mode])
+    flops = costs[mode].get("flops")
+    records.append({
+        "mode": mode, "model": target.model, "batch": b, "params": n_params, "step_s": step_s,
+        "examples_per_s": b / step_s, "peak_bytes": peak if peak is not None else rss_peak_bytes(),
+        # Device peak: the process's high-water mark so far (JAX has no reset), not this program's.
+        "peak_source": "device" if peak is not None else "process_rss",
+        "program_bytes": _program_bytes(compiled[mode]), "memory": memory_analysis(compiled[mode]),
+        "flops": flops, "bytes_accessed": costs[mode].get("bytes_accessed"),
+        "tflops_per_s": flops / step_s / 1e12 if flops else None,
+        "useful_flops": useful, "useful_tflops_per_s": useful / step_s / 1e12 if useful else None,
+        "compile_s": low.trace_s[mode] + compile_s[mode], "conv_weight_grad": low.conv_weight_grad,
+        "microbatch": low.microbatch if mode == "vmap_microbatch" else (1 if mode == "loop" else None),
+        "times_s": times[mode], "dtype": target.dtype, "backend": jax.default_backend(),
+        "device_kind": device.device_kind, "host_cpu": host_cpu(), "num_threads": os.cpu_count(),
+        "date": datetime.date.today().isoformat(), "jax": jax.__version__})
+  _add_ratios(records)
+  return records
+
+
+def run(target: Target, *, batches: Sequence[int], modes: Sequence[str], microbatch: int = 0,
+        repeats: int = 5, warmup: int = 2, seed: int = 0, progress=None) -> list[dict]:
+  """Times every (mode, batch); returns one record per pair (see the module docstring)."""
+  check_modes(modes)
   records = []
   for b in batches:
-    micro = microbatch or max(1, b // 4)
-    batch = jax.device_put(target.make_batch(b))
-    rng = jax.random.PRNGKey(seed)
-    compiled, compile_s, program = {}, {}, {}
+    low = lower(target, b, modes, microbatch=microbatch, seed=seed)
+    compiled, compile_s = {}, {}
     for mode in modes:
-      fn = jax.jit(gradient_fn(mode, target, b, microbatch=micro))
-      t0 = time.perf_counter()
-      compiled[mode] = fn.lower(params, batch, rng).compile()
-      compile_s[mode] = time.perf_counter() - t0
-      program[mode] = _program_bytes(compiled[mode])
-      for _ in range(warmup):
-        _block(compiled[mode](params, batch, rng))
+      compiled[mode], compile_s[mode] = compile_timed(low.lowered[mode])
       if progress:
         progress(f"compiled {mode} B={b} ({compile_s[mode]:.1f} s)")
-    times = {mode: [] for mode in modes}
-    for r in range(repeats):
-      for mode in modes:  # Alternate modes: load drift hits all of them.
-        key = jax.random.fold_in(rng, r)
-        t0 = time.perf_counter()
-        _block(compiled[mode](params, batch, key))
-        times[mode].append(time.perf_counter() - t0)
-      if progress:
-        progress(f"B={b} repeat {r + 1}/{repeats}")
-    peak = _device_peak_bytes()
-    for mode in modes:
-      step_s = statistics.median(times[mode])
-      records.append({
-          "mode": mode, "model": target.model, "batch": b, "params": n_params, "step_s": step_s,
-          "examples_per_s": b / step_s, "peak_bytes": peak if peak is not None else rss_peak_bytes(),
-          "peak_source": "device" if peak is not None else "process_rss",
-          "program_bytes": program[mode], "compile_s": compile_s[mode],
-          "microbatch": micro if mode == "vmap_microbatch" else (1 if mode == "loop" else None),
-          "times_s": times[mode], "dtype": target.dtype, "backend": jax.default_backend(),
-          "device_kind": device.device_kind, "host_cpu": host_cpu(), "num_threads": os.cpu_count(),
-          "date": datetime.date.today().isoformat(), "jax": jax.__version__})
-  _add_ratios(records)
+    records += measure(low, compiled, compile_s, repeats=repeats, warmup=warmup, progress=progress)
   return records
 
 

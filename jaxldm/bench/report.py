@@ -24,6 +24,13 @@ def save(path: str | pathlib.Path, records: Sequence[dict]) -> None:
     f.write("\n")
 
 
+def save_json(path: str | pathlib.Path, obj) -> None:
+  """Any JSON-able result (compare, trainer, gpu-check summaries), written atomically."""
+  with atomic_open(path, "w") as f:
+    json.dump(obj, f, indent=1, default=str)
+    f.write("\n")
+
+
 def load(path: str | pathlib.Path) -> list[dict]:
   path = pathlib.Path(path)
   if not path.is_file():

@@ -1,8 +1,12 @@
 """Peer benchmark: the same UNet / autoencoder in PyTorch, plain and under Opacus (issue 6, item 3).
 
-  .venv/bin/python scripts/bench_opacus.py --model unet --config configs/ldm.py:tiny --batch 8,16 \
-      --json benchmarks/cpu_unet_tiny_opacus.json
-  jaxldm bench compare benchmarks/cpu_unet_tiny.json benchmarks/cpu_unet_tiny_opacus.json
+  jaxldm bench compare --model unet --config configs/ldm.py:tiny --batch 8     # both, back to back
+  python scripts/bench_opacus.py --model unet --config configs/ldm.py:tiny --batch 8,16 \
+      --json benchmarks/cpu_unet_tiny_opacus.json                           # this side alone
+
+Needs torch and opacus (`pip install -e '.[bench]'`); importing this module without them raises
+ImportError (`require_torch` turns that into one readable line). `--device cuda` runs on a GPU
+(default: cuda when torch sees one, else cpu).
 
 Why a PyTorch port: "DP costs x over non-private" only means something next to what the usual tool
 costs on the same network. The modules below rebuild jaxldm's Flax models layer for layer from the
@@ -55,10 +59,6 @@ from torch import nn
 # The first layer's input (data) needs no gradient, so its full backward hook fires on the output
 # gradient alone: expected, and what Opacus's per-sample gradient of that layer uses.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # Run as a script from anywhere: jaxldm is importable (editable install or not).
-  sys.path.insert(0, str(REPO))
 
 from jaxldm.config import ConfigError, load_config, split_override_args  # noqa: E402
 from jaxldm.models.layers import as_triple, num_groups  # noqa: E402
@@ -121,7 +121,7 @@ def zero_linear(cin: int, cout: int) -> nn.Linear:
 def sinusoidal_embedding(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
   """jaxldm.models.layers.sinusoidal_embedding: (...,) -> (..., dim)."""
   half = dim // 2
-  freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+  freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=values.device) / half)
   args = values.float()[..., None] * freqs
   emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
   return F.pad(emb, (0, 1)) if dim % 2 else emb
@@ -236,7 +236,7 @@ class SliceEmbedding(nn.Module):
     self.dense = nn.Linear(channels, channels)
 
   def forward(self, n: int, slices: int):
-    table = sinusoidal_embedding(torch.arange(slices), self.channels)
+    table = sinusoidal_embedding(torch.arange(slices, device=self.dense.weight.device), self.channels)
     return self.dense(table.expand(n, slices, self.channels))
 
 
@@ -358,7 +358,7 @@ class LatentUNet(nn.Module):
     context = context_mask = None
     if self.attributes is not None:
       if attributes is None:
-        attributes = torch.zeros(x.shape[0], self.num_attributes)
+        attributes = torch.zeros(x.shape[0], self.num_attributes, device=x.device)
         attribute_mask = torch.zeros_like(attributes)
       elif attribute_mask is None:
         attribute_mask = torch.ones_like(attributes)
@@ -448,7 +448,7 @@ class AutoencoderKL(nn.Module):
     logvar = logvar.clamp(-30.0, 20.0)
     z = mean
     if generator is not None:
-      z = z + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
+      z = z + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator, device=mean.device)
     return self.dec_out(self._run(self.decoder, z)), mean, logvar
 
 
@@ -466,6 +466,19 @@ class TorchTarget:
   jax_params: int  # Parameter count of the jaxldm model (the comparison's reference).
   jax_leaves: int
   reference: Any = None  # The jaxldm.bench.grads.Target it mirrors (its params: the Flax tree).
+  device: str = "cpu"  # Where module and batches live ("cpu", "cuda", "cuda:1", ...).
+
+  def generator(self, seed: int) -> torch.Generator:
+    return torch.Generator(device=self.device).manual_seed(seed)
+
+  def to(self, device: str) -> "TorchTarget":
+    """The same target on `device` (module moved in place, batches made there)."""
+    self.module.to(device)
+    make = self.make_batch
+    if self.device == "cpu" and device != "cpu":
+      self.make_batch = lambda b: {k: v.to(device) for k, v in make(b).items()}
+    self.device = device
+    return self
 
 
 def count(module: nn.Module) -> tuple[int, int]:
@@ -505,14 +518,14 @@ def unet_target(spec: str, overrides: Sequence[str] = ()) -> TorchTarget:
     """diffusion_loss per example: rows b*K .. b*K+K-1 are example b's K (t, noise) draws."""
     x0 = batch["latent"].repeat_interleave(k, dim=0)
     n = x0.shape[0]
-    t = torch.randint(0, d.num_timesteps, (n,), generator=gen)
-    noise = torch.randn(x0.shape, generator=gen)
-    ab = abar[t].view(n, 1, 1, 1, 1)
+    t = torch.randint(0, d.num_timesteps, (n,), generator=gen, device=gen.device)
+    noise = torch.randn(x0.shape, generator=gen, device=gen.device)
+    ab = abar.to(x0.device)[t].view(n, 1, 1, 1, 1)
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
     attributes = batch["attributes"].repeat_interleave(k, dim=0)
     mask = batch["attribute_mask"].repeat_interleave(k, dim=0)
     if drop > 0:
-      mask = mask * (torch.rand((n, 1), generator=gen) < 1.0 - drop).float()
+      mask = mask * (torch.rand((n, 1), generator=gen, device=gen.device) < 1.0 - drop).float()
     target = noise if prediction == "epsilon" else ab.sqrt() * noise - (1 - ab).sqrt() * x0
     err = torch.square(net(x_t, t, attributes, mask) - target)
     return err.reshape(n // k, -1).mean(dim=1)
@@ -561,8 +574,13 @@ def autoencoder_target(spec: str, overrides: Sequence[str] = ()) -> TorchTarget:
                      len(leaves), ref)
 
 
-def build(model: str, spec: str, overrides: Sequence[str] = (), *, seed: int = 0) -> TorchTarget:
-  """The PyTorch twin of `jaxldm.bench.grads.build_target(model, spec, overrides)`.
+def default_device() -> str:
+  return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build(model: str, spec: str, overrides: Sequence[str] = (), *, seed: int = 0,
+          device: str = "cpu") -> TorchTarget:
+  """The PyTorch twin of `jaxldm.bench.grads.build_target(model, spec, overrides)`, on `device`.
 
   Raises RuntimeError when the parameter counts differ: then the port is not the same network.
   """
@@ -574,7 +592,7 @@ def build(model: str, spec: str, overrides: Sequence[str] = (), *, seed: int = 0
   if (n, leaves) != (target.jax_params, target.jax_leaves):
     raise RuntimeError(f"{model} {spec}: PyTorch port has {n:,} parameters in {leaves} tensors, jaxldm "
                        f"{target.jax_params:,} in {target.jax_leaves}: the architectures differ")
-  return target
+  return target.to(device) if device != "cpu" else target
 
 
 # ---------------------------------------------------------------------------------------------
@@ -597,7 +615,8 @@ def clip_and_noise(params: Sequence[nn.Parameter], batch_size: int, *, multiplic
   for p, g in zip(params, samples):
     summed = torch.einsum("i,i...", factor, g)
     if noise_multiplier > 0:
-      summed = summed + torch.normal(0.0, noise_multiplier * l2_clip_norm, summed.shape, generator=generator)
+      summed = summed + torch.normal(0.0, noise_multiplier * l2_clip_norm, summed.shape, generator=generator,
+                                     device=summed.device)
     p.grad = summed / batch_size  # expected_batch_size = B, loss_reduction "mean".
     out.append(p.grad)
   return out
@@ -617,7 +636,7 @@ def gradient_fn(mode: str, target: TorchTarget, batch_size: int, *, l2_clip_norm
     params = [p for p in net.parameters() if p.requires_grad]
 
     def fn(batch, seed):
-      gen = torch.Generator().manual_seed(seed)
+      gen = target.generator(seed)
       for p in params:
         p.grad = None
       target.loss(net, batch, gen).mean().backward()
@@ -632,7 +651,7 @@ def gradient_fn(mode: str, target: TorchTarget, batch_size: int, *, l2_clip_norm
   params = [p for p in net.parameters() if p.requires_grad]
 
   def fn(batch, seed):
-    gen = torch.Generator().manual_seed(seed)
+    gen = target.generator(seed)
     for p in params:
       p.grad, p.grad_sample = None, None
     target.loss(net, batch, gen).sum().backward()
@@ -654,27 +673,49 @@ def _rss_peak_bytes() -> int:
   return rss_peak_bytes()
 
 
+def device_name(device: str) -> str:
+  """The GPU's name (e.g. "NVIDIA H200") or the host CPU's."""
+  if device.startswith("cuda"):
+    return torch.cuda.get_device_name(torch.device(device))
+  return cpu_name()
+
+
+def _sync(device: str) -> None:
+  if device.startswith("cuda"):
+    torch.cuda.synchronize(torch.device(device))
+
+
 def run(target: TorchTarget, *, batches: Sequence[int], modes: Sequence[str], repeats: int = 5,
         warmup: int = 2, seed: int = 0, progress=None) -> list[dict]:
-  """Times every (mode, batch); one record per pair, keys as `jaxldm bench grads` writes them."""
+  """Times every (mode, batch); one record per pair, keys as `jaxldm bench grads` writes them.
+
+  On a GPU every call is followed by `torch.cuda.synchronize` (inside the timed span) and the peak
+  is `torch.cuda.max_memory_allocated` of the whole batch size (all modes; reset per batch size).
+  """
   import opacus
 
   for m in modes:
     if m not in MODES:
       raise ConfigError(f"--modes: unknown mode {m!r}; choose from {', '.join(MODES)}")
   n_params, _ = count(target.module)
-  device = cpu_name()
+  dev = target.device
+  gpu = dev.startswith("cuda")
+  device = device_name(dev)
   records = []
   for b in batches:
+    if gpu:
+      torch.cuda.reset_peak_memory_stats(torch.device(dev))
     batch = target.make_batch(b)
     fns, compile_s = {}, {}
     for mode in modes:
       fns[mode] = gradient_fn(mode, target, b)
       t0 = time.perf_counter()
       fns[mode](batch, seed)
+      _sync(dev)
       compile_s[mode] = time.perf_counter() - t0
       for i in range(warmup):
         fns[mode](batch, seed + 1 + i)
+      _sync(dev)
       if progress:
         progress(f"first call {mode} B={b} ({compile_s[mode]:.1f} s)")
     times = {mode: [] for mode in modes}
@@ -682,17 +723,22 @@ def run(target: TorchTarget, *, batches: Sequence[int], modes: Sequence[str], re
       for mode in modes:  # Alternate modes: load drift hits all of them.
         t0 = time.perf_counter()
         fns[mode](batch, seed + 1000 + r)
+        _sync(dev)
         times[mode].append(time.perf_counter() - t0)
       if progress:
         progress(f"B={b} repeat {r + 1}/{repeats}")
+    peak = int(torch.cuda.max_memory_allocated(torch.device(dev))) if gpu else _rss_peak_bytes()
+    del fns, batch
     for mode in modes:
       step_s = statistics.median(times[mode])
       records.append({
           "mode": mode, "model": target.model, "batch": b, "params": n_params, "step_s": step_s,
-          "examples_per_s": b / step_s, "peak_bytes": _rss_peak_bytes(), "peak_source": "process_rss",
+          "examples_per_s": b / step_s, "peak_bytes": peak,
+          "peak_source": "torch_cuda_max_allocated" if gpu else "process_rss",
           "program_bytes": None, "compile_s": compile_s[mode], "microbatch": None,
-          "times_s": times[mode], "dtype": "float32", "backend": "torch-cpu", "device_kind": device,
-          "num_threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
+          "times_s": times[mode], "dtype": "float32", "backend": "torch-cuda" if gpu else "torch-cpu",
+          "device_kind": device, "num_threads": torch.get_num_threads(),
+          "date": datetime.date.today().isoformat(),
           "framework": "pytorch", "torch_version": torch.__version__,
           "opacus_version": opacus.__version__, "noise_multiplicity": target.multiplicity})
   base = {(r["model"], r["batch"]): r["step_s"] for r in records if r["mode"] == "nonprivate"}
@@ -721,6 +767,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--repeats", type=int, default=5, help="timed repeats per mode (median reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed calls after the first (default 2)")
   p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: all cores)")
+  p.add_argument("--device", default="", help="torch device: cpu, cuda, cuda:1 (default: cuda if available)")
+  p.add_argument("--keep-going", action="store_true",
+                 help="a batch size that fails (out of memory) is recorded with status oom/error, not fatal")
   p.add_argument("--json", metavar="OUT.json", help="write the records here")
   p.add_argument("--png", metavar="OUT.png", help="also plot them (jaxldm.bench.report.plot)")
   return p
@@ -736,7 +785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides, rest = split_override_args(argv)
     args = build_parser().parse_args(rest)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    target = build(args.model, args.config, overrides)
+    target = build(args.model, args.config, overrides, device=args.device or default_device())
   except ConfigError as e:
     print(f"bench_opacus: error: {e}", file=sys.stderr)
     return 2
@@ -745,14 +794,35 @@ def main(argv: Sequence[str] | None = None) -> int:
   console.print(f"parameters  jaxldm {target.jax_params:,} ({target.jax_leaves} arrays)   "
                 f"pytorch {n:,} ({leaves} tensors)   equal")
   with console.status("benchmarking") as status:
-    records = run(target, batches=args.batch, modes=args.modes, repeats=args.repeats,
-                  warmup=args.warmup, progress=lambda msg: status.update(f"benchmarking: {msg}"))
-  Console(width=None if sys.stdout.isatty() else 140).print(report.table(records, title=f"{args.model} {args.config} PyTorch/Opacus on "
+    progress = lambda msg: status.update(f"benchmarking: {msg}")
+    if not args.keep_going:
+      records = run(target, batches=args.batch, modes=args.modes, repeats=args.repeats,
+                    warmup=args.warmup, progress=progress)
+    else:
+      records = []
+      for b in args.batch:
+        try:
+          records += run(target, batches=(b,), modes=args.modes, repeats=args.repeats, warmup=args.warmup,
+                         progress=progress)
+        except (RuntimeError, MemoryError) as e:  # torch.cuda.OutOfMemoryError is a RuntimeError.
+          oom = "out of memory" in str(e).lower() or isinstance(e, MemoryError)
+          records += [{"mode": m, "model": target.model, "batch": b, "status": "oom" if oom else "error",
+                       "error": f"{type(e).__name__}: {str(e).strip()[:300]}", "framework": "pytorch",
+                       "device_kind": device_name(target.device)} for m in args.modes]
+          if target.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+  records_ok = [r for r in records if "step_s" in r]
+  if not records_ok:
+    if args.json:
+      report.save(args.json, records)
+    print("bench_opacus: every configuration failed", file=sys.stderr)
+    return 1
+  Console(width=None if sys.stdout.isatty() else 140).print(report.table(records_ok, title=f"{args.model} {args.config} PyTorch/Opacus on "
                                               f"{records[0]['device_kind']}, {torch.get_num_threads()} threads"))
   if args.json:
     report.save(args.json, records)
   if args.png:
-    report.plot(records, args.png)
+    report.plot(records_ok, args.png)
   return 0
 
 

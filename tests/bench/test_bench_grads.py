@@ -50,6 +50,8 @@ def test_cli_writes_records_and_plot(tmp_path, capsys):
     assert r["step_s"] > 0 and r["examples_per_s"] == pytest.approx(2 / r["step_s"])
     assert r["params"] > 0 and r["peak_bytes"] > 0 and r["backend"] == "cpu"
     assert len(r["times_s"]) == 2 and r["step_s"] == pytest.approx(np.median(r["times_s"]))
+    assert r["memory"]["temp_bytes"] > 0 and r["flops"] > 0 and r["useful_tflops_per_s"] > 0
+    assert r["conv_weight_grad"] in ("taps", "native")
   assert records[0]["ratio_to_nonprivate"] == 1.0
   assert (tmp_path / "grads.png").stat().st_size > 1000
   assert "vmap" in capsys.readouterr().out
@@ -60,6 +62,7 @@ def test_cli_writes_records_and_plot(tmp_path, capsys):
   rows = report.compare(records, records)
   same = [r["ratio"] for r in rows if r["a_mode"] == r["b_mode"]]
   assert same == [1.0, 1.0]
+  assert cli.main(["bench", "compare", "--from-files", str(out), str(out)]) == 0
 
 
 def test_bad_inputs_are_user_errors(tmp_path, capsys):

@@ -1,0 +1,306 @@
+"""`jaxldm bench gpu-check` (scripts/gpu_check.sh): the one-call GPU check of the DP gradient modes.
+
+  bash scripts/gpu_check.sh                     # paper-size models on the GPU, < 8 min on one H100/H200
+  bash scripts/gpu_check.sh --tiny --out /tmp/gc  # the same run end to end on a CPU, small models
+
+Grid (paper size): the paper autoencoder and UNet (configs/autoencoder.py:paper, configs/ldm.py:paper)
+at physical batch 8 and 32, float32 and bfloat16 compute (`model.dtype`), convolution kernel
+gradient native (XLA's) and taps (`jaxldm.models.conv`), modes nonprivate / vmap / vmap_microbatch
+(`jaxldm.bench.grads`). Per (model, batch, dtype, conv) every mode's program is compiled (XLA
+compiles run in a thread pool, ahead of the timing: `--compile-workers`), then the modes alternate
+in each repeat. Every record carries XLA's memory plan (`memory`: temp/argument/output bytes),
+the device's peak memory (`peak_bytes`, the process high-water mark so far: JAX cannot reset it),
+XLA's flop count and the achieved TFLOP/s (`tflops_per_s` of the program's own flops;
+`useful_tflops_per_s` of the non-private program's flops, the same work for every mode: XLA counts
+a loop body once, so the microbatched program's own count is a lower bound).
+
+A configuration that runs out of memory (or fails otherwise) is recorded with `status` "oom"
+(or "error") and the check goes on. A time budget (`--budget-s`, default 450 s with the twin's
+share) bounds the run: configurations not started in time are recorded as "skipped". The grid is
+ordered by priority (UNet first; batch 8 before 32; native before taps) so what runs first matters
+most. Then the PyTorch/Opacus twin (float32; `jaxldm.bench.torch_twin`) times plain PyTorch and
+Opacus on the same device, in a subprocess, when torch and opacus are installed (and see CUDA, on
+a GPU).
+
+Outputs: `<out>/<device>_<size>_jaxldm.json` (records, rewritten after every configuration),
+`<out>/<device>_<size>_opacus.json`, `<out>/<device>_<size>_summary.json` (the whole check), and rows
+appended to the results file (default benchmarks/RESULTS.md for paper size, <out>/RESULTS.md with
+--tiny) under the heading "## GPU check".
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import datetime
+import json
+import os
+import pathlib
+import re
+import time
+from collections.abc import Sequence
+
+from jaxldm.atomic import atomic_open
+from jaxldm.config import ConfigError
+
+MODES = ("nonprivate", "vmap", "vmap_microbatch")
+# Shrunk :tiny configs for the CPU run (compiles dominate there; the grid is what is checked).
+TINY_OVERRIDES = {
+    "autoencoder": ["--config.data.shape=(2,8,8)", "--config.model.channels=(4,8)"],
+    "unet": ["--config.data.shape=(2,8,8)", "--config.model.base_channels=4", "--config.model.context_dim=8"],
+}
+SIZES = {
+    "paper": {"configs": {"unet": "configs/ldm.py:paper", "autoencoder": "configs/autoencoder.py:paper"},
+              "overrides": {}, "batches": (8, 32), "repeats": 5, "warmup": 2, "budget_s": 450.0},
+    "tiny": {"configs": {"unet": "configs/ldm.py:tiny", "autoencoder": "configs/autoencoder.py:tiny"},
+             "overrides": TINY_OVERRIDES, "batches": (2, 4), "repeats": 2, "warmup": 1, "budget_s": 0.0},
+}
+HEADING = "## GPU check"
+TWIN_SHARE = 0.2  # Of the budget, kept for the PyTorch/Opacus twin when it runs.
+
+
+def is_oom(e: BaseException) -> bool:
+  text = f"{type(e).__name__} {e}".lower()
+  return any(s in text for s in ("resource_exhausted", "out of memory", "outofmemory"))
+
+
+def _failure(item: dict, mode: str, e: BaseException | None, status: str) -> dict:
+  out = dict(item, mode=mode, status=status)
+  if e is not None:
+    out["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+  return out
+
+
+def device_slug(name: str) -> str:
+  return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "device"
+
+
+def plan(models: Sequence[str], batches: Sequence[int], dtypes: Sequence[str], convs: Sequence[str]) -> list[dict]:
+  """The grid in priority order: model, then batch, then dtype, then conv."""
+  return [{"model": m, "batch": b, "dtype": d, "conv": c}
+          for m in models for b in batches for d in dtypes for c in convs]
+
+
+def run(out_dir: str | pathlib.Path, *, size: str = "paper", models: Sequence[str] = ("unet", "autoencoder"),
+        batches: Sequence[int] | None = None, dtypes: Sequence[str] = ("bfloat16", "float32"),
+        convs: Sequence[str] = ("native", "taps"), modes: Sequence[str] = MODES, repeats: int | None = None,
+        warmup: int | None = None, budget_s: float | None = None, opacus: bool = True,
+        results: str | pathlib.Path | None = None, compile_workers: int = 0, progress=None) -> dict:
+  """Runs the check; returns the summary (also written to `<out>/<device>_<size>_summary.json`)."""
+  import jax
+
+  from jaxldm.bench import grads
+  from jaxldm.models import conv as conv_lib
+
+  if size not in SIZES:
+    raise ConfigError(f"gpu-check size {size!r}: choose one of {', '.join(SIZES)}")
+  grads.check_modes(modes)
+  for c in convs:
+    if c not in ("native", "taps", "auto"):
+      raise ConfigError(f"--conv {c!r}: choose from native, taps, auto")
+  spec = SIZES[size]
+  batches = tuple(batches or spec["batches"])
+  repeats = spec["repeats"] if repeats is None else repeats
+  warmup = spec["warmup"] if warmup is None else warmup
+  budget_s = spec["budget_s"] if budget_s is None else budget_s
+  say = progress or (lambda msg: None)
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  device = jax.devices()[0]
+  backend = jax.default_backend()
+  prefix = out_dir / f"{device_slug(device.device_kind)}_{size}"
+  results = pathlib.Path(results) if results else (pathlib.Path("benchmarks/RESULTS.md") if size == "paper"
+                                                   else out_dir / "RESULTS.md")
+  start = time.perf_counter()
+  twin_ok = opacus and _twin_available()
+  jax_deadline = start + budget_s * (1 - (TWIN_SHARE if twin_ok else 0.0)) if budget_s > 0 else float("inf")
+  workers = compile_workers or max(1, min(8, (os.cpu_count() or 2) // 2))
+
+  items = plan(models, batches, dtypes, convs)
+  targets: dict = {}
+
+  def target_for(item):
+    key = (item["model"], item["dtype"])
+    if key not in targets:
+      model = item["model"]
+      overrides = list(spec["overrides"].get(model, ())) + [f"--config.model.dtype={item['dtype']}"]
+      targets[key] = grads.build_target(model, spec["configs"][model], overrides)
+    return targets[key]
+
+  records: list[dict] = []
+  jax_path = pathlib.Path(f"{prefix}_jaxldm.json")
+  pool = concurrent.futures.ThreadPoolExecutor(workers)
+  pending: collections.deque = collections.deque()  # (item, Lowered or exception, {mode: future})
+  queue = collections.deque(items)
+
+  def base(item):
+    return {"model": item["model"], "batch": item["batch"], "dtype": item["dtype"],
+            "conv_weight_grad": item["conv"], "size": size, "config": spec["configs"][item["model"]],
+            "backend": backend, "device_kind": device.device_kind,
+            "date": datetime.date.today().isoformat(), "jax": jax.__version__}
+
+  def submit_next():
+    item = queue.popleft()
+    try:
+      with conv_lib.weight_grad(item["conv"]):
+        low = grads.lower(target_for(item), item["batch"], modes)
+      futures = {m: pool.submit(grads.compile_timed, low.lowered[m]) for m in modes}
+      pending.append((item, low, futures))
+    except Exception as e:  # Tracing failed (shapes, memory for the inputs): recorded, not fatal.
+      pending.append((item, e, {}))
+
+  try:
+    while queue or pending:
+      while queue and len(pending) < 2 and time.perf_counter() < jax_deadline:  # One configuration ahead.
+        submit_next()
+      if not pending:
+        break
+      item, low, futures = pending.popleft()
+      say(f"{item['model']} B={item['batch']} {item['dtype']} conv {item['conv']}")
+      if isinstance(low, Exception):
+        records += [_failure(base(item), m, low, "oom" if is_oom(low) else "error") for m in modes]
+      else:
+        records += _measure_item(grads, base(item), low, futures, modes, repeats, warmup, jax_deadline)
+      del low, futures
+      _save(jax_path, records)
+    for item in queue:  # Not started within the budget.
+      records += [_failure(base(item), m, None, "skipped") for m in modes]
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
+  _save(jax_path, records)
+  targets.clear()
+
+  twin_records: list[dict] = []
+  twin_note = ""
+  if not opacus:
+    twin_note = "not asked for (--no-opacus)"
+  elif not twin_ok:
+    from jaxldm.bench.compare import INSTALL_HINT
+    twin_note = f"torch/opacus not installed ({INSTALL_HINT})"
+  else:
+    twin_records, twin_note = _run_twin(spec, models, batches, repeats, warmup, backend, start, budget_s, say)
+    _save(pathlib.Path(f"{prefix}_opacus.json"), twin_records)
+
+  summary = {"kind": "jaxldm_gpu_check", "size": size, "device_kind": device.device_kind, "backend": backend,
+             "date": datetime.date.today().isoformat(), "jax": jax.__version__, "models": list(models),
+             "batches": list(batches), "dtypes": list(dtypes), "convs": list(convs), "modes": list(modes),
+             "repeats": repeats, "warmup": warmup, "budget_s": budget_s, "compile_workers": workers,
+             "wall_s": time.perf_counter() - start, "jaxldm": records, "opacus": twin_records,
+             "opacus_note": twin_note, "files": {"jaxldm": str(jax_path), "results": str(results)}}
+  _save(pathlib.Path(f"{prefix}_summary.json"), summary)
+  append_results(results, summary)
+  return summary
+
+
+def _measure_item(grads, base: dict, low, futures: dict, modes, repeats, warmup, deadline) -> list[dict]:
+  compiled, compile_s, failed = {}, {}, []
+  for m in modes:
+    try:
+      compiled[m], compile_s[m] = futures[m].result()
+    except Exception as e:
+      failed.append(_failure(base, m, e, "oom" if is_oom(e) else "error"))
+  if not compiled:
+    return failed
+  if time.perf_counter() > deadline:  # Compiled, but no time left to time it.
+    return failed + [_failure(base, m, None, "skipped") for m in compiled]
+  try:
+    recs = grads.measure(low, compiled, compile_s, repeats=repeats, warmup=warmup)
+  except Exception as e:
+    if not is_oom(e) or len(compiled) == 1:
+      return failed + [_failure(base, m, e, "oom" if is_oom(e) else "error") for m in compiled]
+    recs = []  # Together they did not fit: each mode alone (the ratio is then across timings).
+    for m in compiled:
+      try:
+        recs += grads.measure(low, {m: compiled[m]}, compile_s, repeats=repeats, warmup=warmup)
+      except Exception as e2:
+        failed.append(_failure(base, m, e2, "oom" if is_oom(e2) else "error"))
+    grads._add_ratios(recs)
+  return failed + [dict(base, **r, status="ok") for r in recs]
+
+
+def _twin_available() -> bool:
+  from jaxldm.bench.compare import torch_missing
+  return not torch_missing()
+
+
+def _run_twin(spec, models, batches, repeats, warmup, backend, start, budget_s, say) -> tuple[list, str]:
+  from jaxldm.bench.compare import run_twin
+
+  device = "cuda" if backend == "gpu" else "cpu"
+  out, notes = [], []
+  for model in models:
+    left = start + budget_s - time.perf_counter() if budget_s > 0 else None
+    if left is not None and left < 10:
+      notes.append(f"{model}: skipped (time budget)")
+      continue
+    say(f"PyTorch/Opacus twin: {model} on {device}")
+    try:
+      recs = run_twin(model, spec["configs"][model], spec["overrides"].get(model, ()), batches=batches,
+                      repeats=repeats, warmup=warmup, device=device, timeout=left, keep_going=True)
+      out += [dict(r, size=spec["configs"][model].rsplit(":", 1)[-1], status=r.get("status", "ok")) for r in recs]
+    except Exception as e:
+      notes.append(f"{model}: {type(e).__name__}: {str(e)[:300]}")
+  return out, "; ".join(notes)
+
+
+def _save(path: pathlib.Path, obj) -> None:
+  from jaxldm.bench.report import save_json
+  save_json(path, obj)
+
+
+# ---------------------------------------------------------------------------------------------
+# RESULTS.md rows
+# ---------------------------------------------------------------------------------------------
+def _mib(n) -> str:
+  if n is None:
+    return "-"
+  return f"{n / 2**20:,.0f}" if n >= 10 * 2**20 else f"{n / 2**20:.2g}"
+
+
+def rows_markdown(summary: dict) -> str:
+  """The check as a markdown block: one row per (model, batch, dtype, conv, mode), then Opacus."""
+  when = summary["date"]
+  lines = [f"### {when}: {summary['device_kind']} ({summary['backend']}), {summary['size']} models, "
+           f"jax {summary['jax']}, {summary['repeats']} repeats, {summary['wall_s']:.0f} s wall",
+           "",
+           "| model | B | dtype | conv grad | mode | step ms | x nonprivate | useful TFLOP/s | XLA TFLOP/s "
+           "| XLA temp MiB | device peak MiB | status |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in summary["jaxldm"]:
+    ok = r.get("status") == "ok"
+    mem = r.get("memory") or {}
+    f = lambda v, fmt: fmt.format(v) if ok and v is not None else "-"
+    lines.append(f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['conv_weight_grad']} | {r['mode']} | "
+                 f"{f(r.get('step_s') and r['step_s'] * 1e3, '{:,.1f}')} | {f(r.get('ratio_to_nonprivate'), '{:.3f}')} | "
+                 f"{f(r.get('useful_tflops_per_s'), '{:.3g}')} | {f(r.get('tflops_per_s'), '{:.3g}')} | "
+                 f"{_mib(mem.get('temp_bytes')) if ok else '-'} | {_mib(r.get('peak_bytes')) if ok else '-'} | "
+                 f"{r.get('status', 'ok')} |")
+  if summary["opacus"]:
+    lines += ["", "PyTorch/Opacus twin (float32, same device):", "",
+              "| model | B | mode | step ms | x plain | peak MiB | status |", "|---|---|---|---|---|---|---|"]
+    for r in summary["opacus"]:
+      ok = r.get("status", "ok") == "ok"
+      step = f"{r['step_s'] * 1e3:,.1f}" if ok and r.get("step_s") else "-"
+      ratio = f"{r['ratio_to_nonprivate']:.2f}" if ok and r.get("ratio_to_nonprivate") else "-"
+      lines.append(f"| {r['model']} | {r['batch']} | {r['mode']} | {step} | {ratio} | "
+                   f"{_mib(r.get('peak_bytes')) if ok else '-'} | {r.get('status', 'ok')} |")
+  if summary.get("opacus_note"):
+    lines += ["", f"Opacus twin: {summary['opacus_note']}."]
+  return "\n".join(lines) + "\n"
+
+
+def append_results(path: str | pathlib.Path, summary: dict) -> None:
+  """Appends the check's rows at the end of the "## GPU check" section (made if absent)."""
+  path = pathlib.Path(path)
+  text = path.read_text() if path.is_file() else "# Benchmark results\n"
+  block = rows_markdown(summary)
+  lines = text.splitlines(keepends=True)
+  at = next((i for i, line in enumerate(lines) if line.startswith(HEADING)), None)
+  if at is None:
+    text = text.rstrip("\n") + f"\n\n{HEADING}\n\n{block}"
+  else:
+    end = next((i for i in range(at + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    head, tail = "".join(lines[:end]).rstrip("\n"), "".join(lines[end:])
+    text = f"{head}\n\n{block}" + (f"\n{tail}" if tail else "")
+  with atomic_open(path, "w") as f:
+    f.write(text)

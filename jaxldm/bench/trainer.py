@@ -1,0 +1,198 @@
+"""`jaxldm bench trainer`: the LDM trainer's OWN jitted steps, private and not, on synthetic latents.
+
+  jaxldm bench trainer --config configs/ldm_dp.py:tiny --steps 6 --json trainer.json
+
+What is timed is one iteration of `jaxldm.train.ldm.train_and_evaluate`'s loop, minus logging:
+
+  private      state, metrics = step_fn(state, *dp_run.step_inputs(examples, step, mesh))
+               (the Poisson batch of the step, padded to the batcher's static size, its mask and
+               microbatch count, sharded over the mesh; then `ldm.jitted_step(config, True, ...)`:
+               per-example gradients, clipping, noise, optimizer, EMA);
+  nonprivate   the non-private step (`ldm.jitted_step(config, False, ...)`) on a uniformly drawn
+               batch of the DP run's expected batch size, with K = 1 noise draw per example (what a
+               non-private run does; `nonprivate_same_k` is the same with the DP config's K).
+
+`dp.setup` runs as in training (sigma given by --sigma so nothing is calibrated; ledger and secrets
+go to a temporary directory that is removed). Latents, attributes and masks are random; no
+autoencoder or data files are read. Reported: the medians and
+
+  dp_over_k_nonprivate = private step / (K x non-private step at K = 1)
+
+(K = diffusion.noise_multiplicity: the DP step does K forward/backward passes per example, the
+non-private step one), and private / nonprivate_same_k (the DP cost at equal work).
+"""
+
+from __future__ import annotations
+
+import datetime
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxldm.config import ConfigError, load_config
+
+
+def _examples(n: int, latent_shape, num_attributes: int, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  return {"latent": rng.standard_normal((n, *latent_shape)).astype(np.float32),
+          "attributes": rng.standard_normal((n, num_attributes)).astype(np.float32),
+          "attribute_mask": (rng.random((n, num_attributes)) > 0.2).astype(np.float32)}
+
+
+def _latent_shape(spec: str, config) -> tuple[int, ...]:
+  from jaxldm.bench.grads import _autoencoder_config_for
+  from jaxldm.train import autoencoder as ae_trainer
+
+  ae_config = _autoencoder_config_for(spec)
+  ae = ae_trainer.build_model(ae_config.model)
+  shape = tuple(s // f for s, f in zip(config.data.shape, ae.downsampling))
+  return shape + (ae_config.model.latent_channels,)
+
+
+def _state(config, private: bool, latent_shape, num_attributes: int, mesh):
+  from jaxldm.train import common, ldm, partition
+
+  unet = ldm.build_unet(config.model, num_attributes, latent_shape[-1])
+  dummy = (jnp.zeros((1,) + tuple(latent_shape)), jnp.zeros((1,), jnp.int32),
+           jnp.zeros((1, num_attributes)), jnp.ones((1, num_attributes)))
+  params = jax.jit(unet.init)(jax.random.PRNGKey(config.seed), *dummy)
+  trainable, _ = partition.split(params, config.train.trainable)
+  tx = common.make_optimizer(config.optim, config.train.steps, private=private)
+  state = common.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(trainable),
+                            ema_params=jax.tree_util.tree_map(jnp.copy, params))
+  return common.replicate(state, mesh), common.count_params(params)
+
+
+def _block(tree):
+  jax.tree_util.tree_map(lambda x: x.block_until_ready(), tree)
+
+
+def run(spec: str, overrides: Sequence[str] = (), *, steps: int = 10, warmup: int = 2,
+        examples: int = 0, sigma: float = 1.0, same_k: bool = True, progress=None) -> dict:
+  """Times the trainer's private and non-private steps; returns one record (see the module docstring)."""
+  from rich.console import Console
+
+  from jaxldm.train import common, dp, ldm
+
+  config = load_config(spec, overrides)
+  if config.get("trainer") != "ldm":
+    raise ConfigError(f"--config {spec}: bench trainer needs an LDM config (trainer 'ldm'), got {config.get('trainer')!r}")
+  if not config.dp.enabled:
+    raise ConfigError(f"--config {spec}: dp.enabled is False; use a DP config such as configs/ldm_dp.py:tiny")
+  if steps < 1:
+    raise ConfigError(f"--steps {steps}: at least 1")
+  latent_shape = _latent_shape(spec, config)
+  num_attributes = len(config.data.attributes)
+  k = int(config.diffusion.noise_multiplicity)
+  expected = float(config.dp.expected_batch_size)
+  n = examples or max(64, int(8 * expected))
+  data = _examples(n, latent_shape, num_attributes, config.seed)
+  mesh = common.make_mesh(config.train.num_devices)
+  num_devices = mesh.devices.size
+  quiet = Console(quiet=True)
+  timings = {}
+
+  # --- private: dp.setup as in training, in a throw-away workdir --------------------------------
+  with config.unlocked():
+    config.dp.noise_multiplier = sigma  # Given: no calibration (sigma is a traced argument anyway).
+    config.dp.noise_seed = 0
+  with tempfile.TemporaryDirectory(prefix="jaxldm_bench_trainer_") as tmp:
+    dp_run = dp.setup(config.dp, tmp, n, config.train.steps, quiet, num_devices)
+    if hasattr(dp_run, "resume_at"):  # A fresh run: step 0 (what the trainer calls after restoring).
+      dp_run.resume_at(0)
+  step_fn = ldm.jitted_step(config, True, num_attributes, latent_shape[-1])
+  state, n_params = _state(config, True, latent_shape, num_attributes, mesh)
+  sizes = []
+
+  def private_step(state, step):
+    inputs = dp_run.step_inputs(data, step, mesh)
+    sizes.append(int(np.asarray(jax.device_get(inputs[1])).sum()))
+    return step_fn(state, *inputs, dp_run.noise_multiplier, dp_run.expected_batch_size)
+
+  timings["private"] = _time_loop(private_step, state, steps, warmup, progress, "private")
+
+  # --- non-private: the trainer's own step at the expected batch size ---------------------------
+  batch_size = max(num_devices, int(round(expected / num_devices)) * num_devices)
+  variants = [("nonprivate", 1)] + ([("nonprivate_same_k", k)] if same_k and k != 1 else [])
+  for name, kk in variants:
+    np_config = load_config(spec, overrides)
+    with np_config.unlocked():
+      np_config.dp.enabled = False
+      np_config.diffusion.noise_multiplicity = kk
+      np_config.train.batch_size = batch_size
+    np_fn = ldm.jitted_step(np_config, False, num_attributes, latent_shape[-1])
+    np_state, _ = _state(np_config, False, latent_shape, num_attributes, mesh)
+
+    def nonprivate_step(state, step, np_fn=np_fn, np_config=np_config):
+      idx = common.batch_indices(np_config.seed, step, n, batch_size)
+      batch = common.shard_batch(jax.tree_util.tree_map(lambda a: a[idx], data), mesh)
+      return np_fn(state, batch, common.step_key(np_config.seed, step))
+
+    timings[name] = _time_loop(nonprivate_step, np_state, steps, warmup, progress, name)
+
+  med = {name: statistics.median(t["times_s"]) for name, t in timings.items()}
+  record = {
+      "kind": "jaxldm_bench_trainer", "config": spec, "overrides": list(overrides), "params": n_params,
+      "latent_shape": list(latent_shape), "num_attributes": num_attributes, "noise_multiplicity": k,
+      "examples": n, "expected_batch_size": expected, "padded_batch": dp_run.batcher.max_size,
+      "microbatch_size": int(config.dp.microbatch_size), "sampled_batch_sizes": sizes[warmup:],
+      "nonprivate_batch": batch_size, "noise_multiplier": sigma, "steps": steps, "warmup": warmup,
+      "num_devices": num_devices, "dtype": config.model.dtype,
+      "private_step_s": med["private"], "nonprivate_step_s": med["nonprivate"],
+      "nonprivate_same_k_step_s": med.get("nonprivate_same_k"),
+      "dp_over_k_nonprivate": med["private"] / (k * med["nonprivate"]),
+      "dp_over_nonprivate_same_k": med["private"] / med["nonprivate_same_k"] if "nonprivate_same_k" in med else (
+          med["private"] / med["nonprivate"] if k == 1 else None),
+      "first_call_s": {name: t["first_call_s"] for name, t in timings.items()},
+      "times_s": {name: t["times_s"] for name, t in timings.items()},
+      "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+      "date": datetime.date.today().isoformat(), "jax": jax.__version__}
+  return record
+
+
+def _time_loop(step, state, steps: int, warmup: int, progress, name: str) -> dict:
+  """The first call (compile included), `warmup` untimed steps, then `steps` timed ones (state threads
+  through: the jitted steps donate it, as in training)."""
+  t0 = time.perf_counter()
+  state, metrics = step(state, 0)
+  _block(metrics)
+  first = time.perf_counter() - t0
+  if progress:
+    progress(f"{name}: first call {first:.1f} s")
+  for s in range(1, 1 + warmup):
+    state, metrics = step(state, s)
+  _block((state, metrics))
+  times = []
+  for s in range(1 + warmup, 1 + warmup + steps):
+    t0 = time.perf_counter()
+    state, metrics = step(state, s)
+    _block(metrics)
+    _block(state.step)
+    times.append(time.perf_counter() - t0)
+  if progress:
+    progress(f"{name}: {statistics.median(times) * 1e3:.1f} ms/step")
+  return {"first_call_s": first, "times_s": times}
+
+
+def table(record: dict):
+  from rich.table import Table
+
+  k = record["noise_multiplicity"]
+  t = Table(title=f"trainer steps, {record['config']} on {record['device_kind']} ({record['num_devices']} devices)",
+            caption=f"expected batch {record['expected_batch_size']:g} (padded {record['padded_batch']}, "
+                    f"microbatch {record['microbatch_size']}), K = {k}, {record['params']:,} parameters")
+  for col in ("step", "median ms", "first call s"):
+    t.add_column(col, justify="left" if col == "step" else "right")
+  for name, key in (("private (DP, batcher included)", "private"), ("nonprivate, K = 1", "nonprivate"),
+                    (f"nonprivate, K = {k}", "nonprivate_same_k")):
+    if key in record["times_s"]:
+      t.add_row(name, f"{statistics.median(record['times_s'][key]) * 1e3:,.1f}", f"{record['first_call_s'][key]:.1f}")
+  t.add_row(f"DP / ({k} x nonprivate)", f"{record['dp_over_k_nonprivate']:.3f}", "")
+  if record.get("dp_over_nonprivate_same_k") is not None:
+    t.add_row(f"DP / nonprivate at K = {k}", f"{record['dp_over_nonprivate_same_k']:.3f}", "")
+  return t

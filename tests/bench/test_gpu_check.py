@@ -1,0 +1,96 @@
+"""`jaxldm bench gpu-check` end to end on the CPU (the --tiny run): records, memory, flops, RESULTS rows."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from jaxldm import cli
+from jaxldm.bench import gpu_check
+
+RESULTS = "benchmarks/RESULTS.md"
+
+
+def test_tiny_check_end_to_end(tmp_path, capsys):
+  results = tmp_path / "RESULTS.md"
+  shutil.copy(RESULTS, results)  # Rows go to a copy, never to the real file.
+  before = results.read_text()
+  out = tmp_path / "gc"
+  code = cli.main(["bench", "gpu-check", "--tiny", "--out", str(out), "--results", str(results),
+                   "--models", "autoencoder", "--batch", "2", "--modes", "nonprivate,vmap",
+                   "--repeats", "1", "--warmup", "0", "--no-opacus", "--compile-workers", "2"])
+  assert code == 0
+  summary = json.loads((out / "cpu_tiny_summary.json").read_text())
+  records = json.loads((out / "cpu_tiny_jaxldm.json").read_text())
+  assert records == summary["jaxldm"]
+  grid = {(r["dtype"], r["conv_weight_grad"], r["mode"]) for r in records}
+  assert grid == {(d, c, m) for d in ("bfloat16", "float32") for c in ("native", "taps")
+                  for m in ("nonprivate", "vmap")}
+  for r in records:
+    assert r["status"] == "ok", r
+    assert r["model"] == "autoencoder" and r["batch"] == 2 and r["size"] == "tiny"
+    assert r["step_s"] > 0 and len(r["times_s"]) == 1 and r["compile_s"] > 0
+    assert r["memory"]["temp_bytes"] > 0 and r["memory"]["argument_bytes"] > 0  # XLA's memory plan.
+    assert r["program_bytes"] > 0 and r["peak_bytes"] > 0
+    assert r["flops"] > 0 and r["tflops_per_s"] > 0  # XLA's cost analysis / time.
+    assert r["useful_flops"] > 0 and r["useful_tflops_per_s"] > 0
+  ratios = {(r["dtype"], r["conv_weight_grad"]): r["ratio_to_nonprivate"] for r in records if r["mode"] == "nonprivate"}
+  assert set(ratios.values()) == {1.0}
+  assert summary["opacus"] == [] and "not asked" in summary["opacus_note"]
+
+  text = results.read_text()
+  assert text.startswith(before.rstrip("\n")[:200])
+  section = text[text.index(gpu_check.HEADING):]
+  rows = [line for line in section.splitlines() if line.startswith("| autoencoder | 2 |")]
+  assert len(rows) == 8 and all(line.endswith("| ok |") for line in rows)
+  assert "x nonprivate" in section and "useful TFLOP/s" in section
+  assert "autoencoder" in capsys.readouterr().out
+
+
+def test_failures_are_recorded_not_fatal(tmp_path, monkeypatch):
+  """An out-of-memory configuration becomes status "oom"; a spent budget marks the rest "skipped"."""
+  from jaxldm.bench import grads
+
+  def boom(*args, **kwargs):
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123 bytes")
+  monkeypatch.setattr(grads, "lower", boom)
+  summary = gpu_check.run(tmp_path, size="tiny", models=("autoencoder",), batches=(2,), dtypes=("float32",),
+                          convs=("taps",), modes=("nonprivate", "vmap"), opacus=False,
+                          results=tmp_path / "R.md")
+  assert [r["status"] for r in summary["jaxldm"]] == ["oom", "oom"]
+  assert "RESOURCE_EXHAUSTED" in summary["jaxldm"][0]["error"]
+  assert "| oom |" in (tmp_path / "R.md").read_text()
+
+  skipped = gpu_check.run(tmp_path, size="tiny", models=("autoencoder",), batches=(2,), dtypes=("float32",),
+                          convs=("taps",), modes=("nonprivate",), opacus=False, budget_s=1e-9,
+                          results=tmp_path / "R.md")
+  assert [r["status"] for r in skipped["jaxldm"]] == ["skipped"]
+
+
+def test_results_rows_go_under_the_gpu_heading(tmp_path):
+  path = tmp_path / "R.md"
+  path.write_text(f"# Results\n\n{gpu_check.HEADING}\n\nNot yet run.\n\n## Later section\n\ntext\n")
+  summary = {"date": "2026-01-01", "device_kind": "NVIDIA H200", "backend": "gpu", "size": "paper", "jax": "0",
+             "repeats": 5, "wall_s": 1.0, "opacus": [], "opacus_note": "",
+             "jaxldm": [{"model": "unet", "batch": 8, "dtype": "bfloat16", "conv_weight_grad": "native",
+                         "mode": "vmap", "status": "oom"}]}
+  gpu_check.append_results(path, summary)
+  text = path.read_text()
+  assert text.index("Not yet run.") < text.index("| unet | 8 | bfloat16 | native | vmap |") < text.index("## Later")
+
+
+def test_plan_is_the_issue_grid():
+  grid = gpu_check.plan(("unet", "autoencoder"), (8, 32), ("bfloat16", "float32"), ("native", "taps"))
+  assert len(grid) == 16 and grid[0] == {"model": "unet", "batch": 8, "dtype": "bfloat16", "conv": "native"}
+  assert gpu_check.SIZES["paper"]["configs"] == {"unet": "configs/ldm.py:paper",
+                                                 "autoencoder": "configs/autoencoder.py:paper"}
+  assert gpu_check.SIZES["paper"]["batches"] == (8, 32)
+
+
+def test_script_reaches_the_cli():
+  if not shutil.which("bash"):
+    pytest.skip("no bash")
+  proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--help"], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert "--tiny" in proc.stdout and "--budget-s" in proc.stdout
