@@ -50,4 +50,4 @@ def test_one_command_runs_both(tmp_path, capsys):
   assert row["jaxldm_params"] == row["torch_params"] > 0
   for key in ("opacus_dp_over_jaxldm_dp", "jaxldm_plain_over_torch_plain", "jaxldm_dp_over_jaxldm_plain"):
     assert row[key] > 0
-  assert "Opacus DP / jaxldm DP" in capsys.readouterr().out
+  assert "jaxldm vs PyTorch/Opacus" in capsys.readouterr().out
