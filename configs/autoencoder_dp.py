@@ -12,7 +12,8 @@ would read the private data outside the mechanism:
   * no reconstruction PNGs (train.sample_every must stay 0: they would show training volumes),
   * a fixed latent scale_factor (1/std of the private latents would be a non-private statistic; take
     it from an autoencoder trained on public data if you have one).
-Logged metrics are batch aggregates only. Variants: `tiny` (2-core CPU), `default`, `paper`.
+Logged metrics are what the mechanism releases: the noisy gradient norm and noisy means of the loss, L1,
+KL and clipped fraction (docs/privacy.md). Variants: `tiny` (2-core CPU), `default`, `paper`.
 """
 
 import importlib.util

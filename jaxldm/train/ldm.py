@@ -243,6 +243,7 @@ class Prepared:
   ckpt: Any
   start: int
   sample_fn: Callable       # sample_fn(ema_params, path, seed): a sample grid (nothing private).
+  data_fingerprint: str = ""  # Of the training data (docs/privacy.md, "Stages compose").
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Prepared:
@@ -336,7 +337,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> P
                                                    len(columns), path, seed)
   return Prepared(config=config, workdir=workdir, console=console, private=private, primary=primary,
                   examples=examples, columns=columns, mesh=mesh, dp_run=dp_run, state=state, ckpt=ckpt,
-                  start=start, sample_fn=sample_fn)
+                  start=start, sample_fn=sample_fn, data_fingerprint=fingerprint)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -401,7 +402,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       ckpt.save(final_step, state)
   ckpt.close()
 
-  record = {"steps": final_step, "private": private, "data_fingerprint": info["data_fingerprint"]}
+  record = {"steps": final_step, "private": private, "data_fingerprint": p.data_fingerprint}
   if private:
     record.update(dp_run.record(epsilon, stopped_for_budget))
     console.print(dp_run.summary(final_step, stopped_for_budget))
