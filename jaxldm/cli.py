@@ -180,6 +180,8 @@ def _sampling(args) -> tuple[float, int]:
       raise ConfigError("give --sampling-rate, or --batch-size and --dataset-size (q = batch / N)")
     q = args.batch_size / args.dataset_size
   steps = args.steps
+  if steps is not None and args.epochs is not None:
+    raise ConfigError("give --steps or --epochs, not both")
   if steps is None:
     if args.epochs is None:
       raise ConfigError("give --steps, or --epochs (steps = epochs / q)")
@@ -203,6 +205,38 @@ def cmd_privacy_epsilon(args) -> int:
       raise ConfigError(str(e)) from e
     print(f"epsilon = {eps:.4f}  ({acc.upper()}; sigma {args.noise_multiplier:g}, q {q:.6g}, "
           f"{steps} steps, delta {args.delta:g})")
+  return 0
+
+
+def cmd_privacy_ledger(args) -> int:
+  """A DP run's ledger: its mechanism, steps, epsilon, pinned settings and the composed epsilon."""
+  import pathlib
+
+  from jaxldm.privacy.ledger import LEDGER_FILENAME, PrivacyLedger
+
+  path = pathlib.Path(args.workdir) / LEDGER_FILENAME
+  if not path.is_file():
+    raise ConfigError(f"--workdir {args.workdir}: no {LEDGER_FILENAME} there (not a DP run's workdir)")
+  try:
+    ledger = PrivacyLedger.load(str(path))
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  eps = ledger.epsilon()
+  print(f"{path}: {ledger.steps} mechanism steps, sigma {ledger.noise_multiplier:.4f}, q {ledger.sampling_rate:.4g}, "
+        f"C {ledger.l2_clip_norm:g}, delta {ledger.delta:g}, {ledger.accountant.upper()}: epsilon {eps:.4f}"
+        + (f" (target {ledger.target_epsilon:g})" if ledger.target_epsilon else ""))
+  print(f"noise seed: {ledger.noise_seed_provenance}")
+  for key, value in sorted(ledger.pinned.items()):
+    print(f"pinned {key} = {value}")
+  if ledger.upstream:
+    print("stages on the same private data (composed by dp-accounting):")
+    for st in ledger.upstream:
+      print(f"  {st['stage']:<20} {st['workdir']}: {st['steps']} steps, sigma {st['noise_multiplier']:.4f}, "
+            f"q {st['sampling_rate']:.4g}: epsilon {st['epsilon']:.4f}")
+    print(f"  {'this run':<20} epsilon {eps:.4f}")
+    print(f"composed epsilon {ledger.composed_epsilon():.4f} at delta {ledger.delta:g}")
+  else:
+    print("no other DP stage on the same private data: this run's epsilon is the pipeline's")
   return 0
 
 
@@ -594,6 +628,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--noise-multiplier", type=float, required=True, help="sigma (noise std / clip norm)")
   add_sampling_args(p)
   p.set_defaults(func=cmd_privacy_epsilon)
+
+  p = privacy_sub.add_parser(
+      "ledger", help="a DP run's ledger: epsilon, pinned settings, composed epsilon",
+      description="Reads WORKDIR/privacy_ledger.json: the mechanism, the steps counted, epsilon, the settings and "
+                  "data fingerprint it pins, and the epsilon composed with earlier DP stages on the same "
+                  "private data. Example: jaxldm privacy ledger --workdir runs/demo/ldm_dp")
+  p.add_argument("--workdir", required=True, help="the DP run's workdir")
+  p.set_defaults(func=cmd_privacy_ledger)
 
   p = privacy_sub.add_parser("calibrate", help="noise multiplier for a target epsilon",
                              description="The smallest noise multiplier whose epsilon is <= the target.")

@@ -116,3 +116,27 @@ def test_privacy_bad_input_is_one_line(capsys):
   assert "sampling_rate must be in (0, 1]" in capsys.readouterr().err
   assert cli.main(["privacy", "epsilon", "--noise-multiplier", "1", "--steps", "3"]) == 2
   assert "--sampling-rate" in capsys.readouterr().err
+
+
+def test_privacy_ledger_prints_the_composed_epsilon(tmp_path, capsys):
+  from jaxldm.privacy import accounting, ledger as ledger_lib
+
+  upstream = [dict(stage="autoencoder_workdir", workdir="/runs/ae_dp", sampling_rate=0.125, noise_multiplier=1.0,
+                   steps=100, delta=1e-5, accountant="rdp", epsilon=1.0)]
+  ledger = ledger_lib.PrivacyLedger.load_or_create(
+      str(tmp_path), sampling_rate=0.125, noise_multiplier=1.0, l2_clip_norm=1.0, delta=1e-5, dataset_size=64,
+      accountant="rdp", pinned={"data.fingerprint": "ab" * 32}, upstream=upstream)
+  ledger.record_steps(100)
+  assert cli.main(["privacy", "ledger", "--workdir", str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  composed = accounting.composed_epsilon([dict(noise_multiplier=1.0, sampling_rate=0.125, steps=100)] * 2,
+                                         delta=1e-5, accountant="rdp")
+  assert f"composed epsilon {composed:.4f}" in out and "pinned data.fingerprint" in out
+  assert composed > ledger.epsilon()
+  assert cli.main(["privacy", "ledger", "--workdir", str(tmp_path / "nowhere")]) == 2
+
+
+def test_privacy_epsilon_refuses_steps_and_epochs_together(capsys):
+  assert cli.main(["privacy", "epsilon", "--noise-multiplier", "1", "--sampling-rate", "0.1", "--steps", "3",
+                   "--epochs", "2"]) == 2
+  assert "not both" in capsys.readouterr().err
