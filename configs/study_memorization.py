@@ -1,4 +1,4 @@
-"""Study (issue 7): does a non-private LDM on small data copy its training volumes, and does DP stop it?
+"""Study: does a non-private LDM on small data copy its training volumes, and does DP stop it?
 
 epsilon {10, 1, inf} x public-pretrained x 3 seeds on the `jaxldm ablate` machinery (configs/ablation.py;
 same fields), on the same 16 private phantoms as configs/study_pretraining.py. The DP cells are the

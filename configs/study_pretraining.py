@@ -1,4 +1,4 @@
-"""Study (issue 7): does public pretraining help DP finetuning, and does DP stop memorization?
+"""Study: does public pretraining help DP finetuning, and does DP stop memorization?
 
 epsilon {1, 3, 10, inf} x {pretrained on public, from scratch} x 3 seeds, on the `jaxldm ablate`
 machinery (configs/ablation.py; same fields). The `tiny` variant reuses what `make demo` trained on

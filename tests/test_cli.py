@@ -101,7 +101,7 @@ def test_privacy_epsilon_and_calibrate(capsys):
   assert cli.main(["privacy", "epsilon", "--noise-multiplier", "1.1", "--batch-size", "256",
                    "--dataset-size", "60000", "--steps", "14062", "--accountant", "both"]) == 0
   out = capsys.readouterr().out
-  assert "epsilon = 2.5966  (RDP" in out and "epsilon = 2.3817  (PLD" in out  # DESIGN.md reference values.
+  assert "epsilon = 2.5966  (RDP" in out and "epsilon = 2.3817  (PLD" in out  # Reference values (jaxldm/privacy/accounting.py).
   assert cli.main(["privacy", "calibrate", "--target-epsilon", "3", "--sampling-rate", "0.01",
                    "--steps", "500", "--accountant", "rdp"]) == 0
   out = capsys.readouterr().out

@@ -9,7 +9,7 @@ Modes (all jitted, all return a gradient pytree like the params):
   vmap_microbatch  the same in sequential microbatches of `microbatch` examples (memory bound);
   loop             one example at a time (microbatch of 1): the baseline vmap is meant to beat.
 
-Timing follows ../.library/device/METHOD.md practice: compile once (timed separately), warm up,
+Timing practice: compile once (timed separately), warm up,
 then alternate the modes inside each repeat (so drifting machine load hits every mode alike) and
 report the median of `block_until_ready` wall times. Ratios between modes come from one run.
 """

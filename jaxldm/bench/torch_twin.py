@@ -1,4 +1,4 @@
-"""Peer benchmark: the same UNet / autoencoder in PyTorch, plain and under Opacus (issue 6, item 3).
+"""Peer benchmark: the same UNet / autoencoder in PyTorch, plain and under Opacus.
 
   jaxldm bench compare --model unet --config configs/ldm.py:tiny --batch 8     # both, back to back
   python scripts/bench_opacus.py --model unet --config configs/ldm.py:tiny --batch 8,16 \

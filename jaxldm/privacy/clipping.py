@@ -5,7 +5,7 @@ computes one gradient per example (`jax.vmap` of `jax.value_and_grad`, never a b
 each to L2 norm <= C and sums them. It knows its own sensitivity (`sensitivity`), so the noise
 module can calibrate to the SUM without knowing how clipping was done.
 
-Invariants kept here (see ../shared/DESIGN.md, "Privacy invariants"):
+Invariants kept here (docs/privacy.md):
   * `loss_fn` sees ONE example: `loss_fn(params, example, rng) -> scalar`. A loss that returns
     anything but a scalar is rejected at trace time, because a batched loss would silently mix
     examples before clipping.

@@ -8,7 +8,7 @@ import pytest
 
 from jaxldm.privacy import accounting
 
-# Reference numbers measured with dp-accounting 0.6.0 (../shared/DESIGN.md).
+# Reference numbers measured with dp-accounting 0.6.0 (jaxldm/privacy/accounting.py docstring).
 REFERENCE = dict(noise_multiplier=1.1, sampling_rate=256 / 60000, steps=14062, delta=1e-5)
 
 

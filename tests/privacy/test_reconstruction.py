@@ -100,7 +100,7 @@ def test_pld_bound_equals_min_over_the_privacy_profile():
 
 
 @pytest.mark.parametrize("sigma,q,steps,atol", [
-    (1.1, 256 / 60000, 14062, 2e-3),  # DESIGN.md reference run (Daum et al. scale).
+    (1.1, 256 / 60000, 14062, 2e-3),  # The reference run (Daum et al. scale).
     (2.0, 1e-3, 10000, 7e-3),
     (1.0, 0.01, 10000, 1e-2),
 ])

@@ -24,7 +24,7 @@ def _gdp_delta(eps, mu):
 
 
 def test_dpsgd_mu_clt_agrees_with_the_pld_reference():
-  # DESIGN.md reference: q = 256/60000, sigma = 1.1, 14062 steps, delta = 1e-5 -> PLD eps 2.382.
+  # Reference: q = 256/60000, sigma = 1.1, 14062 steps, delta = 1e-5 -> PLD eps 2.382.
   mu = rero.dpsgd_mu(1.1, 256 / 60000, 14062)
   eps = optimize.brentq(lambda e: _gdp_delta(e, mu) - 1e-5, 1e-6, 50.0)
   assert eps == pytest.approx(2.382, rel=0.05)
