@@ -1,18 +1,27 @@
-"""Convolution whose kernel gradient is a sum of per-tap matrix products (fast per-example gradients).
+"""Convolutions laid out for XLA:CPU: 2D convolutions over slices, per-tap GEMM kernel gradients.
 
-Why: DP-SGD needs one gradient per example. `jax.vmap` of a convolution's kernel gradient becomes a
-grouped "backprop-filter" convolution, which XLA:CPU runs ~1.8x slower than the batched one (itself
-slow). Writing the kernel gradient as one matrix product per kernel tap,
+Two things make 3D convolutions slow on XLA:CPU, and DP-SGD pays for both:
 
-  dK[tap] = sum_positions  x[position + tap]^T  dy[position]      (an (in, out) matrix per tap),
+1. Kernel gradient. DP-SGD needs one gradient per example. `jax.vmap` of a convolution's kernel
+   gradient becomes a grouped "backprop-filter" convolution, which XLA:CPU runs ~1.8x slower than
+   the batched one (itself slow). Written as one matrix product per kernel tap,
 
-turns it into plain GEMMs: batched over examples they are batched GEMMs at the same speed, so a
-per-example gradient costs what a batched one does (benchmarks/NOTES.md has the measurements). The
-forward pass and the input gradient stay XLA's own convolutions.
+     dK[tap] = sum_positions  x[position * stride + tap]^T  dy[position]   (an (in, out) matrix),
 
-The implementation is picked when a model is traced: `auto` (the default) uses taps on CPU, where it
-was measured to pay, and XLA's convolution gradient elsewhere; `set_weight_grad("taps"|"native")`
-or the `JAXLDM_CONV_WEIGHT_GRAD` environment variable override it. Parameters, their names and
+   it is plain GEMMs: batched over examples they are batched GEMMs at the same speed, so a
+   per-example gradient costs what a batched one does.
+2. Forward pass and input gradient. XLA:CPU runs a 3D convolution 3-7x slower than the same work
+   as a 2D convolution, and the input gradient of a strided 3D convolution (a transposed conv)
+   20-100x slower. A channels-last (N, D, H, W, C) convolution with a (kd, kh, kw) kernel is
+   therefore computed as ONE 2D convolution over the N * D_out (example, slice) pairs whose
+   channels are the kd depth-shifted (depth-padded, depth-strided) input slices stacked:
+   `conv_by_slices`. A depth-1 kernel is a reshape; the input gradient is this formulation's own
+   transpose (2D transposed convolutions), which XLA:CPU runs fast.
+
+benchmarks/NOTES.md has the measurements. The route is picked when a model is traced: `auto` (the
+default) takes it ("taps") on CPU, where it was measured to pay, and XLA's native convolution and
+gradients elsewhere; `set_weight_grad("taps"|"native")`, the `weight_grad` context manager or the
+`JAXLDM_CONV_WEIGHT_GRAD` environment variable override it. Parameters, their names and
 initialisation are nn.Conv's, so checkpoints do not depend on the choice.
 """
 
@@ -68,19 +77,57 @@ def _dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
                                   out_spec=(0, ndim - 1) + spatial)
 
 
-def _conv(x, kernel, strides, pads):
-  return lax.conv_general_dilated(x, kernel, strides, pads,
+def _conv(x, kernel, strides, pads, dilation=None):
+  """XLA's own convolution (any rank), channels-last."""
+  return lax.conv_general_dilated(x, kernel, strides, pads, rhs_dilation=dilation,
                                   dimension_numbers=_dimension_numbers(x.ndim))
 
 
-def _kernel_grad(x, dy, kernel_shape, strides, pads, dtype):
-  """sum over examples and positions of x[pos * stride + tap]^T dy[pos], one GEMM per tap."""
+def _depth_windows(x, depth_kernel, stride, pad, dilation):
+  """The depth-shifted views x_pad[:, t*dilation + i*stride] (i < output depth), one per depth tap."""
+  if pad != (0, 0):
+    x = jnp.pad(x, ((0, 0), pad) + ((0, 0),) * (x.ndim - 2))
+  out_depth = (x.shape[1] - dilation * (depth_kernel - 1) - 1) // stride + 1
+  if depth_kernel == 1 and stride == 1:
+    return [x], out_depth
+  return [lax.slice_in_dim(x, t * dilation, t * dilation + (out_depth - 1) * stride + 1, stride=stride,
+                           axis=1) for t in range(depth_kernel)], out_depth
+
+
+def conv_by_slices(x, kernel, strides, pads, dilation=(1, 1, 1)):
+  """A channels-last 3D convolution computed as ONE 2D convolution over (example, slice) pairs.
+
+  x (N, D, H, W, C), kernel (kd, kh, kw, C, O). The kd depth taps are depth-shifted views of the
+  (depth-padded, depth-strided) input; they are stacked on the channel axis, so the whole
+  convolution is a 2D convolution of N * D_out images with kd * C channels against the kernel
+  reshaped to (kh, kw, kd * C, O) (a depth-1 kernel is a plain reshape: no copy at all). XLA:CPU
+  runs 2D convolutions 3-10x faster than 3D ones, and their transposes (the input gradient, which
+  `jax.vjp` of this function gives) up to 100x faster when strided: benchmarks/NOTES.md.
+  """
+  n, (kd, kh, kw, c, o) = x.shape[0], kernel.shape
+  windows, out_depth = _depth_windows(x, kd, strides[0], tuple(pads[0]), dilation[0])
+  h = windows[0] if kd == 1 else jnp.concatenate(windows, axis=-1)
+  k = kernel[0] if kd == 1 else jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kd * c, o)
+  y = _conv(h.reshape((n * out_depth,) + h.shape[2:]), k, tuple(strides[1:]), tuple(pads[1:]),
+            tuple(dilation[1:]))
+  return y.reshape((n, out_depth) + y.shape[1:])
+
+
+def _forward(x, kernel, strides, pads, dilation):
+  if x.ndim == 5:
+    return conv_by_slices(x, kernel, strides, pads, dilation)
+  return _conv(x, kernel, strides, pads, dilation)
+
+
+def _kernel_grad(x, dy, kernel_shape, strides, pads, dilation, dtype):
+  """sum over examples and positions of x[pos * stride + tap * dilation]^T dy[pos], one GEMM per tap."""
   xp = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),))
   out_spatial = dy.shape[1:-1]
   windows = []
   for tap in itertools.product(*(range(k) for k in kernel_shape[:-2])):
-    start = (0,) + tap + (0,)
-    limit = ((xp.shape[0],) + tuple(t + (o - 1) * s + 1 for t, o, s in zip(tap, out_spatial, strides))
+    first = tuple(t * d for t, d in zip(tap, dilation))
+    start = (0,) + first + (0,)
+    limit = ((xp.shape[0],) + tuple(f + (o - 1) * s + 1 for f, o, s in zip(first, out_spatial, strides))
              + (xp.shape[-1],))
     windows.append(lax.slice(xp, start, limit, (1,) + tuple(strides) + (1,)))
   axes = tuple(range(x.ndim - 1))
@@ -89,21 +136,28 @@ def _kernel_grad(x, dy, kernel_shape, strides, pads, dtype):
   return grad.reshape(kernel_shape).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv_taps(x, kernel, strides: tuple[int, ...], pads: tuple[tuple[int, int], ...]):
-  """Channels-last convolution (explicit padding) with the per-tap GEMM kernel gradient."""
-  return _conv(x, kernel, strides, pads)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_taps(x, kernel, strides: tuple[int, ...], pads: tuple[tuple[int, int], ...],
+              dilation: tuple[int, ...]):
+  """Channels-last convolution (explicit padding) with the per-tap GEMM kernel gradient.
+
+  5-D inputs (N, D, H, W, C) run forward and input gradient as 2D convolutions (`conv_by_slices`);
+  other ranks use XLA's convolution for both.
+  """
+  return _forward(x, kernel, strides, pads, dilation)
 
 
-def _conv_taps_fwd(x, kernel, strides, pads):
-  return _conv(x, kernel, strides, pads), (x, kernel)
+def _conv_taps_fwd(x, kernel, strides, pads, dilation):
+  return conv_taps(x, kernel, strides, pads, dilation), (x, kernel)
 
 
-def _conv_taps_bwd(strides, pads, residuals, dy):
+def _conv_taps_bwd(strides, pads, dilation, residuals, dy):
   x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda a: _conv(a, kernel, strides, pads), x)
+  # The transpose of the forward formulation (2D transposed convolutions for 5-D inputs); the
+  # forward value computed by vjp is unused and removed by XLA.
+  _, input_vjp = jax.vjp(lambda a: _forward(a, kernel, strides, pads, dilation), x)
   (dx,) = input_vjp(dy)
-  return dx, _kernel_grad(x, dy, kernel.shape, strides, pads, kernel.dtype)
+  return dx, _kernel_grad(x, dy, kernel.shape, strides, pads, dilation, kernel.dtype)
 
 
 conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)
@@ -111,26 +165,29 @@ conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None):
-  """Drop-in for `lax.conv_general_dilated` as nn.Conv calls it; taps where it applies.
+  """Drop-in for `lax.conv_general_dilated` as nn.Conv calls it; the CPU route where it applies.
+
+  The route takes channels-last convolutions without input dilation or feature groups (kernel
+  dilation is fine); anything else, or the "native" setting, is XLA's own convolution.
 
   Unlike lax, `dimension_numbers=None` means channels-last, the layout of every model here.
   """
   dimension_numbers = dimension_numbers or _dimension_numbers(lhs.ndim)
-  plain = (not lhs_dilation or all(d == 1 for d in lhs_dilation)) and (
-      not rhs_dilation or all(d == 1 for d in rhs_dilation))
   channels_last = tuple(dimension_numbers) == tuple(_dimension_numbers(lhs.ndim))
-  if (resolved_weight_grad() != "taps" or not plain or not channels_last or feature_group_count != 1
-      or precision is not None):
+  if (resolved_weight_grad() != "taps" or (lhs_dilation and any(d != 1 for d in lhs_dilation))
+      or not channels_last or feature_group_count != 1 or precision is not None):
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                     rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                     feature_group_count=feature_group_count, precision=precision)
   strides = tuple(int(s) for s in window_strides)
+  dilation = tuple(int(d) for d in rhs_dilation) if rhs_dilation else (1,) * len(strides)
   if isinstance(padding, str):
-    pads = lax.padtype_to_pads(lhs.shape[1:-1], rhs.shape[:-2], strides, padding)
+    effective = tuple(d * (k - 1) + 1 for d, k in zip(dilation, rhs.shape[:-2]))
+    pads = lax.padtype_to_pads(lhs.shape[1:-1], effective, strides, padding)
   else:
     pads = padding
-  return conv_taps(lhs, rhs, strides, tuple((int(lo), int(hi)) for lo, hi in pads))
+  return conv_taps(lhs, rhs, strides, tuple((int(lo), int(hi)) for lo, hi in pads), dilation)
 
 
-# nn.Conv with the kernel gradient above: same parameters, names ("Conv_0", ...) and init.
+# nn.Conv on the route above: same parameters, names ("Conv_0", ...) and init.
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)

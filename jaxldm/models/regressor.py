@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from jaxldm.models.conv import Conv
 from jaxldm.models.layers import Downsample, Norm, ResBlock3D, Triple
 
 
@@ -43,7 +44,7 @@ class AttributeRegressor(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h = nn.Conv(self.channels[0], self.kernel, padding="SAME", dtype=self.dtype, name="stem")(x)
+    h = Conv(self.channels[0], self.kernel, padding="SAME", dtype=self.dtype, name="stem")(x)
     for level, ch in enumerate(self.channels):
       for _ in range(self.num_res_blocks):
         h = ResBlock3D(ch, self.kernel, dtype=self.dtype)(h)

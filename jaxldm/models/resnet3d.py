@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxldm.models.conv import Conv
+
 WIDTHS = (64, 128, 256, 512)
 EXPANSION = {"basic": 1, "bottleneck": 4}
 # Depth -> (block, blocks per layer), as in MedicalNet and torchvision.
@@ -47,8 +49,8 @@ def _bn(name: str) -> nn.BatchNorm:
 
 def _conv(features: int, kernel: int, dims: int, *, stride: int = 1, dilation: int = 1, name: str) -> nn.Conv:
   pad = dilation * (kernel - 1) // 2  # PyTorch's explicit symmetric padding for odd kernels.
-  return nn.Conv(features, (kernel,) * dims, strides=(stride,) * dims, padding=[(pad, pad)] * dims,
-                 kernel_dilation=(dilation,) * dims, use_bias=False, name=name)
+  return Conv(features, (kernel,) * dims, strides=(stride,) * dims, padding=[(pad, pad)] * dims,
+              kernel_dilation=(dilation,) * dims, use_bias=False, name=name)
 
 
 class Block(nn.Module):

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxldm.models.conv import Conv
 from jaxldm.models.layers import Downsample, Norm, ResBlock3D, Triple
 
 
@@ -32,7 +33,7 @@ class SSLEncoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
-    self.conv_in = nn.Conv(self.channels[0], self.kernel, padding="SAME", dtype=self.dtype)
+    self.conv_in = Conv(self.channels[0], self.kernel, padding="SAME", dtype=self.dtype)
     blocks, downs = [], []
     for level, ch in enumerate(self.channels):
       blocks.append([ResBlock3D(ch, self.kernel, dtype=self.dtype) for _ in range(self.num_res_blocks)])
