@@ -304,6 +304,10 @@ def privacy_section(workdir: pathlib.Path, kappas) -> dict:
       "epsilon_so_far", "delta", "noise_multiplier", "sampling_rate", "steps", "l2_clip_norm", "dataset_size",
       "accountant", "target_epsilon", "noise_seed_provenance")}}
   out["epsilon"] = out.pop("epsilon_so_far")
+  if ledger.get("upstream"):  # Earlier DP stages on the same private data (docs/privacy.md, "Stages compose").
+    from jaxldm.privacy.ledger import PrivacyLedger
+    out["stages"] = [dict(u) for u in ledger["upstream"]]
+    out["composed_epsilon"] = PrivacyLedger.load(str(path)).composed_epsilon()
   if ledger.get("steps", 0) > 0 and ledger.get("noise_multiplier", 0) > 0:
     out["rero"] = reconstruction.rero_summary(noise_multiplier=ledger["noise_multiplier"],
                                               sampling_rate=ledger["sampling_rate"], steps=ledger["steps"],
@@ -515,10 +519,19 @@ HELDOUT_HEADING = "## Against the held-out reference set"
 
 
 def _composed_lines(p: dict) -> list[str]:
-  """Placeholder for the composed epsilon of every stage that touched the same private data
-  (autoencoder, LDM, ...; docs/privacy.md "Stages compose"): the report does not carry it yet."""
-  del p
-  return []
+  """The composed epsilon of every DP stage that touched the same private data (docs/privacy.md,
+  "Stages compose"); none when this run is the only one."""
+  if not p.get("stages"):
+    return ["", "No other DP stage trained on this private data: this run's epsilon is the pipeline's."]
+  lines = ["", "Stages trained on the same private data (composed by dp-accounting, same accountant and delta):", "",
+           "| stage | steps | sigma | q | epsilon |", "|---|---|---|---|---|"]
+  for st in p["stages"]:
+    lines.append(f"| {st['stage']} ({st['workdir']}) | {st['steps']} | {_fmt(st['noise_multiplier'])} | "
+                 f"{_fmt(st['sampling_rate'])} | {_fmt(st['epsilon'])} |")
+  lines.append(f"| this run | {p['steps']} | {_fmt(p['noise_multiplier'])} | {_fmt(p['sampling_rate'])} | "
+               f"{_fmt(p['epsilon'])} |")
+  lines += ["", f"**Composed epsilon of the pipeline: {_fmt(p['composed_epsilon'])}** at delta {_fmt(p['delta'])}."]
+  return lines
 
 
 def _privacy_lines(p: dict) -> list[str]:

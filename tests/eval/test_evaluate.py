@@ -183,3 +183,20 @@ def test_user_errors(run, tmp_path, capsys):
   assert code == 2 and "training data" in capsys.readouterr().err
   code = cli.main(["evaluate", "--workdir", str(tmp_path / "nope"), "--real", str(run / "phantoms/heldout")])
   assert code == 2 and "not an LDM run" in capsys.readouterr().err
+
+
+def test_privacy_section_gives_the_composed_epsilon_of_the_stages(tmp_path):
+  from jaxldm.privacy import accounting, ledger as ledger_lib
+
+  upstream = [dict(stage="autoencoder_workdir", workdir="/runs/ae_dp", sampling_rate=0.125, noise_multiplier=1.0,
+                   steps=100, delta=1e-5, accountant="rdp", epsilon=9.9)]
+  ledger = ledger_lib.PrivacyLedger.load_or_create(str(tmp_path), sampling_rate=0.125, noise_multiplier=1.0,
+                                                   l2_clip_norm=1.0, delta=1e-5, dataset_size=64, accountant="rdp",
+                                                   upstream=upstream)
+  ledger.record_steps(100)
+  p = evaluate.privacy_section(tmp_path, (0.01,))
+  expected = accounting.composed_epsilon([dict(noise_multiplier=1.0, sampling_rate=0.125, steps=100)] * 2,
+                                         delta=1e-5, accountant="rdp")
+  assert p["composed_epsilon"] == pytest.approx(expected) and p["composed_epsilon"] > p["epsilon"]
+  text = "\n".join(evaluate._privacy_lines(p))
+  assert "Composed epsilon of the pipeline" in text and "autoencoder_workdir" in text
