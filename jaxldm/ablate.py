@@ -240,6 +240,10 @@ def summary_markdown(summary: list[dict]) -> str:
     lines.append("| " + " | ".join(cells) + " |")
   lines.append("")
   lines.append("Mean ± half-width of the 95% Student-t confidence interval over seeds.")
+  lines.append("")
+  lines.append("**For the data owner only — do not release:** the copy-rate, NN-correlation and controllability "
+               "columns are computed from the private training data outside DP (docs/privacy.md); epsilon and FID "
+               "against the held-out set are the releasable columns.")
   ratios = []
   for s in summary:
     if not s["pretrained"]:

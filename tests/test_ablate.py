@@ -154,6 +154,7 @@ def test_summary_groups_seeds_and_reports_the_pretraining_ratio(tmp_path):
   assert summary[1]["latent_copy_rate"] == 0.25
   assert "| inf | pretrained | inf |" in text
   assert "FID pretrained / scratch (means): epsilon 10: 0.25." in text
+  assert "For the data owner only — do not release" in text  # Copy rates come from the private data.
   ablate.plot(summary, tmp_path / "p.png")
   assert (tmp_path / "p.png").stat().st_size > 5000
 
