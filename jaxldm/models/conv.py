@@ -10,9 +10,9 @@ Two things make 3D convolutions slow on XLA:CPU, and DP-SGD pays for both:
 
    it is plain GEMMs: batched over examples they are batched GEMMs at the same speed, so a
    per-example gradient costs what a batched one does.
-2. Forward pass and input gradient. XLA:CPU runs a 3D convolution 3-7x slower than the same work
+2. Forward pass and input gradient. XLA:CPU runs a 3D convolution 2-7x slower than the same work
    as a 2D convolution, and the input gradient of a strided 3D convolution (a transposed conv)
-   20-100x slower. A channels-last (N, D, H, W, C) convolution with a (kd, kh, kw) kernel is
+   30-100x slower. A channels-last (N, D, H, W, C) convolution with a (kd, kh, kw) kernel is
    therefore computed as ONE 2D convolution over the N * D_out (example, slice) pairs whose
    channels are the kd depth-shifted (depth-padded, depth-strided) input slices stacked:
    `conv_by_slices`. A depth-1 kernel is a reshape; the input gradient is this formulation's own
@@ -101,8 +101,8 @@ def conv_by_slices(x, kernel, strides, pads, dilation=(1, 1, 1)):
   (depth-padded, depth-strided) input; they are stacked on the channel axis, so the whole
   convolution is a 2D convolution of N * D_out images with kd * C channels against the kernel
   reshaped to (kh, kw, kd * C, O) (a depth-1 kernel is a plain reshape: no copy at all). XLA:CPU
-  runs 2D convolutions 3-10x faster than 3D ones, and their transposes (the input gradient, which
-  `jax.vjp` of this function gives) up to 100x faster when strided: benchmarks/NOTES.md.
+  runs it 2-7x faster than the 3D convolution, and its transpose (the input gradient, which
+  `jax.vjp` of this function gives) 30-100x faster when strided: benchmarks/NOTES.md.
   """
   n, (kd, kh, kw, c, o) = x.shape[0], kernel.shape
   windows, out_depth = _depth_windows(x, kd, strides[0], tuple(pads[0]), dilation[0])
