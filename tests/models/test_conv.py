@@ -154,7 +154,8 @@ def test_model_parameters_do_not_depend_on_the_routing(name, monkeypatch):
   """
   build, args = MODELS[name]
   tree = lambda: jax.eval_shape(lambda: build().init(jax.random.PRNGKey(0), *args))
-  flat = lambda t: {jax.tree_util.keystr(p): (v.shape, v.dtype) for p, v in jax.tree_util.tree_leaves_with_path(t)}
+  flat = lambda t: {jax.tree_util.keystr(p): (v.shape, v.dtype)
+                    for p, v in jax.tree_util.tree_leaves_with_path(t)}
   routed = flat(tree())
   patched = 0
   for module in (autoencoder, layers, unet, ssl_encoder, regressor, resnet3d):
