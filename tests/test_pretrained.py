@@ -1,0 +1,63 @@
+"""The shipped public models (jaxldm/pretrained_models/): intact, loadable, and the LDM samples volumes."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxldm import pretrained
+
+pytestmark = pytest.mark.skipif(not pretrained.available("tiny"), reason="no shipped tiny models")
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+  out = tmp_path_factory.mktemp("shipped")
+  return out, pretrained.install(out, "tiny", public_root=out / "phantoms/public")
+
+
+def test_files_match_their_record():
+  record = pretrained.verify("tiny")
+  assert set(record["stages"]) == set(pretrained.STAGES)
+  assert record["data"]["domain"] == "public" and record["data"]["seed"] not in (1, 2)  # Not the demo's private seeds.
+  for stage, entry in record["stages"].items():
+    assert pretrained.PARAMS_FILE in entry["sha256"] and entry["step"] > 0
+    size = (pretrained.PACKAGE_DIR / "tiny" / stage / pretrained.PARAMS_FILE).stat().st_size
+    assert size < 4 << 20, f"{stage}: {size} bytes"
+  assert "python -m jaxldm.pretrained train" in record["command"]
+
+
+def test_a_changed_file_is_refused(tmp_path):
+  import shutil
+
+  root = tmp_path / "tiny"
+  shutil.copytree(pretrained.PACKAGE_DIR / "tiny", root)
+  with open(root / "ssl" / pretrained.PARAMS_FILE, "ab") as f:
+    f.write(b"\0")
+  with pytest.raises(ValueError, match="sha256"):
+    pretrained.verify("tiny", root)
+
+
+def test_the_ldm_records_public_attribute_statistics(installed):
+  out, dirs = installed
+  info = json.loads((dirs["ldm"] / "ldm.json").read_text())
+  assert info["private"] is False
+  assert len(info["attribute_mean"]) == len(info["attribute_std"]) == len(info["attributes"]) > 0
+  assert info["autoencoder_workdir"] == str(dirs["autoencoder"])
+  config = json.loads((dirs["ldm"] / "config.json").read_text())
+  assert config["data"]["root"] == str(out / "phantoms/public")
+
+
+def test_installed_models_load_and_sample(installed):
+  from jaxldm.eval import features
+  from jaxldm.train import generate, ldm
+
+  _, dirs = installed
+  ae_model, ae_params, ae_info = ldm.load_autoencoder(dirs["autoencoder"])
+  assert ae_info["data_shape"] == [6, 32, 32]
+  extractor = features.get_extractor("ssl3d", weights=str(dirs["ssl"]), batch_size=2)
+  emb = extractor(np.zeros((2, 6, 32, 32), np.float32))
+  assert emb.shape == (2, extractor.feature_dim) and np.isfinite(emb).all()
+  volumes, values, mask, _ = generate.generate(dirs["ldm"], 2, num_steps=3, batch_size=2,
+                                               fixed={"phase": 1.0, "lv_esv_ml": 60.0})
+  assert volumes.shape == (2, 6, 32, 32) and np.isfinite(volumes).all()
