@@ -486,7 +486,7 @@ def cmd_demo(args) -> int:
   from jaxldm import demo
   from jaxldm.eval import evaluate
 
-  report = demo.run(args.out, args.size)
+  report = demo.run(args.out, args.size, from_scratch=args.from_scratch)
   print(evaluate.summary(report))
   print(f"report: {pathlib.Path(args.out) / 'report.md'} (+ report.json and figures)")
   return 0
@@ -851,14 +851,19 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser(
       "demo", help="run the main job end to end (what make demo runs)",
-      description="Phantom benchmark (public, private, held-out) -> autoencoder and contrastive encoder on "
-                  "public data -> LDM pretraining on public data -> DP finetuning on private data at epsilon "
-                  "10 (delta 1e-5) -> sampling and evaluation: OUT/report.md and report.json. Re-running "
-                  "skips finished stages and resumes an interrupted one from its checkpoints.")
+      description="Phantom benchmark (public, private, held-out) -> the shipped public models (autoencoder, "
+                  "contrastive encoder, LDM, trained on public phantoms only: python -m jaxldm.pretrained) -> "
+                  "DP finetuning on private data at epsilon 10 (delta 1e-5) -> sampling and evaluation: "
+                  "OUT/report.md and report.json, OUT/conditioning_sweep.png, OUT/public_only/ (the public "
+                  "model alone). Re-running skips finished stages and resumes an interrupted one from its "
+                  "checkpoints.")
   p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
   p.add_argument("--size", choices=("tiny", "default", "paper"), default="tiny",
                  help="tiny (default): 6x32x32 volumes, ~15 min on a 2-core CPU; default: 12x64x64; "
                       "paper: the paper's 13x96x96 geometry and model sizes, for an accelerator")
+  p.add_argument("--from-scratch", action="store_true",
+                 help="train the public stages (autoencoder, contrastive encoder, LDM pretraining) here instead "
+                      "of starting from the shipped public models (sizes without shipped models always do)")
   p.set_defaults(func=cmd_demo)
   return parser
 

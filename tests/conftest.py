@@ -36,5 +36,6 @@ def mini_demo(tmp_path_factory):
   }
   out = tmp_path_factory.mktemp("mini_demo")
   messages = []
-  report = demo.run(out, "tiny", plan=plan, overrides=overrides, say=messages.append)
+  # From scratch: the miniature public stages (the shipped models are tests/test_pretrained.py's).
+  report = demo.run(out, "tiny", plan=plan, overrides=overrides, say=messages.append, from_scratch=True)
   return out, report, messages, plan, overrides
