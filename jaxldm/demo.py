@@ -52,9 +52,14 @@ PLANS = {
     # stages only apply to --from-scratch.
     # Held-out = private size: the memorization threshold compares each training volume with its
     # nearest held-out one, and fewer candidates would bias it low (scripts/memorization_check.py).
+    # DP finetuning: 256 private volumes and an expected batch of 16 (q 1/16: sigma about 1 at
+    # epsilon 10 over 300 steps), one noise draw per example (K = 1: the DP step's cost is the
+    # padded Poisson batch, 3x the expected one) and half the pretraining learning rate (the
+    # noisy Adam steps should not walk far from the public model).
     "tiny": Plan(n_public=64, n_private=256, n_heldout=256, n_samples=64, autoencoder_steps=250,
-                 ssl_steps=100, ldm_steps=350, dp_steps=400, compare_public=True, sweep=True,
-                 dp_overrides={}),
+                 ssl_steps=100, ldm_steps=350, dp_steps=300, compare_public=True, sweep=True,
+                 dp_overrides={"dp.expected_batch_size": 16, "dp.microbatch_size": 16,
+                               "diffusion.noise_multiplicity": 1, "optim.learning_rate": 5e-4}),
     "default": Plan(n_public=256, n_private=256, n_heldout=256, n_samples=64, autoencoder_steps=5000,
                     ssl_steps=2000, ldm_steps=10000, dp_steps=2000, compare_public=True, sweep=True),
     "paper": Plan(n_public=1000, n_private=1000, n_heldout=1000, n_samples=200, autoencoder_steps=20000,
