@@ -140,3 +140,37 @@ def test_privacy_epsilon_refuses_steps_and_epochs_together(capsys):
   assert cli.main(["privacy", "epsilon", "--noise-multiplier", "1", "--sampling-rate", "0.1", "--steps", "3",
                    "--epochs", "2"]) == 2
   assert "not both" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors name what to type on the command line, not Python arguments.
+# ---------------------------------------------------------------------------------------------
+def _nifti(path, shape):
+  import nibabel as nib
+  import numpy as np
+  data = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+  nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 8.0, 1.0])), str(path))
+
+
+def test_errors_name_the_cli_flag_or_config_key(tmp_path, capsys):
+  cine = tmp_path / "cine"
+  cine.mkdir()
+  _nifti(cine / "sub-1.nii.gz", (16, 16, 4, 3))
+  prepare = ["data", "prepare", "--config", str(ROOT / "configs/data.py:tiny"), "--config.data.attributes="]
+  assert cli.main([*prepare, f"--config.data.root={cine}"]) == 2
+  err = capsys.readouterr().err
+  assert "sub-1.nii.gz" in err and "--config.data.frame=N" in err and "frame=..." not in err
+  assert cli.main([*prepare, f"--config.data.root={cine}", "--config.data.frame=7"]) == 2
+  assert "--config.data.frame=7 is out of range" in capsys.readouterr().err
+  assert cli.main([*prepare, f"--config.data.root={cine}", "--config.data.frame=1"]) == 0
+  capsys.readouterr()
+
+  data = tmp_path / "d"
+  assert cli.main(["data", "phantoms", "--out", str(data), "--n", "2", "--quiet", *TINY]) == 0
+  (data / "attributes.csv").write_text((data / "attributes.csv").read_text().splitlines()[0] + "\n")
+  assert cli.main(["data", "prepare", "--config", str(ROOT / "configs/data.py:tiny"), f"--config.data.root={data}"]) == 2
+  err = capsys.readouterr().err
+  assert "--config.data.strict_ids=false" in err and "strict_ids=False" not in err
+  assert cli.main(["data", "phantoms", "--out", str(data), "--n", "2", "--quiet", *TINY]) == 2
+  err = capsys.readouterr().err
+  assert "--overwrite" in err and "overwrite=True" not in err

@@ -67,7 +67,7 @@ class Preprocessing:
     if self.frame is not None and (isinstance(self.frame, bool)
                                    or not isinstance(self.frame, (int, np.integer))
                                    or self.frame < 0):
-      raise DataError(f"frame must be None or an integer >= 0, got {self.frame!r}")
+      raise DataError(f"--config.data.frame must be an integer >= 0 (or unset), got {self.frame!r}")
     frame = None if self.frame is None else int(self.frame)
     for name, value in (("shape", shape), ("spacing", spacing), ("frame", frame),
                         ("fit", fit), ("clip_percentiles", percentiles),
@@ -260,12 +260,12 @@ def _check_ids(name: str, csv_ids: set[str], subject_ids: list[str], strict: boo
   if unknown:
     raise DataError(
         f"attributes CSV {name} has rows for unknown subject ids (no volume): "
-        f"{_listing(unknown)}; remove those rows or pass strict_ids=False")
+        f"{_listing(unknown)}; remove those rows or set --config.data.strict_ids=false")
   without_row = sorted(set(subject_ids) - csv_ids)
   if without_row:
     raise DataError(
         f"attributes CSV {name} has no row for volume(s) {_listing(without_row)}; "
-        "add rows (empty cells mark missing values) or pass strict_ids=False")
+        "add rows (empty cells mark missing values) or set --config.data.strict_ids=false")
 
 
 def _listing(items: Sequence[str]) -> str:
@@ -359,7 +359,8 @@ class VolumeDataset:
     if csv_path is None:
       raise DataError(
           f"attribute columns {', '.join(self.columns)} were requested for {self.root} "
-          "but no attributes_csv was given")
+          "but no attributes CSV was given; set --config.data.attributes_csv=PATH, or "
+          "--config.data.attributes= for none")
     return read_attributes(csv_path, self.columns, categories=self.categories,
                            subject_ids=self.subject_ids, strict_ids=strict_ids)
 
@@ -387,7 +388,7 @@ class VolumeDataset:
     except OSError as e:
       raise DataError(
           f"cannot create cache directory {self.cache_dir}: {e}; "
-          "pass cache_dir= a writable directory") from e
+          "set --config.data.cache_dir=DIR to a writable directory") from e
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -417,7 +418,7 @@ class VolumeDataset:
     if shape is None:
       raise DataError(
           f"stacking the volumes of {self.root} needs one shape; "
-          "set preprocessing.shape (e.g. Preprocessing(shape=(32, 64, 64)))")
+          "set --config.data.shape=D,H,W (e.g. 12,64,64)")
     volumes = np.empty((len(self), *shape), dtype=np.float32)
     for i in _progress(range(len(self)), f"Preprocessing {self.root.name}", self.progress):
       volumes[i] = self._volume(i)

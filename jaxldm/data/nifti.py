@@ -83,7 +83,7 @@ def canonical_options(
   """
   return (
       _check_shape(shape),
-      _check_spacing(spacing, "spacing"),
+      _check_spacing(spacing, "data.spacing"),
       _check_fit(fit),
       _check_percentiles(clip_percentiles),
       _check_range(intensity_range),
@@ -93,10 +93,10 @@ def canonical_options(
 def _check_shape(shape: Sequence[int] | None) -> tuple[int, int, int] | None:
   if shape is None:
     return None
-  values = _as_triple(shape, "shape")
+  values = _as_triple(shape, "data.shape")
   if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
              for v in values):
-    raise DataError(f"shape must be 3 positive integers (D, H, W), got {shape!r}")
+    raise DataError(f"data.shape must be 3 positive integers D,H,W (--config.data.shape=12,64,64), got {shape!r}")
   return tuple(int(v) for v in values)
 
 
@@ -127,7 +127,7 @@ def _as_triple(value: Any, name: str) -> tuple[Any, ...]:
 
 def _check_fit(fit: str) -> str:
   if fit not in _FITS:
-    raise DataError(f"fit must be one of {_FITS}, got {fit!r}")
+    raise DataError(f"--config.data.fit must be one of {', '.join(_FITS)}, got {fit!r}")
   return fit
 
 
@@ -135,7 +135,8 @@ def _check_percentiles(percentiles: Sequence[float]) -> tuple[float, float]:
   lo, hi = _as_pair(percentiles, "clip_percentiles")
   if not 0.0 <= lo < hi <= 100.0:
     raise DataError(
-        f"clip_percentiles must satisfy 0 <= low < high <= 100, got {percentiles!r}")
+        f"data.clip_percentiles must satisfy 0 <= low < high <= 100 (--config.data.clip_percentiles=0.5,99.5), "
+        f"got {percentiles!r}")
   return lo, hi
 
 
@@ -143,7 +144,8 @@ def _check_range(intensity_range: Sequence[float]) -> tuple[float, float]:
   lo, hi = _as_pair(intensity_range, "intensity_range")
   if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
     raise DataError(
-        f"intensity_range must be finite with low < high, got {intensity_range!r}")
+        f"data.intensity_range must be finite with low < high (--config.data.intensity_range=-1,1), "
+        f"got {intensity_range!r}")
   return lo, hi
 
 
@@ -288,17 +290,18 @@ def _frame_index(path: PathLike, n_frames: int, frame: int | None) -> int | None
   name = os.fspath(path)
   if frame is not None and (isinstance(frame, bool)
                             or not isinstance(frame, (int, np.integer))):
-    raise DataError(f"frame must be an integer or None, got {frame!r} (reading {name})")
+    raise DataError(f"--config.data.frame must be an integer >= 0 (or unset), got {frame!r} (reading {name})")
   if n_frames == 1:
     if frame not in (None, 0):
-      raise DataError(f"{name} is 3D (one frame) but frame={frame} was asked; use frame=None")
+      raise DataError(f"{name} is 3D (one frame) but --config.data.frame={frame} was given; "
+                      "leave data.frame unset (or 0) for 3D volumes")
     return None
   if frame is None:
     raise DataError(
-        f"{name} is 4D with {n_frames} frames; choose one with frame=... (0 to {n_frames - 1})")
+        f"{name} is 4D with {n_frames} frames; choose one with --config.data.frame=N (N from 0 to {n_frames - 1})")
   if not 0 <= frame < n_frames:
     raise DataError(
-        f"frame={frame} is out of range for {name}, which has {n_frames} frames "
+        f"--config.data.frame={frame} is out of range for {name}, which has {n_frames} frames "
         f"(valid: 0 to {n_frames - 1})")
   return int(frame)
 

@@ -1104,10 +1104,10 @@ def _check_out_dir(out: pathlib.Path, overwrite: bool) -> None:
     return
   if not overwrite:
     raise DataError(f"output directory {out} is not empty; choose another directory "
-                    "or pass overwrite=True to replace a previous phantom dataset")
+                    "or pass --overwrite (jaxldm data phantoms) to replace a previous phantom dataset")
   if not (out / "phantoms.json").is_file():
     raise DataError(f"refusing to overwrite {out}: it is not empty and holds no "
-                    "phantoms.json, so it was not written by write_dataset")
+                    "phantoms.json, so it was not written by jaxldm data phantoms")
 
 
 def _move_into_place(tmp: pathlib.Path, out: pathlib.Path) -> None:

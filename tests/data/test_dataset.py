@@ -176,7 +176,7 @@ def test_unknown_ids_are_an_error(tmp_path):
 
 def test_volume_without_row_is_an_error(root):
   _write_volume(root / "sub-d.nii")
-  _raises(["attributes.csv", "no row for volume(s) sub-d", "strict_ids=False"],
+  _raises(["attributes.csv", "no row for volume(s) sub-d", "--config.data.strict_ids=false"],
           ds.VolumeDataset, root, attributes_csv="auto", columns=["age"], cache_dir=root / "c")
 
 
@@ -217,7 +217,7 @@ def test_items_and_arrays(root):
 
 def test_arrays_needs_a_shape(root):
   data = ds.VolumeDataset(root, cache_dir=root / "c")
-  _raises(["preprocessing.shape"], data.arrays)
+  _raises(["--config.data.shape=D,H,W"], data.arrays)
 
 
 def test_auto_csv_absent_gives_no_attributes(root):
@@ -229,7 +229,7 @@ def test_auto_csv_absent_gives_no_attributes(root):
 
 
 def test_columns_without_csv_is_an_error(root):
-  _raises(["age", "no attributes_csv"], ds.VolumeDataset, root, columns=["age"])
+  _raises(["age", "--config.data.attributes_csv=PATH"], ds.VolumeDataset, root, columns=["age"])
 
 
 def test_attribute_stats(root):
