@@ -193,16 +193,42 @@ def _accountants(name: str) -> list[str]:
   return ["rdp", "pld"] if name == "both" else [name]
 
 
+# The accountant's ValueErrors name its Python arguments; a user typed these flags.
+_PRIVACY_FLAGS = (("target_epsilon", "--target-epsilon"), ("target epsilon", "--target-epsilon"),
+                  ("noise_multiplier", "--noise-multiplier"), ("noise multiplier", "--noise-multiplier"),
+                  ("sampling_rate", "--sampling-rate"), ("delta", "--delta"), ("steps", "--steps"))
+
+
+def _check_delta(args) -> None:
+  """--delta first: a bad delta must not surface as a target-epsilon or noise problem."""
+  if not 0.0 < args.delta < 1.0:
+    raise ConfigError(f"--delta {args.delta:g}: delta must be in (0, 1), e.g. --delta 1e-5 (below 1 / dataset size)")
+
+
+def _privacy_error(error: ValueError, args) -> ConfigError:
+  """The accountant's message, prefixed with the flag (and value) it is about."""
+  text = str(error)
+  for word, flag in _PRIVACY_FLAGS:
+    if text.startswith(word):
+      if flag == "--sampling-rate" and args.sampling_rate is None:
+        flag = "--batch-size/--dataset-size"
+      elif flag == "--steps" and args.steps is None:
+        flag = "--epochs"
+      return ConfigError(f"{flag}: {text}")
+  return ConfigError(text)
+
+
 def cmd_privacy_epsilon(args) -> int:
   from jaxldm.privacy import accounting
 
+  _check_delta(args)
   q, steps = _sampling(args)
   for acc in _accountants(args.accountant):
     try:
       eps = accounting.epsilon(noise_multiplier=args.noise_multiplier, sampling_rate=q, steps=steps,
                                delta=args.delta, accountant=acc)
     except ValueError as e:
-      raise ConfigError(str(e)) from e
+      raise _privacy_error(e, args) from e
     print(f"epsilon = {eps:.4f}  ({acc.upper()}; sigma {args.noise_multiplier:g}, q {q:.6g}, "
           f"{steps} steps, delta {args.delta:g})")
   return 0
@@ -243,6 +269,7 @@ def cmd_privacy_ledger(args) -> int:
 def cmd_privacy_calibrate(args) -> int:
   from jaxldm.privacy import accounting
 
+  _check_delta(args)
   q, steps = _sampling(args)
   for acc in _accountants(args.accountant):
     try:
@@ -251,7 +278,7 @@ def cmd_privacy_calibrate(args) -> int:
       eps = accounting.epsilon(noise_multiplier=sigma, sampling_rate=q, steps=steps, delta=args.delta,
                                accountant=acc)
     except ValueError as e:
-      raise ConfigError(str(e)) from e
+      raise _privacy_error(e, args) from e
     print(f"noise multiplier = {sigma:.4f}  ({acc.upper()}; gives epsilon {eps:.4f} <= {args.target_epsilon:g} "
           f"at q {q:.6g}, {steps} steps, delta {args.delta:g})")
   return 0

@@ -174,3 +174,17 @@ def test_errors_name_the_cli_flag_or_config_key(tmp_path, capsys):
   assert cli.main(["data", "phantoms", "--out", str(data), "--n", "2", "--quiet", *TINY]) == 2
   err = capsys.readouterr().err
   assert "--overwrite" in err and "overwrite=True" not in err
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["calibrate", "--target-epsilon", "3", "--delta", "1"], "--delta 1: delta must be in (0, 1)"),
+    (["epsilon", "--noise-multiplier", "1", "--delta", "0"], "--delta 0: delta must be in (0, 1)"),
+    (["calibrate", "--target-epsilon", "0"], "--target-epsilon: "),
+    (["epsilon", "--noise-multiplier", "-1"], "--noise-multiplier: "),
+])
+def test_privacy_errors_name_the_flag(args, flag, capsys):
+  assert cli.main(["privacy", *args, "--sampling-rate", "0.01", "--steps", "100"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"jaxldm: error: {flag}") and len(err.strip().splitlines()) == 1, err
+  if "--delta" in flag:
+    assert "epsilon" not in err.lower()
