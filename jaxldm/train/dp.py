@@ -54,6 +54,7 @@ def dp_config(*, private: bool, tiny: bool) -> ml_collections.ConfigDict:
   c.microbatch_size = 8 if tiny else 32  # Examples per vmapped chunk (memory bound; same result).
   c.accountant = "rdp" if tiny else "pld"  # "pld" (tighter) or "rdp".
   c.noise_seed = config_dict.placeholder(int)  # Fixed noise/sampling seed: TESTS ONLY (flagged insecure).
+  c.microbatch_loop = "auto"  # "host": batch cut to its real microbatches, no loop (CPU); "traced": one program, a loop (accelerators); "auto".
   c.stats_weight = 0.1  # Sensitivity of each logged statistic (loss, clipped fraction) as a fraction of C; 0 logs none.
   c.stats_bound = 1.0  # Per-example losses are clipped to [-B, B] before their noisy mean is logged.
   return c
@@ -64,6 +65,25 @@ def _memory_ledger(ledger_cls, **fields):
   ledger = ledger_cls(**fields)
   ledger._write = lambda: None  # Process 0 owns the file; this copy only counts.
   return ledger
+
+
+MICROBATCH_LOOPS = ("auto", "host", "traced")
+
+
+def host_dispatch(dp: ml_collections.ConfigDict) -> bool:
+  """Whether the padded Poisson batch is cut on the host to the microbatches holding real examples.
+
+  Why: XLA:CPU runs a loop or conditional body about 2x slower than the same computation outside
+  control flow (measured on the tiny UNet: 1,846 ms with a traced loop over ONE microbatch of 8 vs
+  846 ms for the same 8 examples vmapped; benchmarks/NOTES.md). On CPU the batch is therefore cut to
+  ceil(real / (m x devices)) x m x devices rows (only padding is cut) and vmapped whole: one program
+  per distinct size (a few: Poisson sizes concentrate around the expected one). On accelerators the
+  traced loop keeps ONE program and bounds memory by the microbatch.
+  """
+  mode = dp.get("microbatch_loop", "auto")
+  if mode not in MICROBATCH_LOOPS:
+    raise ConfigError(f"config key 'dp.microbatch_loop': {mode!r}; choose one of {', '.join(MICROBATCH_LOOPS)}")
+  return mode == "host" or (mode == "auto" and jax.default_backend() == "cpu")
 
 
 @dataclasses.dataclass
@@ -80,6 +100,8 @@ class PrivateRun:
   console: Any = None
   start: int = 0              # The step the loop resumes from (checkpoint).
   ledger_steps_at_start: int = 0  # Mechanism invocations the ledger counted before this attempt.
+  host_dispatch: bool = False # Cut each batch to its real microbatches (see `host_dispatch`).
+  row_multiple: int = 1       # microbatch size x devices: the batch's rows are a multiple of it.
 
   @property
   def expected_batch_size(self) -> float:
@@ -107,15 +129,29 @@ class PrivateRun:
                          f"more of the {self.steps - start} remaining steps{retaken}[/]")
     return self.allowed_steps
 
-  def step_inputs(self, examples, step: int, mesh: jax.sharding.Mesh):
+  def rows_needed(self, step: int) -> int:
+    """Rows of step `step`'s batch after the cut: its real examples rounded up to the row multiple."""
+    if not self.host_dispatch:
+      return self.batcher.max_size
+    real = int(self.batcher.batch(step).mask.sum())
+    return max(1, -(-real // self.row_multiple)) * self.row_multiple
+
+  def step_inputs(self, examples, step: int, mesh: jax.sharding.Mesh, rows: int | None = None):
     """(batch, mask, num_microbatches, rng) of step `step`: a pure function of the secrets, attempt, step.
 
     The same on every process (same seeds), so the global batch can be assembled from each
-    process's rows, and the noise key is the same everywhere (noise drawn once, globally).
+    process's rows, and the noise key is the same everywhere (noise drawn once, globally). With
+    host dispatch the batch is cut to `rows` (default `rows_needed(step)`): padding only.
     """
     sb = self.batcher.batch(step)
-    batch, mask = common.shard_batch((jax.tree_util.tree_map(lambda a: a[sb.indices], examples),
-                                      sb.mask.astype(np.float32)), mesh)
+    indices, mask = sb.indices, sb.mask
+    if self.host_dispatch:
+      rows = self.rows_needed(step) if rows is None else rows
+      if mask[rows:].any():  # Never drop a sampled example (docs/privacy.md, "Poisson batches").
+        raise RuntimeError(f"step {step}: cutting the batch to {rows} rows would drop sampled examples")
+      indices, mask = indices[:rows], mask[:rows]
+    batch, mask = common.shard_batch((jax.tree_util.tree_map(lambda a: a[indices], examples),
+                                      mask.astype(np.float32)), mesh)
     return batch, mask, jnp.asarray(sb.num_microbatches, jnp.int32), jax.random.fold_in(self.noise_key, step)
 
   def record_steps(self, done: int) -> float:
@@ -237,7 +273,7 @@ def setup(dp: ml_collections.ConfigDict, workdir: pathlib.Path, n: int, steps: i
                 f"padded batch {batcher.max_size}" + (f"; attempt {attempt + 1}" if attempt else ""))
   run = PrivateRun(ledger=ledger, batcher=batcher, noise_key=noise_key, noise_multiplier=sigma,
                    allowed_steps=steps, per_layer=bool(dp.per_layer), attempt=attempt, steps=steps,
-                   console=console)
+                   console=console, host_dispatch=host_dispatch(dp), row_multiple=multiple)
   run.resume_at(0)  # Trainers call it again with the checkpoint's step.
   return run
 
@@ -347,9 +383,13 @@ def private_gradient(loss_fn, params, batch, mask, num_microbatches, rng, *, dp:
   """
   from jaxldm.privacy import noise
 
+  if host_dispatch(dp):  # The batch was cut to its real microbatches on the host: one vmap, no loop.
+    microbatch_size, num_microbatches = None, None
+  else:
+    microbatch_size = dp.microbatch_size
   grads, aux = noise.private_grad(
       loss_fn, params, batch, rng, l2_clip_norm=dp.l2_clip_norm, noise_multiplier=noise_multiplier,
-      expected_batch_size=expected_batch_size, mask=mask, microbatch_size=dp.microbatch_size,
+      expected_batch_size=expected_batch_size, mask=mask, microbatch_size=microbatch_size,
       num_microbatches=num_microbatches, has_aux=has_aux, per_layer=bool(dp.per_layer),
       stats_weight=float(dp.stats_weight), stats_bound=float(dp.stats_bound))
   metrics = {"grad_norm": common.global_norm(grads)}  # Of the noisy gradient: post-processing.

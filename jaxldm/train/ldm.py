@@ -194,6 +194,7 @@ def _step_cache_key(config, private: bool, num_attributes: int, latent_channels:
   parts = {"model": to_dict(config.model), "diffusion": to_dict(config.diffusion), "optim": to_dict(config.optim),
            "steps": config.train.steps, "trainable": config.train.trainable, "private": private,
            "dp": {k: to_dict(config.dp)[k] for k in ("l2_clip_norm", "per_layer", "microbatch_size", "stats_weight", "stats_bound")},
+           "host_dispatch": bool(private and dp.host_dispatch(config.dp)),
            "num_attributes": num_attributes, "latent_channels": latent_channels, "vmapped": vmapped}
   return json.dumps(parts, sort_keys=True, default=str)
 

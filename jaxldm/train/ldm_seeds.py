@@ -78,7 +78,8 @@ def train_seeds(configs: list[ml_collections.ConfigDict], workdirs: list[str | p
       if step >= allowed:
         stopped_for_budget = True
         break
-      inputs = [p.dp_run.step_inputs(p.examples, step, p.mesh) for p in preps]
+      rows = max(p.dp_run.rows_needed(step) for p in preps)  # One shape for the stacked seeds.
+      inputs = [p.dp_run.step_inputs(p.examples, step, p.mesh, rows) for p in preps]
       state, metrics = step_fn(state, *(_stack([inp[k] for inp in inputs]) for k in range(4)), sigma, ebs)
       done = step + 1
       for i, averager in enumerate(averagers):
