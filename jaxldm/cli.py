@@ -80,8 +80,28 @@ def cmd_data_prepare(args, overrides) -> int:
 
   config = load_config(args.config, overrides)
   dataset = build_dataset(config.data, progress=True)
-  volumes, attributes, mask = dataset.arrays()
+  bad = dataset.preprocess_all()  # Every volume, so every bad file is listed (not just the first).
+  for _, problem in bad:
+    print(f"jaxldm: bad volume: {problem}", file=sys.stderr)
   console = Console()
+  if bad and not args.exclude_bad:
+    raise DataError(f"{len(bad)} of {len(dataset)} volume(s) in {dataset.root} cannot be prepared (listed above); "
+                    "fix or remove them, or rerun with --exclude-bad FILE to leave them out")
+  if bad:
+    from jaxldm.atomic import atomic_open
+
+    if len(bad) == len(dataset):
+      raise DataError(f"all {len(bad)} volume(s) in {dataset.root} cannot be prepared (listed above); nothing to exclude to")
+    ids = sorted(dataset.excluded | {sid for sid, _ in bad})
+    with atomic_open(args.exclude_bad) as f:
+      f.write(f"# volumes of {dataset.root} left out by jaxldm data prepare (data.exclude)\n")
+      f.writelines(f"{sid}\n" for sid in ids)
+    config.data.exclude = str(args.exclude_bad)
+    dataset = build_dataset(config.data)
+    console.print(f"left out {len(bad)} bad volume(s), listed in {args.exclude_bad}; train with "
+                  f"--config.data.exclude={args.exclude_bad}", highlight=False, soft_wrap=True)
+  dataset.progress = False  # The cache is full: arrays() only reads it.
+  volumes, attributes, mask = dataset.arrays()
   console.print(f"{len(dataset)} volumes -> array {tuple(volumes.shape)} {volumes.dtype}, "
                 f"range [{volumes.min():.3g}, {volumes.max():.3g}], cached in {dataset.cache_dir}")
   for j, name in enumerate(dataset.columns):
@@ -575,8 +595,14 @@ def build_parser() -> argparse.ArgumentParser:
   p = data_sub.add_parser(
       "prepare", help="preprocess a dataset into its cache, as a config describes it",
       description="Load, reorient, resample, crop/pad and normalise every volume as the config's "
-                  "`data` group says, fill the cache and print what the model will see.")
+                  "`data` group says, fill the cache and print what the model will see. Every volume "
+                  "that cannot be prepared is listed; then it exits 2, unless --exclude-bad FILE: the bad "
+                  "volumes' subject ids go to FILE and the rest is prepared; train on that set with "
+                  "--config.data.exclude=FILE. The attribute CSV is read as `jaxldm data inspect` reads it.")
   p.add_argument("--config", required=True, help="config file[:variant], e.g. configs/data.py:tiny")
+  p.add_argument("--exclude-bad", metavar="FILE",
+                 help="write the subject ids of volumes that cannot be prepared to FILE (with those already in "
+                      "data.exclude) and prepare the rest; use it as --config.data.exclude=FILE")
   p.set_defaults(func=cmd_data_prepare, takes_overrides=True)
 
   p = sub.add_parser(

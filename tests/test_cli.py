@@ -188,3 +188,72 @@ def test_privacy_errors_name_the_flag(args, flag, capsys):
   assert err.startswith(f"jaxldm: error: {flag}") and len(err.strip().splitlines()) == 1, err
   if "--delta" in flag:
     assert "epsilon" not in err.lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# data inspect and data prepare read a dataset by the same rules.
+# ---------------------------------------------------------------------------------------------
+def _edit_csv(path, edit):
+  import csv
+  rows = list(csv.reader(path.open()))
+  edit(rows)
+  with path.open("w", newline="") as f:
+    csv.writer(f).writerows(rows)
+
+
+def test_inspect_and_prepare_agree_on_the_csv(tmp_path, capsys):
+  data = tmp_path / "d"
+  assert cli.main(["data", "phantoms", "--out", str(data), "--n", "3", "--quiet", *TINY]) == 0
+
+  def edit(rows):
+    rows[1][0] += ".nii.gz"  # An id given as the file name: the loader accepts it.
+    rows[0] += ["site", "grade"]
+    for i, row in enumerate(rows[1:]):
+      row += ["AB"[i % 2], ["1", "x", "2.5"][i]]
+  _edit_csv(data / "attributes.csv", edit)
+  (data / "._resource_fork.nii").write_bytes(b"macOS metadata")  # Hidden: not a volume for the loader.
+  capsys.readouterr()
+  report_path = tmp_path / "report.json"
+  assert cli.main(["data", "inspect", str(data), "--quiet", "--json", str(report_path)]) == 1
+  report = json.loads(report_path.read_text())
+  assert report["files"] == 3 and report["readable"] == 3
+  assert len(report["problems"]) == 1, report["problems"]
+  assert "row 3, column 'grade': value 'x' is not a number" in report["problems"][0]
+  assert report["attributes"]["columns"]["site"]["counts"] == {"A": 2, "B": 1}
+  assert report["hints"] == ["column 'site' is text; to condition on it, add '--config.data.categories=site=A|B'"]
+
+  prepare = ["data", "prepare", "--config", str(ROOT / "configs/data.py:tiny"), f"--config.data.root={data}"]
+  assert cli.main([*prepare, "--config.data.attributes=lv_ef,grade"]) == 2
+  assert "row 3, column 'grade': value 'x' is not a number" in capsys.readouterr().err
+  assert cli.main([*prepare, "--config.data.attributes=lv_ef,site"]) == 2
+  assert "--config.data.categories=site=A|B|..." in capsys.readouterr().err
+  assert cli.main([*prepare, "--config.data.attributes=lv_ef,site", "--config.data.categories=site=A|B"]) == 0
+  assert "3 volumes" in capsys.readouterr().out
+
+
+def test_prepare_lists_every_bad_volume_and_can_exclude_them(tmp_path, capsys):
+  data = tmp_path / "d"
+  assert cli.main(["data", "phantoms", "--out", str(data), "--n", "3", "--quiet", *TINY]) == 0
+  (data / "bad-1.nii.gz").write_bytes(b"truncated")
+  (data / "bad-2.nii").write_bytes(b"not nifti")
+  _edit_csv(data / "attributes.csv", lambda rows: rows.extend([["bad-1"] + [""] * (len(rows[0]) - 1)]))
+  prepare = ["data", "prepare", "--config", str(ROOT / "configs/data.py:tiny"), f"--config.data.root={data}",
+             "--config.data.strict_ids=false"]
+  capsys.readouterr()
+  assert cli.main(prepare) == 2
+  err = capsys.readouterr().err
+  assert "bad-1.nii.gz" in err and "bad-2.nii" in err
+  assert err.strip().splitlines()[-1].startswith("jaxldm: error: 2 of 5 volume(s)") and "--exclude-bad FILE" in err
+  listing = tmp_path / "bad.txt"
+  assert not listing.exists()
+  assert cli.main([*prepare, "--exclude-bad", str(listing)]) == 0
+  out = capsys.readouterr().out
+  flat = "".join(out.split())  # Rich wraps long lines.
+  assert f"--config.data.exclude={listing}" in flat and "3volumes->array(3,6,32,32)" in flat
+  assert [line for line in listing.read_text().splitlines() if not line.startswith("#")] == ["bad-1", "bad-2"]
+  # Training reads the list: strict ids too (bad-1's CSV row is ignored, not an unknown subject).
+  from jaxldm.config import load_config
+  from jaxldm.data.defaults import build_dataset
+  config = load_config(str(ROOT / "configs/data.py:tiny"), [f"--config.data.root={data}",
+                                                             f"--config.data.exclude={listing}"])
+  assert build_dataset(config.data).subject_ids == [f"private-{i:05d}" for i in range(1, 4)]

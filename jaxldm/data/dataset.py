@@ -91,6 +91,26 @@ class Preprocessing:
 # Finding volumes.
 
 
+def is_volume_file(path: pathlib.Path) -> bool:
+  """Whether a directory entry is one of the dataset's volumes (`find_volumes`' rule)."""
+  return nifti.is_nifti(path) and not path.name.startswith(".") and path.is_file()
+
+
+def normalise_id(cell: str) -> str:
+  """A CSV id cell as the subject id it keys: stripped, a `.nii`/`.nii.gz` suffix removed."""
+  cell = cell.strip()
+  return nifti.subject_id(cell) if nifti.is_nifti(cell) else cell
+
+
+def read_exclude_list(path: PathLike) -> list[str]:
+  """Subject ids (or file names) to leave out, one a line; blank lines and `#` comments ignored."""
+  try:
+    lines = pathlib.Path(path).read_text(encoding="utf-8").splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise DataError(f"cannot read the exclude list {os.fspath(path)} (--config.data.exclude): {e}") from e
+  return [normalise_id(line) for line in (raw.split("#", 1)[0] for raw in lines) if line.strip()]
+
+
 def find_volumes(root: PathLike) -> list[pathlib.Path]:
   """The NIfTI files directly in `root`, sorted by name.
 
@@ -106,8 +126,7 @@ def find_volumes(root: PathLike) -> list[pathlib.Path]:
     raise DataError(f"data directory {root} does not exist; check the path")
   if not root.is_dir():
     raise DataError(f"data directory {root} is not a directory")
-  paths = sorted(p for p in root.iterdir()
-                 if nifti.is_nifti(p) and not p.name.startswith(".") and p.is_file())
+  paths = sorted(p for p in root.iterdir() if is_volume_file(p))
   if not paths:
     raise DataError(
         f"data directory {root} contains no NIfTI files ({', '.join(nifti.NIFTI_SUFFIXES)})")
@@ -125,6 +144,7 @@ def read_attributes(
     categories: Mapping[str, Sequence[str]] | None = None,
     subject_ids: Sequence[str] | None = None,
     strict_ids: bool = True,
+    excluded: Iterable[str] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
   """Reads per-subject attributes as values plus a presence mask.
 
@@ -136,6 +156,8 @@ def read_attributes(
     subject_ids: the row order of the result; None means CSV order.
     strict_ids: require the CSV ids and `subject_ids` to match exactly;
       otherwise extra rows are ignored and subjects without a row get mask 0.
+    excluded: subject ids left out of the dataset (data.exclude); their rows
+      are ignored, not unknown.
 
   Returns:
     (values, mask), both float32 (N, len(columns)); missing cells (empty,
@@ -152,7 +174,7 @@ def read_attributes(
   if subject_ids is None:
     subject_ids = [row_id for row_id, _, _ in rows]
   by_id = {row_id: (values, mask) for row_id, values, mask in rows}
-  _check_ids(name, set(by_id), list(subject_ids), strict_ids)
+  _check_ids(name, set(by_id) - set(excluded), list(subject_ids), strict_ids)
   values = np.zeros((len(subject_ids), len(columns)), dtype=np.float32)
   mask = np.zeros_like(values)
   for i, sid in enumerate(subject_ids):
@@ -167,18 +189,49 @@ _Row = tuple[str, list[float], list[float]]
 def _parse_csv(name: str, columns: tuple[str, ...],
                categories: dict[str, tuple[str, ...]]) -> list[_Row]:
   """Parses data rows as (id, values, mask), checking every cell."""
+  header, id_col, rows = read_table(name)
+  return parse_rows(name, header, id_col, rows, columns, categories)
+
+
+def read_table(name: PathLike) -> tuple[list[str], int, list[tuple[int, list[str]]]]:
+  """(stripped header, id column index, [(line number, cells)] of the non-blank data rows).
+
+  The one CSV reader of `jaxldm data prepare` (via `read_attributes`) and `jaxldm data inspect`.
+  """
+  name = os.fspath(name)
   if not os.path.isfile(name):
     raise DataError(f"attributes CSV {name} does not exist; check the path")
   try:
     with open(name, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's BOM.
       reader = csv.reader(f)
       header = [h.strip() for h in next(reader, [])]
-      id_col, col_index = _header_columns(name, header, columns)
-      return [_parse_row(name, reader.line_num, row, len(header), id_col, col_index,
-                         columns, categories)
-              for row in reader if any(cell.strip() for cell in row)]
+      id_col, _ = _header_columns(name, header, ())
+      rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
   except (OSError, UnicodeDecodeError, csv.Error) as e:
     raise DataError(f"cannot read attributes CSV {name}: {e}; is it a UTF-8 CSV file?") from e
+  return header, id_col, rows
+
+
+def parse_rows(name: str, header: list[str], id_col: int, rows: list[tuple[int, list[str]]],
+               columns: Sequence[str], categories: Mapping[str, Sequence[str]],
+               problems: list[str] | None = None) -> list[_Row]:
+  """Rows of `read_table` as (id, values, mask) for `columns`.
+
+  problems=None raises the first DataError; a list collects every row's and cell's problem
+  instead (a bad cell then counts as missing, a bad row is dropped), as `data inspect` does.
+  """
+  columns = tuple(columns)
+  categories = {k: tuple(v) for k, v in categories.items()}
+  _, col_index = _header_columns(name, header, columns)
+  out = []
+  for line, row in rows:
+    try:
+      out.append(_parse_row(name, line, row, len(header), id_col, col_index, columns, categories, problems))
+    except DataError as e:
+      if problems is None:
+        raise
+      problems.append(str(e))
+  return out
 
 
 def _header_columns(name: str, header: list[str], columns: tuple[str, ...]
@@ -202,7 +255,7 @@ def _header_columns(name: str, header: list[str], columns: tuple[str, ...]
 
 def _parse_row(name: str, line: int, row: list[str], width: int, id_col: int,
                col_index: list[int], columns: tuple[str, ...],
-               categories: dict[str, tuple[str, ...]]) -> _Row:
+               categories: dict[str, tuple[str, ...]], problems: list[str] | None = None) -> _Row:
   if len(row) > width:
     raise DataError(
         f"attributes CSV {name}, row {line}: {len(row)} cells but the header has {width}")
@@ -210,10 +263,16 @@ def _parse_row(name: str, line: int, row: list[str], width: int, id_col: int,
   row_id = row[id_col].strip()
   if not row_id:
     raise DataError(f"attributes CSV {name}, row {line}: empty subject id")
-  row_id = nifti.subject_id(row_id) if nifti.is_nifti(row_id) else row_id
+  row_id = normalise_id(row_id)
   values, mask = [], []
   for column, index in zip(columns, col_index):
-    value = _parse_cell(name, line, column, row[index].strip(), categories.get(column))
+    try:
+      value = _parse_cell(name, line, column, row[index].strip(), categories.get(column))
+    except DataError as e:
+      if problems is None:
+        raise
+      problems.append(str(e))
+      value = None
     values.append(0.0 if value is None else value)
     mask.append(0.0 if value is None else 1.0)
   return row_id, values, mask
@@ -238,7 +297,8 @@ def _parse_cell(name: str, line: int, column: str, cell: str,
           f"(or an index 0 to {len(names) - 1})")
     return value
   if value is None:
-    raise DataError(f"{where}: value {cell!r} is not a number; fix it or leave it empty")
+    raise DataError(f"{where}: value {cell!r} is not a number; fix it or leave it empty (text columns "
+                    f"need '--config.data.categories={column}=A|B|...')")
   if not math.isfinite(value):
     raise DataError(f"{where}: value {cell!r} is not finite; leave it empty if unknown")
   return value
@@ -306,6 +366,7 @@ class VolumeDataset:
       strict_ids: bool = True,
       cache_dir: PathLike | None = None,
       progress: bool = False,
+      exclude: Iterable[str] = (),
   ):
     """Finds the volumes and reads the attributes; reads no volume yet.
 
@@ -321,9 +382,15 @@ class VolumeDataset:
       cache_dir: base directory for the cache; a subdirectory named by
         `preprocessing.key()` is used inside it. Default `root/.jaxldm_cache`.
       progress: show a progress bar while preprocessing in `arrays()`.
+      exclude: subject ids (or file names) to leave out, e.g. the bad volumes
+        `jaxldm data prepare --exclude-bad FILE` listed; their CSV rows are ignored.
     """
     self.root = pathlib.Path(root)
-    self.paths = find_volumes(self.root)
+    self.excluded = {normalise_id(s) for s in exclude}
+    paths = find_volumes(self.root)
+    self.paths = [p for p in paths if nifti.subject_id(p) not in self.excluded]
+    if not self.paths:
+      raise DataError(f"data directory {self.root}: all {len(paths)} volume(s) are excluded (data.exclude)")
     self.subject_ids = [nifti.subject_id(p) for p in self.paths]
     self._check_unique_ids()
     self.columns = tuple(columns)
@@ -362,7 +429,7 @@ class VolumeDataset:
           "but no attributes CSV was given; set --config.data.attributes_csv=PATH, or "
           "--config.data.attributes= for none")
     return read_attributes(csv_path, self.columns, categories=self.categories,
-                           subject_ids=self.subject_ids, strict_ids=strict_ids)
+                           subject_ids=self.subject_ids, strict_ids=strict_ids, excluded=self.excluded)
 
   def fingerprint(self) -> str:
     """sha256 of what a training run reads: file names and contents, attribute columns and rows.
@@ -423,6 +490,17 @@ class VolumeDataset:
     for i in _progress(range(len(self)), f"Preprocessing {self.root.name}", self.progress):
       volumes[i] = self._volume(i)
     return volumes, self.attributes.copy(), self.attribute_mask.copy()
+
+  def preprocess_all(self, progress: bool | None = None) -> list[tuple[str, str]]:
+    """Fills the cache for every volume; (subject id, problem) of each one that fails (all, not the first)."""
+    bad = []
+    for i in _progress(range(len(self)), f"Preprocessing {self.root.name}",
+                       self.progress if progress is None else progress):
+      try:
+        self._volume(i)
+      except DataError as e:
+        bad.append((self.subject_ids[i], str(e)))
+    return bad
 
   def attribute_stats(self) -> dict[str, dict[str, Any]]:
     """Per column: coverage, and mean/std/min/max over present values (NaN if none).

@@ -45,6 +45,7 @@ def data_config(size: str = "default", *, root: str = "runs/phantoms/private") -
   c.clip_percentiles = (0.5, 99.5)  # Intensity percentiles clipped before scaling.
   c.intensity_range = (-1.0, 1.0)  # Output intensity range after clipping.
   c.cache_dir = ""  # Preprocessed-array cache; "" = ROOT/.jaxldm_cache/<preprocessing hash>.
+  c.exclude = ""  # File of subject ids to leave out, one a line (jaxldm data prepare --exclude-bad FILE).
   return c
 
 
@@ -64,7 +65,7 @@ def parse_categories(entries) -> dict[str, tuple[str, ...]]:
 
 def build_dataset(data: ml_collections.ConfigDict, *, progress: bool = False):
   """The `VolumeDataset` a `data` config group describes."""
-  from jaxldm.data.dataset import Preprocessing, VolumeDataset
+  from jaxldm.data.dataset import Preprocessing, VolumeDataset, read_exclude_list
 
   preprocessing = Preprocessing(
       shape=tuple(data.shape) if data.shape else None,
@@ -83,4 +84,6 @@ def build_dataset(data: ml_collections.ConfigDict, *, progress: bool = False):
       strict_ids=data.strict_ids,
       cache_dir=data.cache_dir or None,
       progress=progress,
+      # .get: run configs recorded before data.exclude existed.
+      exclude=read_exclude_list(data.exclude) if data.get("exclude") else (),
   )

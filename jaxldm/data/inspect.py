@@ -2,6 +2,11 @@
 
 Lenient on purpose: a bad file or CSV row is listed as a problem instead of stopping the scan, so
 one run shows everything to fix. The CLI exits non-zero when there are problems.
+
+It reads files and the attribute CSV with the loader's own rules (`jaxldm.data.dataset`: which
+files are volumes, subject ids with or without `.nii`/`.nii.gz`, missing-value markers, numbers),
+so what it reports as a problem is what `jaxldm data prepare` and training refuse. Text-only
+columns are reported as categorical with the `data.categories` override they need.
 """
 
 from __future__ import annotations
@@ -14,8 +19,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from jaxldm.data import nifti
-from jaxldm.data.dataset import ID_COLUMNS, MISSING_VALUES
+from jaxldm.data import dataset, nifti
+from jaxldm.data.dataset import MISSING_VALUES
 from jaxldm.data.errors import DataError
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -55,20 +60,6 @@ def _file_summary(path: pathlib.Path) -> dict[str, Any]:
   return summary
 
 
-def _read_table(csv_path: pathlib.Path) -> tuple[str, list[str], list[dict[str, str]]]:
-  try:
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-      reader = csv.DictReader(f)
-      header = reader.fieldnames or []
-      rows = list(reader)
-  except (OSError, UnicodeDecodeError, csv.Error) as e:
-    raise DataError(f"cannot read attribute CSV {csv_path}: {e}") from e
-  id_col = next((h for h in header if h.strip().lower() in ID_COLUMNS), None)
-  if id_col is None:
-    raise DataError(f"attribute CSV {csv_path} has no subject_id column (header: {', '.join(header)})")
-  return id_col, [h for h in header if h != id_col], rows
-
-
 def _histogram(values: np.ndarray, bins: int = 12) -> str:
   if values.size == 0:
     return ""
@@ -77,44 +68,79 @@ def _histogram(values: np.ndarray, bins: int = 12) -> str:
   return "".join(SPARK[min(len(SPARK) - 1, int(round(c / top * (len(SPARK) - 1))))] if c else " " for c in counts)
 
 
-def _column_stats(raw: list[str]) -> dict[str, Any]:
-  present = [v.strip() for v in raw if v.strip().lower() not in MISSING_VALUES]
-  coverage = len(present) / len(raw) if raw else 0.0
+def _is_number(cell: str) -> bool:
   try:
-    values = np.array([float(v) for v in present], dtype=np.float64)
+    float(cell)
   except ValueError:
-    counts = collections.Counter(present)
-    return {"kind": "categorical", "coverage": coverage, "counts": dict(counts.most_common(8))}
-  distinct = np.unique(values)
+    return False
+  return True
+
+
+def _text_categories(header: list[str], id_col: int, rows, columns: list[str]) -> dict[str, tuple[str, ...]]:
+  """Columns whose every present cell is text: their sorted values, as `data.categories` would name them."""
+  out = {}
+  for column in columns:
+    j = header.index(column)
+    present = [r[j].strip() for _, r in rows if j < len(r) and r[j].strip().lower() not in MISSING_VALUES]
+    if present and not any(_is_number(v) for v in present):
+      out[column] = tuple(sorted(set(present)))
+  return out
+
+
+def _column_stats(values: np.ndarray, mask: np.ndarray, names: tuple[str, ...] | None) -> dict[str, Any]:
+  present = values[mask > 0].astype(np.float64)
+  coverage = float(mask.mean()) if mask.size else 0.0
+  if names is not None:
+    counts = collections.Counter(names[int(v)] for v in present)
+    return {"kind": "categorical", "coverage": coverage, "counts": dict(counts.most_common(8)),
+            "text": True, "categories": list(names)}
+  if present.size == 0:
+    return {"kind": "continuous", "coverage": coverage, "mean": float("nan"), "std": float("nan"),
+            "min": float("nan"), "max": float("nan"), "histogram": ""}
+  distinct = np.unique(present)
   if distinct.size <= 5 and np.all(distinct == np.round(distinct)):
-    counts = collections.Counter(values.astype(int).tolist())
+    counts = collections.Counter(present.astype(int).tolist())
     return {"kind": "categorical", "coverage": coverage, "counts": {str(k): v for k, v in sorted(counts.items())}}
   return {
       "kind": "continuous", "coverage": coverage,
-      "mean": float(values.mean()), "std": float(values.std()),
-      "min": float(values.min()), "max": float(values.max()),
-      "histogram": _histogram(values),
+      "mean": float(present.mean()), "std": float(present.std()),
+      "min": float(present.min()), "max": float(present.max()),
+      "histogram": _histogram(present),
   }
 
 
-def _attribute_report(csv_path: pathlib.Path, volume_ids: list[str]) -> tuple[dict[str, Any], list[str]]:
-  problems = []
-  id_col, columns, rows = _read_table(csv_path)
-  ids = [r[id_col].strip() for r in rows]
+def _listing(items: list[str]) -> str:
+  return ", ".join(items[:5]) + (" ..." if len(items) > 5 else "")
+
+
+def _attribute_report(csv_path: pathlib.Path, volume_ids: list[str]) -> tuple[dict[str, Any], list[str], list[str]]:
+  """(report, problems, hints): the CSV parsed by the loader's rules, every bad row and cell listed."""
+  problems: list[str] = []
+  header, id_col, table = dataset.read_table(csv_path)
+  columns = [h for i, h in enumerate(header) if i != id_col]
+  categories = _text_categories(header, id_col, table, columns)
+  rows = dataset.parse_rows(str(csv_path), header, id_col, table, columns, categories, problems=problems)
+  ids = [row_id for row_id, _, _ in rows]
   duplicates = sorted(k for k, v in collections.Counter(ids).items() if v > 1)
   unknown = sorted(set(ids) - set(volume_ids))
   without_row = sorted(set(volume_ids) - set(ids))
   if duplicates:
-    problems.append(f"{csv_path}: duplicate subject ids: {', '.join(duplicates[:5])}" + (" ..." if len(duplicates) > 5 else ""))
+    problems.append(f"{csv_path}: duplicate subject ids: {_listing(duplicates)}")
   if unknown:
-    problems.append(f"{csv_path}: {len(unknown)} subject id(s) with no volume: {', '.join(unknown[:5])}" + (" ..." if len(unknown) > 5 else ""))
+    problems.append(f"{csv_path}: {len(unknown)} subject id(s) with no volume: {_listing(unknown)} "
+                    "(training refuses them unless --config.data.strict_ids=false)")
   if without_row:
-    problems.append(f"{csv_path}: {len(without_row)} volume(s) with no CSV row: {', '.join(without_row[:5])}" + (" ..." if len(without_row) > 5 else ""))
+    problems.append(f"{csv_path}: {len(without_row)} volume(s) with no CSV row: {_listing(without_row)} "
+                    "(training refuses them unless --config.data.strict_ids=false)")
+  values = np.array([v for _, v, _ in rows], np.float32).reshape(len(rows), len(columns))
+  mask = np.array([m for _, _, m in rows], np.float32).reshape(len(rows), len(columns))
   report = {
-      "csv": str(csv_path), "rows": len(rows),
-      "columns": {c: _column_stats([r.get(c) or "" for r in rows]) for c in columns},
+      "csv": str(csv_path), "rows": len(table),
+      "columns": {c: _column_stats(values[:, j], mask[:, j], categories.get(c)) for j, c in enumerate(columns)},
   }
-  return report, problems
+  hints = [f"column {c!r} is text; to condition on it, add '--config.data.categories={c}={'|'.join(names)}'"
+           for c, names in categories.items()]
+  return report, problems, hints
 
 
 def _range(values: list[float]) -> dict[str, float]:
@@ -132,7 +158,7 @@ def inspect_directory(root: str | pathlib.Path, *, csv_path: str | pathlib.Path 
   root = pathlib.Path(root)
   if not root.is_dir():
     raise DataError(f"{root} is not a directory (expected a directory of .nii/.nii.gz volumes)")
-  paths = sorted(p for p in root.iterdir() if p.is_file() and nifti.is_nifti(p))
+  paths = sorted(p for p in root.iterdir() if dataset.is_volume_file(p))  # The loader's rule.
   if not paths:
     raise DataError(f"{root} contains no .nii or .nii.gz files")
   files, problems = [], []
@@ -145,7 +171,13 @@ def inspect_directory(root: str | pathlib.Path, *, csv_path: str | pathlib.Path 
       files.append(_file_summary(path))
     except DataError as e:
       problems.append(str(e))
-  report: dict[str, Any] = {"root": str(root), "files": len(paths), "readable": len(files), "problems": problems}
+  subject_ids = [nifti.subject_id(p) for p in paths]
+  several = sorted(k for k, v in collections.Counter(subject_ids).items() if v > 1)
+  if several:
+    problems.append(f"{root}: several files for subject(s) {_listing(several)} (e.g. both .nii and .nii.gz); keep one")
+  hints: list[str] = []
+  report: dict[str, Any] = {"root": str(root), "files": len(paths), "readable": len(files), "problems": problems,
+                            "hints": hints}
   if files:
     report["shapes"] = dict(collections.Counter("x".join(map(str, f["shape"])) for f in files).most_common())
     if all("canonical_shape" in f for f in files):
@@ -160,8 +192,9 @@ def inspect_directory(root: str | pathlib.Path, *, csv_path: str | pathlib.Path 
     csv_path = root / "attributes.csv"
   if csv_path is not None:
     try:
-      report["attributes"], csv_problems = _attribute_report(pathlib.Path(csv_path), [nifti.subject_id(p) for p in paths])
+      report["attributes"], csv_problems, csv_hints = _attribute_report(pathlib.Path(csv_path), subject_ids)
       problems.extend(csv_problems)
+      hints.extend(csv_hints)
     except DataError as e:
       problems.append(str(e))
   return report
@@ -207,6 +240,8 @@ def render(report: dict[str, Any], console=None) -> None:
       else:
         t.add_row(name, f"{s['coverage']:.0%}", "", "", "  ".join(f"{k}: {v}" for k, v in s["counts"].items()))
     console.print(t)
+  for h in report.get("hints", ()):
+    console.print(f"[yellow]note[/]: {h}", highlight=False, soft_wrap=True)
   for p in report["problems"]:
     console.print(f"[red]problem[/]: {p}", highlight=False, soft_wrap=True)
   if report["problems"]:
