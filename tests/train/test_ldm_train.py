@@ -182,3 +182,25 @@ def test_dp_refuses_nonprivate_inputs_trained_on_its_private_data(tiny_nifti_dir
   for refused in ("a", "b"):  # Refused before any step, ledger or recorded config.
     assert not (tmp_path / refused / "privacy_ledger.json").exists()
     assert not (tmp_path / refused / "config.json").exists()
+
+
+def test_dp_refuses_a_statistics_csv_holding_the_private_rows(tmp_path):
+  import types
+
+  from jaxldm.data.dataset import read_attributes
+
+  root = tmp_path / "private"
+  root.mkdir()
+  rows = "subject_id,lv_edv_ml,age\ns00,120,50\ns01,140,61\n"
+  (root / "attributes.csv").write_text(rows)
+  vals, msk = read_attributes(root / "attributes.csv", ("lv_edv_ml", "age"), subject_ids=["s00", "s01"])
+  dataset = types.SimpleNamespace(root=root, columns=("lv_edv_ml", "age"), subject_ids=["s00", "s01"],
+                                  attributes=vals, attribute_mask=msk)
+  copy = tmp_path / "stats.csv"  # The same rows in another order: still the private table.
+  copy.write_text("subject_id,lv_edv_ml,age\ns01,140,61\ns00,120,50\n")
+  for source in (root / "attributes.csv", copy):
+    with pytest.raises(ConfigError, match=r"conditioning\.stats_from"):
+      ldm._check_public_csv(str(source), dataset)
+  public = tmp_path / "public.csv"
+  public.write_text("subject_id,lv_edv_ml,age\np00,100,40\np01,150,70\n")
+  ldm._check_public_csv(str(public), dataset)  # Other people's rows: allowed.
