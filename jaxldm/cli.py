@@ -138,24 +138,33 @@ def cmd_train(args, overrides) -> int:
   return 0
 
 
-def _attribute_pairs(items) -> dict[str, float]:
+def _attribute_pairs(items) -> dict[str, float | str]:
+  """--attr NAME=VALUE pairs: numbers, or category names (checked against the run's data.categories)."""
   out = {}
   for item in items or ():
     name, sep, value = item.partition("=")
+    if not sep or not name.strip() or not value.strip():
+      raise ConfigError(f"--attr {item!r} must look like name=value, e.g. --attr lv_edv_ml=150 or --attr sex=F")
     try:
       out[name.strip()] = float(value)
     except ValueError:
-      sep = ""
-    if not sep:
-      raise ConfigError(f"--attribute {item!r} must look like name=number, e.g. lv_edv_ml=150")
+      out[name.strip()] = value.strip()
   return out
 
 
 def cmd_sample(args) -> int:
   from jaxldm.train import generate
 
-  sampling = dict(seed=args.seed, guidance_scale=args.guidance, method=args.method, num_steps=args.steps,
-                  csv_path=args.attributes_csv, fixed=_attribute_pairs(args.attribute), batch_size=args.batch_size)
+  fixed = _attribute_pairs(args.attribute)
+  # Names, categories and ranges are checked before any model is loaded.
+  for warning in generate.check_conditioning(args.workdir, args.n, csv_path=args.attributes_csv, fixed=fixed):
+    print(f"jaxldm: warning: {warning}", file=sys.stderr)
+  run_config = json.loads((pathlib.Path(args.workdir) / "config.json").read_text())
+  defaults = generate.sampling_defaults(run_config)  # The run's sampling.* unless a flag says otherwise.
+  guidance = defaults["guidance_scale"] if args.guidance is None else args.guidance
+  steps = defaults["num_steps"] if args.steps is None else args.steps
+  sampling = dict(seed=args.seed, guidance_scale=guidance, method=args.method, num_steps=steps,
+                  csv_path=args.attributes_csv, fixed=fixed, batch_size=args.batch_size)
   report = None
   if args.safeguard:
     volumes, values, mask, info, report = generate.generate_safeguarded(
@@ -168,15 +177,16 @@ def cmd_sample(args) -> int:
     if given:
       raise ConfigError(f"--safeguard-{given[0]} has no effect without --safeguard")
     volumes, values, mask, info = generate.generate(args.workdir, args.n, **sampling)
-  run_config = json.loads((pathlib.Path(args.workdir) / "config.json").read_text())
   spacing = run_config["data"]["spacing"] or (1.0, 1.0, 1.0)
   out = generate.write_volumes(args.out, volumes, spacing, names=info["attributes"], attributes=values,
                                mask=mask, overwrite=args.overwrite,
-                               extra_json={generate.SAFEGUARD_FILENAME: report} if report else None)
+                               extra_json={generate.SAFEGUARD_FILENAME: report} if report else None,
+                               descrip=generate.synthetic_descrip(args.workdir))
   from jaxldm.train.common import save_mid_slices
   if len(volumes):
     save_mid_slices(volumes[:32].clip(-1, 1), out / "grid.png")
-  print(f"wrote {len(volumes)} volumes {tuple(volumes.shape[1:])} to {out}")
+  print(f"wrote {len(volumes)} volumes {tuple(volumes.shape[1:])} to {out} ({args.method}, {steps} steps, "
+        f"guidance {guidance:g})")
   if report:
     print(f"safeguard ({report['metric']}, threshold {report['threshold']:.4g} = {report['threshold_source']}): "
           f"released {report['released']} of {report['requested']} requested; rejected {report['rejected']} of "
@@ -623,19 +633,24 @@ def build_parser() -> argparse.ArgumentParser:
       description="Draw volumes from the LDM in WORKDIR (EMA weights), decode them with its "
                   "autoencoder and write DIR/sample-XXXXX.nii.gz plus the conditioning used in "
                   "DIR/attributes.csv. Attributes are in natural units; unspecified ones are "
-                  "masked (unconditional for them).")
+                  "masked (unconditional for them). Each file's NIfTI descrip says 'jaxldm synthetic; "
+                  "model NAME; epsilon E' (or non-private).")
   p.add_argument("--workdir", required=True, help="LDM run directory")
   p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
   p.add_argument("--n", type=int, default=8, help="number of volumes (default 8)")
   p.add_argument("--attributes", "--attributes-csv", dest="attributes_csv", metavar="CSV",
                  help="CSV with subject_id + attribute columns: one row per sample (cycled)")
   p.add_argument("--attr", "--attribute", dest="attribute", action="append", metavar="NAME=VALUE",
-                 help="condition every sample on this value (repeatable), e.g. --attr lv_edv_ml=150 --attr sex=1")
-  p.add_argument("--guidance", type=float, default=1.0,
-                 help="classifier-free guidance scale: 1 conditional, 0 unconditional, >1 stronger (default 1)")
+                 help="condition every sample on this value (repeatable), e.g. --attr lv_edv_ml=150 --attr sex=1; "
+                      "a category name (--attr sex=F) where the run's config has data.categories. Values more than "
+                      "3 std from the training mean get a warning")
+  p.add_argument("--guidance", type=float, default=None,
+                 help="classifier-free guidance scale: 1 conditional, 0 unconditional, >1 stronger "
+                      "(default: the run's sampling.guidance_scale)")
   p.add_argument("--sampler", "--method", dest="method", choices=("ddim", "ddpm"), default="ddim",
                  help="sampler (default ddim)")
-  p.add_argument("--steps", type=int, default=50, help="DDIM steps (ddpm uses all T; default 50)")
+  p.add_argument("--steps", type=int, default=None,
+                 help="DDIM steps (ddpm uses all T; default: the run's sampling.num_steps)")
   p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
   p.add_argument("--batch-size", type=int, default=8, help="volumes per sampler call (default 8)")
   p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")

@@ -39,13 +39,48 @@ def load_ldm(workdir: str | pathlib.Path):
   return unet, params, info, run_config
 
 
-def conditioning(info: dict, n: int, *, csv_path=None, fixed: dict[str, float] | None = None):
-  """Raw attribute values (n, A), mask (n, A) and the standardised values the UNet expects."""
+def run_categories(run_config: dict) -> dict[str, tuple[str, ...]]:
+  """The run's data.categories ({"sex": ("F", "M")}): names a user may give instead of indices."""
+  from jaxldm.data.defaults import parse_categories
+
+  return parse_categories(run_config.get("data", {}).get("categories") or ())
+
+
+def sampling_defaults(run_config: dict) -> dict:
+  """guidance_scale and num_steps from the run's `sampling` config group (1 and 50 if it has none)."""
+  sampling = run_config.get("sampling") or {}
+  return {"guidance_scale": float(sampling.get("guidance_scale", 1.0)),
+          "num_steps": int(sampling.get("num_steps", 50))}
+
+
+def _attribute_value(name: str, value, categories: dict[str, tuple[str, ...]]) -> float:
+  """--attr NAME=VALUE as the number the model was trained on: a number, or a category name."""
+  names = categories.get(name)
+  if isinstance(value, str):
+    if names is not None and value.strip() in names:
+      return float(names.index(value.strip()))
+    try:
+      value = float(value)
+    except ValueError:
+      known = f"one of {', '.join(names)} or an index" if names else "a number (the run's config defines no categories for it)"
+      raise ConfigError(f"--attr {name}={value}: expected {known}") from None
+  if names is not None and (not float(value).is_integer() or not 0 <= value < len(names)):
+    raise ConfigError(f"--attr {name}={value:g}: expected one of {', '.join(names)} (or an index 0 to {len(names) - 1})")
+  return float(value)
+
+
+def conditioning(info: dict, n: int, *, csv_path=None, fixed: dict | None = None,
+                 categories: dict[str, tuple[str, ...]] | None = None):
+  """Raw attribute values (n, A), mask (n, A) and the standardised values the UNet expects.
+
+  fixed: name -> a number or, for the run's data.categories columns, a category name (or index).
+  """
   names = list(info["attributes"])
+  categories = {k: v for k, v in (categories or {}).items() if k in names}
   values = np.zeros((n, len(names)), np.float32)
   mask = np.zeros((n, len(names)), np.float32)
   if csv_path is not None:
-    values, mask = read_attributes(csv_path, names, strict_ids=False)
+    values, mask = read_attributes(csv_path, names, categories=categories, strict_ids=False)
     if len(values) == 0:
       raise ConfigError(f"{csv_path} has no rows")
     reps = -(-n // len(values))
@@ -54,10 +89,76 @@ def conditioning(info: dict, n: int, *, csv_path=None, fixed: dict[str, float] |
     if name not in names:
       raise ConfigError(f"--attribute {name}: the model knows {', '.join(names) or 'no attributes'}")
     j = names.index(name)
-    values[:, j], mask[:, j] = value, 1.0
+    values[:, j], mask[:, j] = _attribute_value(name, value, categories), 1.0
   mean, std = np.asarray(info["attribute_mean"], np.float32), np.asarray(info["attribute_std"], np.float32)
   standardised = (values - mean) / std * mask
   return values, mask, standardised
+
+
+OUT_OF_RANGE_STD = 3.0
+
+
+def out_of_range(info: dict, values: np.ndarray, mask: np.ndarray, *, categorical=(), fixed=None) -> list[str]:
+  """Warnings for conditioning values outside what the model was trained on.
+
+  Outside [attribute_min, attribute_max] when ldm.json records them, else more than
+  OUT_OF_RANGE_STD standard deviations from the training mean; category columns are checked
+  by `conditioning` itself.
+  """
+  names = list(info["attributes"])
+  mean, std = info["attribute_mean"], info["attribute_std"]
+  lo, hi = info.get("attribute_min"), info.get("attribute_max")
+  fixed = fixed or {}
+  out = []
+  for j, name in enumerate(names):
+    if name in categorical:
+      continue
+    present = values[mask[:, j] > 0, j]
+    if lo is not None and hi is not None:
+      bad = present[(present < lo[j]) | (present > hi[j])]
+      why = f"outside the training range {lo[j]:.4g} to {hi[j]:.4g}"
+    else:
+      bad = present[np.abs(present - mean[j]) > OUT_OF_RANGE_STD * std[j]]
+      why = (f"more than {OUT_OF_RANGE_STD:g} std from the training mean {mean[j]:.4g} "
+             f"(std {std[j]:.4g})")
+    if bad.size:
+      where = f"--attr {name}={bad[0]:g}" if name in fixed else f"{bad.size} {name} value(s) (e.g. {bad[0]:g})"
+      out.append(f"{where} is {why}; the model never saw such values, its samples may not follow them")
+  return out
+
+
+def check_conditioning(workdir, n: int, *, csv_path=None, fixed=None) -> list[str]:
+  """Validates --attr/--attributes against the run (names, category names) before any model is
+  loaded; returns the out-of-range warnings."""
+  workdir = pathlib.Path(workdir)
+  if not (workdir / "ldm.json").is_file():
+    raise FileNotFoundError(f"{workdir} is not an LDM run (no ldm.json); train one with jaxldm train --config configs/ldm.py")
+  info = json.loads((workdir / "ldm.json").read_text())
+  categories = run_categories(json.loads((workdir / "config.json").read_text()))
+  values, mask, _ = conditioning(info, n, csv_path=csv_path, fixed=fixed, categories=categories)
+  return out_of_range(info, values, mask, categorical=categories, fixed=fixed)
+
+
+def synthetic_descrip(workdir) -> str:
+  """The NIfTI `descrip` of a sample: "jaxldm synthetic; model NAME; epsilon E" (at most 80 bytes).
+
+  E is the run's composed epsilon (privacy_ledger.json) or "non-private".
+  """
+  workdir = pathlib.Path(workdir)
+  info = json.loads((workdir / "ldm.json").read_text())
+  eps = "non-private"
+  if info.get("private"):
+    from jaxldm.privacy.ledger import LEDGER_FILENAME, PrivacyLedger
+    try:
+      eps = f"{PrivacyLedger.load(str(workdir / LEDGER_FILENAME)).composed_epsilon():.3g}"
+    except (OSError, ValueError, KeyError):
+      eps = "unknown"
+  name = workdir.resolve().name
+  tail = f"; epsilon {eps}"
+  head = "jaxldm synthetic; model "
+  room = 80 - len(head.encode()) - len(tail.encode())
+  name = name.encode()[:room].decode("utf-8", "ignore")
+  return f"{head}{name}{tail}"
 
 
 def generate(workdir, n: int, *, seed: int = 0, guidance_scale: float = 1.0, method: str = "ddim",
@@ -68,11 +169,12 @@ def generate(workdir, n: int, *, seed: int = 0, guidance_scale: float = 1.0, met
   return_latents: also return the sampler's latents (n, D', H', W', Z), scaled as the UNet saw them,
   as a fifth value (latent-space memorization compares them with the training latents).
   """
-  unet, params, info, _ = load_ldm(workdir)
+  unet, params, info, run_config = load_ldm(workdir)
   ae_model, ae_params, _ = ldm.load_autoencoder(info["autoencoder_workdir"])
   d = info["diffusion"]
   schedule = make_schedule(d["schedule"], d["num_timesteps"], d["beta_start"], d["beta_end"])
-  values, mask, standardised = conditioning(info, n, csv_path=csv_path, fixed=fixed)
+  values, mask, standardised = conditioning(info, n, csv_path=csv_path, fixed=fixed,
+                                            categories=run_categories(run_config))
   has_attrs = len(info["attributes"]) > 0
   draw = jax.jit(functools.partial(sample, ldm.unet_apply(unet), schedule=schedule, prediction=d["prediction"],
                                    guidance_scale=guidance_scale, method=method, num_steps=num_steps),
@@ -97,12 +199,13 @@ def generate(workdir, n: int, *, seed: int = 0, guidance_scale: float = 1.0, met
 
 def write_volumes(out_dir, volumes: np.ndarray, spacing, *, names=None, attributes=None, mask=None,
                   overwrite: bool = False, prefix: str = "sample", extra_json: dict | None = None,
-                  extra_arrays: dict | None = None) -> pathlib.Path:
+                  extra_arrays: dict | None = None, descrip: str | None = None) -> pathlib.Path:
   """NIfTI files (voxel axes W, H, D; RAS affine = spacing) + attributes.csv, written atomically.
 
   extra_json: {filename: record} JSON files written into the same directory, in the same atomic
   step (e.g. safeguard.json: the volumes never appear without the record of how they were chosen).
   extra_arrays: {filename.npy: array} written in the same step (e.g. the sampler's latents).
+  descrip: the NIfTI header's description (`synthetic_descrip`: marks the files as synthetic).
   """
   out_dir = pathlib.Path(out_dir)
   if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -114,7 +217,10 @@ def write_volumes(out_dir, volumes: np.ndarray, spacing, *, names=None, attribut
     affine = np.diag([dx, dy, dz, 1.0])
     ids = [f"{prefix}-{i:05d}" for i in range(len(volumes))]
     for sid, vol in zip(ids, volumes):
-      nib.save(nib.Nifti1Image(np.asarray(vol, np.float32).transpose(2, 1, 0), affine), tmp / f"{sid}.nii.gz")
+      img = nib.Nifti1Image(np.asarray(vol, np.float32).transpose(2, 1, 0), affine)
+      if descrip:
+        img.header["descrip"] = descrip.encode()[:80]
+      nib.save(img, tmp / f"{sid}.nii.gz")
     if names:
       with open(tmp / "attributes.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -243,7 +349,8 @@ def generate_safeguarded(workdir, n: int, *, data_dir=None, metric: str = "rmse"
   extractor = _extractor(features, weights) if metric == "embedding" else None  # Fail before any work.
   train = training_volumes(workdir, data_dir)
   unet, params, info, run_config = load_ldm(workdir)
-  values, mask, standardised = conditioning(info, n, csv_path=csv_path, fixed=fixed)
+  values, mask, standardised = conditioning(info, n, csv_path=csv_path, fixed=fixed,
+                                            categories=run_categories(run_config))
   sampler = _candidate_sampler(unet, params, info, standardised, mask, seed=seed, guidance_scale=guidance_scale,
                                method=method, num_steps=num_steps, batch_size=batch_size)
   reference = train if extractor is None else np.asarray(extractor(train))

@@ -190,3 +190,67 @@ def test_sample_safeguard_with_ssl3d_embeddings(ldm_dir, tiny_nifti_dir, tmp_pat
   assert len(released) == record["released"] >= 1
   d = safeguard.distances(extractor(released), train, metric="embedding")
   assert np.all(d > record["threshold"])
+
+
+# --------------------------------------------------------------------------------------------------
+# jaxldm sample follows the run: its sampling.* defaults, its categories, its attribute range.
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def conditional_ldm_dir(tmp_path_factory):
+  from tests.train.conftest import write_tiny_nifti
+
+  data = write_tiny_nifti(tmp_path_factory.mktemp("cond_data"), seed=5)
+  rows = ["subject_id,edv,sex"] + [f"s{i:02d},{100 + 5 * i},{'FM'[i % 2]}" for i in range(8)]
+  (data / "attributes.csv").write_text("\n".join(rows) + "\n")
+  ae = tmp_path_factory.mktemp("cond_ae")
+  config = load_config(str(ROOT / "configs/autoencoder.py:tiny"),
+                       {**DATA, "data.root": str(data), "train.steps": 1, "train.batch_size": 4})
+  autoencoder.train_and_evaluate(config, ae)
+  workdir = tmp_path_factory.mktemp("cond_ldm")
+  config = load_config(str(ROOT / "configs/ldm.py:tiny"), {
+      **DATA, "data.root": str(data), "data.attributes": ("edv", "sex"), "data.categories": ("sex=F|M",),
+      "autoencoder_workdir": str(ae), "model.base_channels": 8, "model.context_dim": 8,
+      "sampling.num_steps": 3, "sampling.guidance_scale": 1.5, "train.log_every": 1, "train.sample_every": 0,
+      "train.checkpoint_every": 1, "train.steps": 1, "train.batch_size": 4})
+  ldm.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def test_sample_uses_the_runs_sampling_categories_and_marks_files_synthetic(conditional_ldm_dir, tmp_path, capsys):
+  out = tmp_path / "s"
+  assert cli.main(["sample", "--workdir", str(conditional_ldm_dir), "--out", str(out), "--n", "2",
+                   "--batch-size", "2", "--attr", "sex=M", "--attr", "edv=900"]) == 0
+  captured = capsys.readouterr()
+  assert "3 steps, guidance 1.5" in captured.out  # The run's sampling.num_steps and guidance_scale.
+  warning = [line for line in captured.err.splitlines() if line.startswith("jaxldm: warning: --attr edv=900")]
+  assert warning and "std from the training mean 117.5" in warning[0], captured.err
+  assert "sex" not in captured.err
+  table = (out / "attributes.csv").read_text().splitlines()
+  assert table[0] == "subject_id,edv,sex" and table[1].endswith(",900,1")
+  descrip = nib.load(str(out / "sample-00000.nii.gz")).header["descrip"].tobytes().rstrip(b"\0").decode()
+  assert descrip == f"jaxldm synthetic; model {conditional_ldm_dir.name}; epsilon non-private"
+
+  assert cli.main(["sample", "--workdir", str(conditional_ldm_dir), "--out", str(tmp_path / "t"), "--n", "1",
+                   "--attr", "edv=110", "--steps", "2", "--guidance", "0"]) == 0
+  captured = capsys.readouterr()
+  assert "2 steps, guidance 0" in captured.out and "warning" not in captured.err
+
+  assert cli.main(["sample", "--workdir", str(conditional_ldm_dir), "--out", str(tmp_path / "u"), "--n", "1",
+                   "--attr", "sex=X"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("jaxldm: error: --attr sex=X: expected one of F, M") and len(err.splitlines()) == 1
+  assert not (tmp_path / "u").exists()
+
+
+def test_synthetic_descrip_names_the_epsilon_and_fits_the_header(tmp_path):
+  from jaxldm.privacy.ledger import PrivacyLedger
+
+  run = tmp_path / ("r" * 100)
+  run.mkdir()
+  (run / "ldm.json").write_text(json.dumps({"private": True}))
+  ledger = PrivacyLedger.load_or_create(str(run), sampling_rate=0.125, noise_multiplier=1.0, l2_clip_norm=1.0,
+                                        delta=1e-5, dataset_size=64, accountant="rdp")
+  ledger.record_steps(100)
+  descrip = generate.synthetic_descrip(run)
+  assert descrip.startswith("jaxldm synthetic; model rrr") and len(descrip.encode()) <= 80
+  assert descrip.endswith(f"; epsilon {ledger.composed_epsilon():.3g}")
