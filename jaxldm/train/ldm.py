@@ -249,11 +249,11 @@ class Prepared:
 
 def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Prepared:
   """Setup, data, model, privacy, state and checkpoint of one run (the sections before the loop)."""
+  # --- autoencoder (frozen); a missing one is refused before anything is written -----------
+  ae_model, ae_params, ae_info = load_autoencoder(config.autoencoder_workdir)
   workdir, console = common.prepare_workdir(config, workdir, record_config=False)
   private = bool(config.dp.enabled)
   primary = distributed.is_primary()  # Process 0 writes logs and records (orbax: all processes).
-  # --- autoencoder (frozen) -----------------------------------------------------------------
-  ae_model, ae_params, ae_info = load_autoencoder(config.autoencoder_workdir)
   scale = float(ae_info["scale_factor"])
 
   # --- data ---------------------------------------------------------------------------------

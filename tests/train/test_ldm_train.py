@@ -204,3 +204,9 @@ def test_dp_refuses_a_statistics_csv_holding_the_private_rows(tmp_path):
   public = tmp_path / "public.csv"
   public.write_text("subject_id,lv_edv_ml,age\np00,100,40\np01,150,70\n")
   ldm._check_public_csv(str(public), dataset)  # Other people's rows: allowed.
+
+
+def test_missing_autoencoder_is_refused_before_anything_is_written(tiny_nifti_dir, tmp_path):
+  with pytest.raises(ConfigError, match="autoencoder_workdir"):
+    ldm.train_and_evaluate(_ldm_config("configs/ldm.py:tiny", tiny_nifti_dir, tmp_path / "no_ae"), tmp_path / "run")
+  assert not (tmp_path / "run").exists()
