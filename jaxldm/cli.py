@@ -329,7 +329,7 @@ def cmd_privacy_audit(args) -> int:
         expected_batch_size=args.batch_size, sampling_rate=args.sampling_rate, per_layer=args.per_layer,
         microbatch_size=args.microbatch_size, k=args.k, num_devices=args.devices, trials=args.trials,
         eps_trials=args.eps_trials, delta=args.delta, confidence=args.confidence, tolerance=args.tolerance,
-        noise_scale=args.noise_scale, seed=args.seed)
+        noise_scale=args.noise_scale, seed=args.seed, microbatch_loop=args.microbatch_loop)
   except ValueError as e:
     raise ConfigError(str(e)) from e
   r = result
@@ -733,6 +733,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--per-layer", action="store_true", help="per-layer clipping (dp.per_layer)")
   p.add_argument("--microbatch-size", type=int, default=2, help="dp.microbatch_size (default 2)")
   p.add_argument("--k", type=int, default=1, help="noise multiplicity K: random draws the loss averages (default 1)")
+  p.add_argument("--microbatch-loop", choices=("traced", "host"), default="traced",
+                 help="dp.microbatch_loop audited: traced (the loop accelerators run; default) or host "
+                      "(CPU trainers: the batch vmapped whole)")
   p.add_argument("--devices", type=int, default=0, help="devices the batch is sharded over (default 0 = all)")
   p.add_argument("--trials", type=int, default=4000,
                  help="steps for the noise and sensitivity checks (default 4000: ~1%% standard error)")

@@ -422,7 +422,7 @@ def _step_rngs(run, host: tuple, examples: dict, mesh, check_steps: list[int]):
 
 @functools.lru_cache(maxsize=16)
 def _scorer(engine_fn, model: _Model, l2_clip_norm: float, microbatch_size: int,
-            per_layer: bool, expected_batch_size: float, mesh):
+            per_layer: bool, expected_batch_size: float, mesh, microbatch_loop: str = 'traced'):
   """jit(vmap(score)) over trials: score = <engine gradient, u> (cached per engine and setting)."""
   from jaxldm.train import dp as dp_lib
 
@@ -430,6 +430,7 @@ def _scorer(engine_fn, model: _Model, l2_clip_norm: float, microbatch_size: int,
   cfg.l2_clip_norm = float(l2_clip_norm)
   cfg.microbatch_size = int(microbatch_size)
   cfg.per_layer = bool(per_layer)
+  cfg.microbatch_loop = microbatch_loop  # 'traced': the accelerator loop; 'host': one masked vmap (CPU).
   u = model.u
 
   def score(batch, mask, num_microbatches, rng, sigma):
@@ -469,7 +470,7 @@ def audit_private_step(engine: str | audit_engines.Engine = 'trainer', *,
                        num_devices: int = 0, trials: int = 4000, eps_trials: int = 100_000,
                        delta: float = 1e-5, confidence: float = 0.95, tolerance: float = 0.10,
                        noise_scale: float = 1.0, canary_norm: float = 1e6,
-                       seed: int = 0) -> StepAuditResult:
+                       seed: int = 0, microbatch_loop: str = 'traced') -> StepAuditResult:
   """Audits the trainers' DP step (or a broken engine) against its claim; see the module docstring.
 
   Args:
@@ -485,6 +486,9 @@ def audit_private_step(engine: str | audit_engines.Engine = 'trainer', *,
     num_devices: devices of the data mesh (0 = all, like train.num_devices).
     trials: steps for the noise and sensitivity checks (each run on D and on D').
     eps_trials: steps for the epsilon lower bound (canary included or excluded at random); 0 skips.
+    microbatch_loop: dp.microbatch_loop of the audited step: 'traced' (the loop over microbatches
+      accelerators run) or 'host' (CPU trainers: the batch vmapped whole; here uncut, so the
+      padding rows are audited too).
     delta, confidence: of the claim and of the lower bound.
     tolerance: largest relative deviation of the measured noise and sensitivity from the claim.
     noise_scale: multiplies the noise actually added (simulates a bug; 1 = none).
@@ -514,8 +518,10 @@ def audit_private_step(engine: str | audit_engines.Engine = 'trainer', *,
   devices = mesh.devices.size
   sigma = float(noise_multiplier)
   model, examples = _model(int(k), float(canary_norm)), _examples(n)
+  if microbatch_loop not in ('traced', 'host'):
+    raise ValueError(f"microbatch_loop must be 'traced' or 'host', got {microbatch_loop!r}")
   scorer = _scorer(engine.fn, model, float(l2_clip_norm), int(microbatch_size), bool(per_layer),
-                   float(expected_batch_size), mesh)
+                   float(expected_batch_size), mesh, microbatch_loop)
   used_sigma = sigma * engine.noise_scale * noise_scale
   scale = expected_batch_size / l2_clip_norm  # Score units -> multiples of C / E.
 

@@ -108,3 +108,11 @@ def test_cli_rejects_bad_settings_in_one_line(capsys):
   assert cli.main(['privacy', 'audit', '--devices', '64']) == 2
   err = capsys.readouterr().err
   assert err.count('jaxldm: error:') == 3 and 'unknown engine' in err
+
+
+def test_the_cpu_trainers_host_dispatch_passes_and_half_sigma_is_caught_there_too():
+  # dp.microbatch_loop = 'host' (what the trainers run on CPU): the whole batch in one masked vmap.
+  assert cli.main(["privacy", "audit", "--microbatch-loop", "host", "--trials", "2000",
+                   "--eps-trials", "20000"]) == 0
+  assert cli.main(["privacy", "audit", "--microbatch-loop", "host", "--trials", "2000", "--eps-trials", "20000",
+                   "--noise-scale", "0.5"]) == 1
