@@ -304,7 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           "data_fingerprint": fingerprint}
   if private:
     info["privacy"] = dp_run.record(epsilon, stopped_for_budget)
-    console.print(dp_run.summary(final_step, stopped_for_budget))
+    console.print(dp_run.summary(stopped_for_budget))
   if primary:
     common.write_json(workdir / "autoencoder.json", info)
   console.print(f"latent {tuple(latent_shape)}, scale factor {scale:.4f}; wrote {workdir / 'autoencoder.json'}")

@@ -131,10 +131,10 @@ class PrivateRun:
 
   def rows_needed(self, step: int) -> int:
     """Rows of step `step`'s batch after the cut: its real examples rounded up to the row multiple."""
-    if not self.host_dispatch:
-      return self.batcher.max_size
-    real = int(self.batcher.batch(step).mask.sum())
-    return max(1, -(-real // self.row_multiple)) * self.row_multiple
+    return self._rows(self.batcher.batch(step)) if self.host_dispatch else self.batcher.max_size
+
+  def _rows(self, sb) -> int:
+    return max(1, -(-int(sb.mask.sum()) // self.row_multiple)) * self.row_multiple
 
   def step_inputs(self, examples, step: int, mesh: jax.sharding.Mesh, rows: int | None = None):
     """(batch, mask, num_microbatches, rng) of step `step`: a pure function of the secrets, attempt, step.
@@ -146,7 +146,7 @@ class PrivateRun:
     sb = self.batcher.batch(step)
     indices, mask = sb.indices, sb.mask
     if self.host_dispatch:
-      rows = self.rows_needed(step) if rows is None else rows
+      rows = self._rows(sb) if rows is None else rows
       if mask[rows:].any():  # Never drop a sampled example (docs/privacy.md, "Poisson batches").
         raise RuntimeError(f"step {step}: cutting the batch to {rows} rows would drop sampled examples")
       indices, mask = indices[:rows], mask[:rows]
@@ -173,7 +173,7 @@ class PrivateRun:
       out["composed_epsilon"] = ledger.composed_epsilon()
     return out
 
-  def summary(self, steps: int, stopped_for_budget: bool) -> str:
+  def summary(self, stopped_for_budget: bool) -> str:
     ledger = self.ledger
     composed = (f"; composed with {len(ledger.upstream)} earlier stage(s) on the same data: epsilon "
                 f"{ledger.composed_epsilon():.3f}" if ledger.upstream else "")
@@ -229,16 +229,18 @@ def setup(dp: ml_collections.ConfigDict, workdir: pathlib.Path, n: int, steps: i
   if distributed.is_primary():
     secrets_path = workdir / SECRETS_FILENAME
     ledger_path = workdir / ledger_lib.LEDGER_FILENAME
-    if ledger_path.is_file() and not secrets_path.is_file():
-      recorded = ledger_lib.PrivacyLedger.load(str(ledger_path)).steps
-      if recorded:
-        raise ConfigError(f"{secrets_path} is missing but {ledger_path} records {recorded} steps: a resume "
-                          "would draw new secret seeds and its steps could go uncounted. Restore the "
-                          "secrets file, or start a new run in a new workdir")
-    if ledger_path.is_file() and pinned and "data.fingerprint" in pinned:
-      recorded = ledger_lib.PrivacyLedger.load(str(ledger_path))
+    # Checks against the recorded ledger that name what the user must restore or type.
+    try:
+      recorded = ledger_lib.PrivacyLedger.load(str(ledger_path)) if ledger_path.is_file() else None
+    except ValueError as e:  # Names the file and what to do.
+      raise ConfigError(str(e)) from e
+    if recorded is not None and recorded.steps and not secrets_path.is_file():
+      raise ConfigError(f"{secrets_path} is missing but {ledger_path} records {recorded.steps} steps: a resume "
+                        "would draw new secret seeds and its steps could go uncounted. Restore the "
+                        "secrets file, or start a new run in a new workdir")
+    if recorded is not None and recorded.steps and pinned and "data.fingerprint" in pinned:
       was = recorded.pinned.get("data.fingerprint")
-      if recorded.steps and was != pinned["data.fingerprint"]:
+      if was != pinned["data.fingerprint"]:
         raise ConfigError(f"config key 'data.root': the private dataset differs from the one {ledger_path} "
                           f"counts {recorded.steps} steps on (data fingerprint {pinned['data.fingerprint'][:12]} "
                           f"vs {str(was)[:12]}); resume on the original data (same files and attributes), or "

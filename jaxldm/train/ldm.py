@@ -406,7 +406,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   record = {"steps": final_step, "private": private, "data_fingerprint": p.data_fingerprint}
   if private:
     record.update(dp_run.record(epsilon, stopped_for_budget))
-    console.print(dp_run.summary(final_step, stopped_for_budget))
+    console.print(dp_run.summary(stopped_for_budget))
   if primary:
     common.write_json(workdir / "run.json", record)
   return record

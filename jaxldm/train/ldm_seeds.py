@@ -112,7 +112,7 @@ def train_seeds(configs: list[ml_collections.ConfigDict], workdirs: list[str | p
       p.ckpt.close()
       record = {"steps": final_step, "private": True, **p.dp_run.record(epsilon, stopped_for_budget),
                 "vmapped_seeds": len(preps)}
-      p.console.print(p.dp_run.summary(final_step, stopped_for_budget))
+      p.console.print(p.dp_run.summary(stopped_for_budget))
       if p.primary:
         common.write_json(p.workdir / "run.json", record)
       records.append(record)
