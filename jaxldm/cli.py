@@ -609,7 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "that cannot be prepared is listed; then it exits 2, unless --exclude-bad FILE: the bad "
                   "volumes' subject ids go to FILE and the rest is prepared; train on that set with "
                   "--config.data.exclude=FILE. The attribute CSV is read as `jaxldm data inspect` reads it.")
-  p.add_argument("--config", required=True, help="config file[:variant], e.g. configs/data.py:tiny")
+  p.add_argument("--config", required=True,
+                 help="preset NAME[:variant] (e.g. data:tiny) or config file PATH.py[:variant]")
   p.add_argument("--exclude-bad", metavar="FILE",
                  help="write the subject ids of volumes that cannot be prepared to FILE (with those already in "
                       "data.exclude) and prepare the rest; use it as --config.data.exclude=FILE")
@@ -619,7 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
       "train", help="train a stage (autoencoder, LDM) as a config says",
       description="Train the stage named by the config's `trainer` field into WORKDIR. Resumes "
                   "from the latest checkpoint in WORKDIR automatically.")
-  p.add_argument("--config", required=True, help="config file[:variant], e.g. configs/autoencoder.py:tiny")
+  p.add_argument("--config", required=True,
+                 help="preset NAME[:variant] (e.g. autoencoder:tiny, ldm_dp:tiny) or config file PATH.py[:variant]")
   p.add_argument("--workdir", required=True, help="run directory: config, checkpoints, metrics, samples")
   p.add_argument("--coordinator", metavar="HOST:PORT",
                  help="multi-host: address of process 0's coordinator (or JAX_COORDINATOR_ADDRESS); "
@@ -911,13 +913,15 @@ def build_parser() -> argparse.ArgumentParser:
                   "Runs with a report are not redone. Examples: jaxldm ablate --config configs/ablation.py:tiny "
                   "--workdir runs/ablation; the pretraining study (after make demo): jaxldm ablate --config "
                   "configs/study_pretraining.py:tiny --workdir runs/study")
-  p.add_argument("--config", required=True, help="ablation config[:variant], e.g. configs/ablation.py:tiny")
+  p.add_argument("--config", required=True,
+                 help="ablation preset NAME[:variant] (e.g. ablation:tiny, study_pretraining:tiny) or config file "
+                      "PATH.py[:variant]")
   p.add_argument("--workdir", required=True, help="sweep directory (runs, CSV, plot, XLA cache)")
   p.set_defaults(func=cmd_ablate, takes_overrides=True)
 
   p = sub.add_parser("config", help="print a resolved config",
                      description="Print a config after its variant and --config.* overrides.")
-  p.add_argument("--config", required=True, help="config file[:variant]")
+  p.add_argument("--config", required=True, help="preset NAME[:variant] or config file PATH.py[:variant]")
   p.set_defaults(func=cmd_config_show, takes_overrides=True)
 
   p = sub.add_parser(

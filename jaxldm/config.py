@@ -1,4 +1,9 @@
-"""Python config files: `get_config(arg)` loading, variants and `--config.a.b=value` overrides.
+"""Configs: packaged presets and Python config files, `get_config(arg)`, variants and `--config.a.b=value` overrides.
+
+A config is named on the command line either as a preset shipped inside the package
+(`--config ldm_dp:tiny`, `jaxldm/configs/ldm_dp.py`: usable after any `pip install`) or as the path of
+the user's own file (`--config path/to/my.py:variant`); a user file builds on a preset with
+`preset(NAME, arg)`. The spelling `configs/NAME.py[:variant]` still names the preset.
 
 A config is a locked `ml_collections.ConfigDict`, so a misspelt key is an error at the moment it
 is used on the command line, not a silently ignored setting in a three-day run. Everything here
@@ -9,9 +14,11 @@ from __future__ import annotations
 
 import ast
 import difflib
+import importlib
 import importlib.util
 import json
 import pathlib
+import pkgutil
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -23,19 +30,75 @@ class ConfigError(ValueError):
   """A config file, variant or override that cannot be used; the message names it."""
 
 
+PRESET_PACKAGE = "jaxldm.configs"
+PRESET_DIR = pathlib.Path(__file__).resolve().parent / "configs"
+SPEC_HELP = "a preset NAME[:variant] (e.g. ldm_dp:tiny) or a config file PATH.py[:variant]"
+
+
+def presets() -> list[str]:
+  """Names of the configs shipped inside the package (`jaxldm/configs/NAME.py`), sorted."""
+  return sorted(m.name for m in pkgutil.iter_modules([str(PRESET_DIR)]) if not m.name.startswith("_"))
+
+
 def split_spec(spec: str) -> tuple[pathlib.Path, str | None]:
-  """'configs/ldm.py:tiny' -> (path, 'tiny'); a colon only counts after '.py'."""
+  """'my/config.py:tiny' -> (path, 'tiny'); a colon only counts after '.py'."""
   path, sep, arg = spec.partition(".py:")
   if sep:
     return pathlib.Path(path + ".py"), arg
   return pathlib.Path(spec), None
 
 
+def resolve_spec(spec: str) -> tuple[str, pathlib.Path | None, str | None]:
+  """Where `--config SPEC` points: ('preset', None, variant) with the name first, or ('file', path, variant).
+
+  Returns (name or "", path or None, variant). The rules, in order:
+    * `PATH.py[:variant]` that exists is that file (a user config), unless it is a file of the packaged
+      presets, which is loaded as the preset (one module, whichever way it is named);
+    * `configs/NAME.py[:variant]` that does not exist, with NAME a preset, is the preset: the spelling
+      of configs from before they were packaged keeps working from any working directory;
+    * `NAME[:variant]` with NAME a preset is the preset.
+  Anything else is a ConfigError that lists the presets.
+  """
+  names = presets()
+  if ".py" in spec:
+    path, arg = split_spec(spec)
+    if path.is_file():
+      if path.resolve().parent == PRESET_DIR and path.stem in names:
+        return path.stem, None, arg
+      return "", path, arg
+    if path.parent.name == "configs" and path.stem in names:
+      return path.stem, None, arg
+    raise ConfigError(f"config file {path} does not exist; give {SPEC_HELP} (presets: {', '.join(names)})")
+  name, sep, arg = spec.partition(":")
+  if name in names:
+    return name, None, arg if sep else None
+  if pathlib.Path(spec).is_file():
+    return "", pathlib.Path(spec), None
+  close = difflib.get_close_matches(name, names, n=1)
+  hint = f" (did you mean {close[0]}?)" if close else ""
+  raise ConfigError(f"unknown config preset {name!r}{hint}; give {SPEC_HELP}; presets: {', '.join(names)}")
+
+
+def preset(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of the packaged preset NAME, unlocked: how one config builds on another.
+
+  A config file (packaged or the user's own) that starts from a preset calls this, e.g.
+  `c = preset("ldm_dp", arg); c.train.steps = 50; return c`; it works wherever jaxldm is installed.
+  """
+  if name not in presets():
+    raise ConfigError(f"unknown config preset {name!r}; presets: {', '.join(presets())}")
+  try:
+    module = importlib.import_module(f"{PRESET_PACKAGE}.{name}")
+  except Exception as e:  # A broken preset is reported like a broken file, with its name.
+    raise ConfigError(f"config preset {name} failed to import: {type(e).__name__}: {e}") from e
+  return _call_get_config(module, f"config preset {name}", arg)
+
+
 def config_from_file(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
-  """`get_config(arg)` of a config file, unlocked: also how one config file builds on another."""
+  """`get_config(arg)` of a config file, unlocked (user configs; presets go through `preset`)."""
   path = pathlib.Path(path)
   if not path.is_file():
-    raise ConfigError(f"config file {path} does not exist (give a path like configs/data.py or configs/data.py:tiny)")
+    raise ConfigError(f"config file {path} does not exist; give {SPEC_HELP} (presets: {', '.join(presets())})")
   module_name = f"_jaxldm_config_{abs(hash(str(path.resolve())))}"
   try:
     module_spec = importlib.util.spec_from_file_location(module_name, path)
@@ -48,28 +111,34 @@ def config_from_file(path: str | pathlib.Path, arg: str | None = None) -> ml_col
     raise ConfigError(f"config file {path} failed to import: {type(e).__name__}: {e}") from e
   finally:
     sys.modules.pop(module_name, None)
+  return _call_get_config(module, f"config file {path}", arg)
+
+
+def _call_get_config(module: Any, what: str, arg: str | None) -> ml_collections.ConfigDict:
   if not hasattr(module, "get_config"):
-    raise ConfigError(f"config file {path} has no get_config(arg) function")
+    raise ConfigError(f"{what} has no get_config(arg) function")
   try:
     config = module.get_config(arg)
   except ConfigError as e:
-    raise ConfigError(f"config file {path}: {e}") from e
+    raise ConfigError(f"{what}: {e}") from e
   except Exception as e:
-    raise ConfigError(f"config file {path}: get_config({arg!r}) failed: {type(e).__name__}: {e}") from e
+    raise ConfigError(f"{what}: get_config({arg!r}) failed: {type(e).__name__}: {e}") from e
   if not isinstance(config, ml_collections.ConfigDict):
-    raise ConfigError(f"config file {path}: get_config must return an ml_collections.ConfigDict")
+    raise ConfigError(f"{what}: get_config must return an ml_collections.ConfigDict")
   return config
 
 
 def load_config(spec: str, overrides: Iterable[str] | Mapping[str, Any] = ()) -> ml_collections.ConfigDict:
-  """Loads `path[:variant]`, applies overrides and returns the locked config.
+  """Loads a preset or a config file (see `resolve_spec`), applies overrides and returns the locked config.
 
   Args:
-    spec: path to a Python file defining `get_config(arg)`, optionally followed by `:variant`.
+    spec: `NAME[:variant]` of a packaged preset, or the path of a Python file defining
+      `get_config(arg)`, optionally followed by `:variant`.
     overrides: `"a.b=value"` strings (the `--config.` prefix is optional) or a mapping of dotted
       keys to values.
   """
-  config = config_from_file(*split_spec(spec))
+  name, path, arg = resolve_spec(spec)
+  config = preset(name, arg) if path is None else config_from_file(path, arg)
   config.lock()
   if isinstance(overrides, Mapping):
     items = list(overrides.items())

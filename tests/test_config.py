@@ -1,13 +1,15 @@
-"""Config files, variants, overrides and locking."""
+"""Presets and config files, variants, overrides and locking."""
 
 import pathlib
 import textwrap
 
 import pytest
 
-from jaxldm.config import ConfigError, load_config, parse_override, split_override_args
+from jaxldm import config as config_lib
+from jaxldm.config import ConfigError, load_config, parse_override, preset, presets, split_override_args, to_dict
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+PRESET_DIR = ROOT / "jaxldm" / "configs"
 
 
 def _write(tmp_path, body):
@@ -99,12 +101,74 @@ CONFIG_GROUP_SOURCES = ["jaxldm/data/defaults.py", "jaxldm/train/ldm_config.py",
                         "jaxldm/train/dp.py"]
 
 
-@pytest.mark.parametrize("spec", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.py")))
-def test_shipped_configs_load_and_every_field_is_commented(spec):
-  """Each shipped config loads, and each field assignment carries a comment (STYLE: one per field)."""
-  load_config(str(ROOT / spec))
-  for source in [ROOT / spec] + [ROOT / s for s in CONFIG_GROUP_SOURCES]:
+def test_presets_are_the_packaged_modules():
+  names = presets()
+  assert names == sorted(p.stem for p in PRESET_DIR.glob("*.py") if p.stem != "__init__")
+  assert {"autoencoder", "autoencoder_dp", "data", "ldm", "ldm_dp", "ablation"} <= set(names)
+
+
+@pytest.mark.parametrize("name", presets())
+def test_shipped_configs_load_and_every_field_is_commented(name):
+  """Each preset loads, and each field assignment carries a comment (STYLE: one per field)."""
+  load_config(name)
+  for source in [PRESET_DIR / f"{name}.py"] + [ROOT / s for s in CONFIG_GROUP_SOURCES]:
     for line in source.read_text().splitlines():
       stripped = line.strip()
       if stripped.startswith(("c.", "config.")) and " = " in stripped and "ConfigDict()" not in stripped:
         assert "#" in stripped, f"{source.name}: field without a comment: {stripped}"
+
+
+def test_preset_by_name_and_variant():
+  tiny = load_config("ldm_dp:tiny", ["train.steps=3"])
+  assert tiny.trainer == "ldm" and tiny.dp.enabled and tiny.train.steps == 3
+  assert tuple(tiny.data.shape) == (6, 32, 32)
+  assert load_config("ldm_dp").model.base_channels == load_config("ldm_dp:default").model.base_channels == 128
+  assert load_config("autoencoder").dp.enabled is False and load_config("autoencoder_dp:tiny").dp.enabled is True
+  with pytest.raises(ConfigError, match=r"config preset ldm_dp: unknown config variant 'huge'; choose one of tiny"):
+    load_config("ldm_dp:huge")
+
+
+def test_unknown_preset_lists_the_presets():
+  with pytest.raises(ConfigError, match=r"unknown config preset 'ldm_pd' \(did you mean ldm_dp\?\)") as e:
+    load_config("ldm_pd:tiny")
+  assert all(name in str(e.value) for name in presets())
+  with pytest.raises(ConfigError, match="unknown config preset 'nope'"):
+    preset("nope")
+
+
+def test_a_user_file_builds_on_a_preset(tmp_path):
+  path = _write(tmp_path, """
+    from jaxldm.config import preset
+
+    def get_config(arg=None):
+      c = preset("ldm_dp", arg)
+      c.train.steps = 7  # Shorter.
+      return c
+  """)
+  c = load_config(f"{path}:tiny")
+  assert c.train.steps == 7 and c.dp.enabled and c.model.base_channels == preset("ldm_dp", "tiny").model.base_channels
+  with pytest.raises(ConfigError, match=r"cfg.py: config preset ldm_dp: unknown config variant 'huge'"):
+    load_config(f"{path}:huge")
+
+
+def test_legacy_configs_path_names_the_preset(tmp_path, monkeypatch):
+  """`configs/NAME.py[:variant]`, the spelling from before the configs were packaged, still works."""
+  expected = to_dict(load_config("ldm_dp:tiny"))
+  monkeypatch.chdir(tmp_path)  # No configs/ here: the spelling maps to the preset.
+  assert to_dict(load_config("configs/ldm_dp.py:tiny")) == expected
+  assert to_dict(load_config(str(tmp_path / "nowhere/configs/ldm_dp.py:tiny"))) == expected
+  assert to_dict(load_config(str(PRESET_DIR / "ldm_dp.py:tiny"))) == expected  # The packaged file by path.
+  assert config_lib.resolve_spec("configs/autoencoder.py") == ("autoencoder", None, None)
+  with pytest.raises(ConfigError, match=r"config file configs/nope.py does not exist.*presets: ablation"):
+    load_config("configs/nope.py")
+  # A user's own configs/NAME.py that exists is their file, not the preset.
+  (tmp_path / "configs").mkdir()
+  _write(tmp_path / "configs", SAMPLE).rename(tmp_path / "configs/ldm.py")
+  assert load_config("configs/ldm.py:big").model.width == 64
+
+
+def test_presets_work_from_another_working_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert load_config("study_memorization:tiny").base.ldm_dp == "ldm_dp:tiny"
+  assert load_config("data:tiny").data.shape == (6, 32, 32)
+  assert preset("autoencoder", "tiny").model.latent_channels == 2

@@ -1,13 +1,15 @@
 """First stage: the 3D KL autoencoder, trained (non-privately) on public data.
 
   jaxldm data phantoms --out runs/phantoms/public --n 64 --domain public --size tiny
-  jaxldm train --config configs/autoencoder.py:tiny --workdir runs/ae \
+  jaxldm train --config autoencoder:tiny --workdir runs/ae \
       --config.data.root=runs/phantoms/public
 
 Variants: `tiny` (2-core CPU, minutes), `default` (12x64x64 volumes), `paper` (13x96x96, the
 architecture of Daum et al. 2024: in-plane kernels, 4x in-plane compression; an accelerator size).
-For DP-SGD training on private data see configs/autoencoder_dp.py.
+For DP-SGD training on private data see the autoencoder_dp preset.
 """
+
+from __future__ import annotations
 
 import ml_collections
 
@@ -19,13 +21,9 @@ from jaxldm.train.dp import dp_config
 VARIANTS = ("tiny", "default", "paper")
 
 
-def get_config(arg=None):
-  variant = select_variant(arg, VARIANTS, default="default")
-  return autoencoder_config(variant, private=False)
-
-
 def autoencoder_config(variant: str, *, private: bool) -> ml_collections.ConfigDict:
-  """Also the base of configs/autoencoder_dp.py (private=True turns dp on)."""
+  """The autoencoder stage's config groups; also the base of the autoencoder_dp preset (private=True:
+  dp on, no critic, no reconstruction PNGs, a fixed latent scale)."""
   tiny = variant == "tiny"
   c = ml_collections.ConfigDict()
   c.trainer = "autoencoder"  # Which trainer `jaxldm train` runs.
@@ -66,3 +64,7 @@ def autoencoder_config(variant: str, *, private: bool) -> ml_collections.ConfigD
 
   c.dp = dp_config(private=private, tiny=tiny)  # DP-SGD settings (see jaxldm/train/dp.py); off here.
   return c
+
+
+def get_config(arg=None):
+  return autoencoder_config(select_variant(arg, VARIANTS, default="default"), private=False)  # See autoencoder_config.

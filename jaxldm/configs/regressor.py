@@ -1,7 +1,7 @@
 """Attribute regressor/classifier on the real (private) training set: the controllability instrument.
 
   jaxldm data phantoms --out runs/phantoms/private --n 64 --domain private --size tiny
-  jaxldm train --config configs/regressor.py:tiny --workdir runs/regressor \
+  jaxldm train --config regressor:tiny --workdir runs/regressor \
       --config.data.root=runs/phantoms/private
 
 It plays the segmentation network of Daum et al. 2024 on real data: its predictions on generated
@@ -12,6 +12,8 @@ ES/ED phase) classified (masked cross-entropy). GroupNorm only, so the same mode
 Variants: `tiny` (2-core CPU, about a minute), `default` (12x64x64), `paper` (13x96x96).
 """
 
+from __future__ import annotations
+
 import ml_collections
 
 from jaxldm.config import select_variant
@@ -21,8 +23,8 @@ from jaxldm.train.common import optim_config
 VARIANTS = ("tiny", "default", "paper")
 
 
-def get_config(arg=None):
-  variant = select_variant(arg, VARIANTS, default="default")
+def regressor_config(variant: str) -> ml_collections.ConfigDict:
+  """The attribute regressor's config groups (the real training set)."""
   tiny = variant == "tiny"
   c = ml_collections.ConfigDict()
   c.trainer = "regressor"  # Which trainer `jaxldm train` runs.
@@ -55,3 +57,7 @@ def get_config(arg=None):
   c.train.keep_checkpoints = 2  # Checkpoints kept (oldest deleted).
   c.train.num_devices = 0  # Data-parallel devices (batch sharded, state replicated); 0 = all.
   return c
+
+
+def get_config(arg=None):
+  return regressor_config(select_variant(arg, VARIANTS, default="default"))  # See regressor_config.

@@ -2,11 +2,13 @@
 
 Used on its own to build the preprocessed cache and look at what a model would see:
 
-  jaxldm data prepare --config configs/data.py:tiny --config.data.root=runs/phantoms/private
+  jaxldm data prepare --config data:tiny --config.data.root=runs/phantoms/private
 
 Variants: `tiny` (6x32x32 at 20x3.6x3.6 mm, for a 2-core CPU), `default` (12x64x64 at
 10x1.8x1.8 mm, UK Biobank SAX spacing), `paper` (13x96x96 at 10x1.8x1.8 mm, as in Daum et al.).
 """
+
+from __future__ import annotations
 
 import ml_collections
 

@@ -1,12 +1,14 @@
 """Self-supervised 3D encoder (NT-Xent, Dar et al. 2023): features for memorization and FID.
 
   jaxldm data phantoms --out runs/phantoms/public --n 64 --domain public --size tiny
-  jaxldm train --config configs/ssl.py:tiny --workdir runs/ssl
+  jaxldm train --config ssl:tiny --workdir runs/ssl
 
 Trained on public/reference data only (never on the private set whose memorization it measures);
 the workdir then serves `jaxldm.eval.features.get_extractor("ssl3d", weights="runs/ssl")`.
 Variants: `tiny` (2-core CPU, about a minute), `default` (12x64x64), `paper` (13x96x96).
 """
+
+from __future__ import annotations
 
 import ml_collections
 
@@ -17,8 +19,8 @@ from jaxldm.train.common import optim_config
 VARIANTS = ("tiny", "default", "paper")
 
 
-def get_config(arg=None):
-  variant = select_variant(arg, VARIANTS, default="default")
+def ssl_config(variant: str) -> ml_collections.ConfigDict:
+  """The contrastive encoder stage's config groups (public data only)."""
   tiny = variant == "tiny"
   c = ml_collections.ConfigDict()
   c.trainer = "ssl"  # Which trainer `jaxldm train` runs.
@@ -59,3 +61,7 @@ def get_config(arg=None):
   c.train.keep_checkpoints = 2  # Checkpoints kept (oldest deleted).
   c.train.num_devices = 0  # Data-parallel devices (batch sharded, state replicated); 0 = all.
   return c
+
+
+def get_config(arg=None):
+  return ssl_config(select_variant(arg, VARIANTS, default="default"))  # See ssl_config.

@@ -1,29 +1,29 @@
 """Study: does public pretraining help DP finetuning, and does DP stop memorization?
 
 epsilon {1, 3, 10, inf} x {pretrained on public, from scratch} x 3 seeds, on the `jaxldm ablate`
-machinery (configs/ablation.py; same fields). The `tiny` variant reuses what `make demo` trained on
+machinery (the ablation preset; same fields). The `tiny` variant reuses what `make demo` trained on
 PUBLIC phantoms (runs/demo: autoencoder, contrastive encoder, pretrained LDM, held-out private
 volumes) and finetunes on a SMALL private set of 16 phantoms, where a non-private LDM memorizes:
 
   make demo
   jaxldm data phantoms --out runs/study/private --n 16 --domain private --seed 3 --size tiny
-  jaxldm ablate --config configs/study_pretraining.py:tiny --workdir runs/study
+  jaxldm ablate --config study_pretraining:tiny --workdir runs/study
 
-DP runs: `configs/ldm_dp.py:tiny` (100 steps, expected batch 4 of 16: q = 0.25, K = 2, C = 1, sigma
-calibrated to each epsilon). epsilon = inf is the non-private LDM trainer (configs/ldm.py:tiny) on
+DP runs: `ldm_dp:tiny` (100 steps, expected batch 4 of 16: q = 0.25, K = 2, C = 1, sigma
+calibrated to each epsilon). epsilon = inf is the non-private LDM trainer (`ldm:tiny`) on
 the same 16 volumes, trained longer (base.nonprivate_overrides): the ceiling each private curve is
 compared with, and the memorization reference. Seeds fix the DP noise seed (research runs, see
-ablation.py). The results table is WORKDIR/summary.md (mean and 95% CI over seeds).
+the ablation preset). The results table is WORKDIR/summary.md (mean and 95% CI over seeds).
 """
 
-import pathlib
+from __future__ import annotations
 
-from jaxldm.config import config_from_file
+from jaxldm.config import preset
 
 
 def get_config(arg=None):
-  c = config_from_file(pathlib.Path(__file__).with_name("ablation.py"), arg)  # grid, base, eval, vmap_seeds.
-  tiny = c.base.ldm_dp.endswith(":tiny")
+  c = preset("ablation", arg)  # grid, base, eval, vmap_seeds (the variant is checked there).
+  tiny = arg == "tiny"
   c.grid.target_epsilon = (10.0, float("inf"), 3.0, 1.0)  # inf = non-private trainer; headline cells run first.
   c.grid.pretrained = (True, False)  # Public-pretrained LDM vs from scratch: the question of the study.
   c.grid.noise_multiplicity = (c.grid.noise_multiplicity[0],)  # One K (the variant's first).

@@ -1,12 +1,12 @@
 """DP ablation grid: target epsilon x pretrained-or-scratch x noise multiplicity K x clip norm C x seeds.
 
-  jaxldm ablate --config configs/ablation.py:tiny --workdir runs/ablation \
+  jaxldm ablate --config ablation:tiny --workdir runs/ablation \
       --config.base.autoencoder_workdir=runs/ae --config.base.pretrained_workdir=runs/ldm
 
-Every grid point is one run of the DP LDM trainer (configs/ldm_dp.py) named by its settings
+Every grid point is one run of the DP LDM trainer (the ldm_dp preset) named by its settings
 (WORKDIR/runs/eps10-pre-K2-C1-s0), evaluated with `jaxldm evaluate`; WORKDIR/ablation.csv and
 WORKDIR/ablation.png (FID vs epsilon) are rebuilt from the runs' reports. Re-running skips finished
-runs. A target epsilon of inf trains the NON-private LDM trainer (configs/ldm.py) on the private data.
+runs. A target epsilon of inf trains the NON-private LDM trainer (the ldm preset) on the private data.
 
 Research runs: each seed s fixes dp.noise_seed = 2 s (sampling seed 2 s + 1), so a vmapped-seeds run
 and a separate run draw the same batches and noise and can be compared exactly. The privacy ledger
@@ -15,13 +15,17 @@ records the seed as fixed (not OS entropy): do not release models from an ablati
   --config.base.overrides='("train.steps=200", "data.shape=6,32,32")'
 """
 
+from __future__ import annotations
+
 import ml_collections
 
 from jaxldm.config import select_variant
 
+VARIANTS = ("tiny", "default")
 
-def get_config(arg=None):
-  variant = select_variant(arg, ("tiny", "default"), default="default")
+
+def ablation_config(variant: str) -> ml_collections.ConfigDict:
+  """The `jaxldm ablate` groups: the grid, the trainer configs each run starts from, the evaluation."""
   tiny = variant == "tiny"
   c = ml_collections.ConfigDict()
 
@@ -33,8 +37,8 @@ def get_config(arg=None):
   c.grid.seeds = (0,) if tiny else (0, 1, 2)  # Run seeds: init (scratch), DP noise seed 2 s and sampling seed 2 s + 1.
 
   c.base = ml_collections.ConfigDict()
-  c.base.ldm_dp = "configs/ldm_dp.py:tiny" if tiny else "configs/ldm_dp.py:default"  # Trainer config of the DP runs.
-  c.base.ldm = "configs/ldm.py:tiny" if tiny else "configs/ldm.py:default"  # Trainer config of epsilon = inf runs.
+  c.base.ldm_dp = "ldm_dp:tiny" if tiny else "ldm_dp:default"  # Trainer config of the DP runs (preset or file[:variant]).
+  c.base.ldm = "ldm:tiny" if tiny else "ldm:default"  # Trainer config of epsilon = inf runs (preset or file[:variant]).
   c.base.autoencoder_workdir = "runs/ae"  # Trained (frozen, public) autoencoder.
   c.base.pretrained_workdir = "runs/ldm"  # Public-pretrained LDM (used by pretrained=True runs).
   c.base.data_root = "runs/phantoms/private"  # Private training data of every run.
@@ -54,3 +58,7 @@ def get_config(arg=None):
 
   c.vmap_seeds = not tiny  # Seeds of a setting in ONE vmapped program (2-core CPU: 1.27x slower per step than separate: off).
   return c
+
+
+def get_config(arg=None):
+  return ablation_config(select_variant(arg, VARIANTS, default="default"))  # See ablation_config.

@@ -1,10 +1,10 @@
 """First stage with DP-SGD: the 3D KL autoencoder trained on PRIVATE data.
 
   jaxldm data phantoms --out runs/phantoms/private --n 64 --domain private --size tiny
-  jaxldm train --config configs/autoencoder_dp.py:tiny --workdir runs/ae_dp \
+  jaxldm train --config autoencoder_dp:tiny --workdir runs/ae_dp \
       --config.data.root=runs/phantoms/private --config.dp.target_epsilon=10
 
-Same model and per-example loss as configs/autoencoder.py (its `autoencoder_config` with
+Same model and per-example loss as the autoencoder preset (its `autoencoder_config` with
 private=True), through the DP engine (jaxldm/train/dp.py). Differences, all because anything else
 would read the private data outside the mechanism:
   * no PatchGAN critic (loss.adversarial_weight must stay 0: the critic would see private volumes
@@ -16,24 +16,14 @@ Logged metrics are what the mechanism releases: the noisy gradient norm and nois
 KL and clipped fraction (docs/privacy.md). Variants: `tiny` (2-core CPU), `default`, `paper`.
 """
 
-import importlib.util
-import pathlib
+from __future__ import annotations
 
 from jaxldm.config import select_variant
-
-
-def _base():
-  """configs/autoencoder.py, loaded by path (config files are not a package)."""
-  path = pathlib.Path(__file__).with_name("autoencoder.py")
-  spec = importlib.util.spec_from_file_location("_jaxldm_autoencoder_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from jaxldm.configs.autoencoder import VARIANTS, autoencoder_config
 
 
 def get_config(arg=None):
-  base = _base()
-  variant = select_variant(arg, base.VARIANTS, default="default")
-  c = base.autoencoder_config(variant, private=True)  # See configs/autoencoder.py; dp on, critic off.
+  variant = select_variant(arg, VARIANTS, default="default")
+  c = autoencoder_config(variant, private=True)  # See the autoencoder preset; dp on, critic off.
   c.train.steps = 100 if variant == "tiny" else c.train.steps  # Optimizer steps (tiny: a CPU-sized DP run).
   return c
