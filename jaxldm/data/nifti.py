@@ -1,10 +1,12 @@
-"""NIfTI reading, canonical orientation and preprocessing of 3D volumes.
+"""NIfTI reading, canonical orientation and preprocessing of 3D volumes, and the one NIfTI writer.
 
 Every volume leaves this module as a float32 (D, H, W) array in one shared
 layout, so that models never see the scanner's storage order: voxel axes are
 first turned to the closest RAS+ orientation, then the axis with the largest
 spacing (the slice axis of thick-slice MRI) becomes D. Spacing tuples are
-(dz, dy, dx) in mm, in the same order as the array axes.
+(dz, dy, dx) in mm, in the same order as the array axes. Volumes written by jaxldm
+(phantom datasets, generated samples) go through `encode_nifti` / `write_nifti` with one
+affine rule (`spacing_affine`), so reading them back gives the same array and spacing.
 
 Every problem a user can cause (a broken file, a 2D image, NaN voxels, a bad
 argument) raises `DataError` with a message that names the file.
@@ -12,6 +14,7 @@ argument) raises `DataError` with a message that names the file.
 
 from __future__ import annotations
 
+import gzip
 import math
 import mmap
 import os
@@ -578,3 +581,68 @@ def _center_fit(vol: np.ndarray, shape: Sequence[int], pad_value: float) -> np.n
     dst.append(slice(start_dst, start_dst + size))
   out[tuple(dst)] = vol[tuple(src)]
   return out
+
+
+# ---------------------------------------------------------------------------
+# Writing: one affine rule for every file jaxldm writes (phantoms, samples).
+
+WRITE_DTYPES = ("float32", "int16", "uint8")
+_DESCRIP_BYTES = 80  # Size of the NIfTI-1 header's descrip field.
+
+
+def spacing_affine(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
+  """The affine of a written (D, H, W) volume: voxel (i, j, k) = (w, h, d) -> world (x, y, z) in mm.
+
+  diag(dx, dy, dz) plus the translation that puts the field-of-view centre at world (0, 0, 0). The
+  voxel axes already point +x, +y, +z (RAS), so a reader that reorients to RAS and takes the
+  thickest axis as D (`read_nifti`) gets back the array and its spacing exactly, with no flips.
+  Every writer uses this one rule, so phantoms and generated samples share one geometry.
+  """
+  d_n, h_n, w_n = (int(n) for n in shape)
+  dz, dy, dx = _check_spacing(spacing, "spacing")
+  affine = np.diag([dx, dy, dz, 1.0])
+  affine[:3, 3] = [-dx * (w_n - 1) / 2.0, -dy * (h_n - 1) / 2.0, -dz * (d_n - 1) / 2.0]
+  return affine
+
+
+def encode_nifti(volume: np.ndarray, spacing: Sequence[float], *, dtype: str = "float32",
+                 descrip: str = "") -> bytes:
+  """Deterministic .nii.gz bytes of a (D, H, W) volume: the same arguments give the same bytes.
+
+  Stored as (W, H, D) (`volume.transpose(2, 1, 0)`) with `spacing_affine` as qform and sform
+  (code 1, mm). dtype: "float32", "uint8" (label maps) or "int16" (scl_slope = max|v| / 32767,
+  scl_inter = 0, so values round-trip within slope / 2: a quarter of the size of float32).
+  descrip: the header's description, cut to its 80 bytes (e.g. marks files as synthetic).
+  gzip runs with mtime 0 and no file name, so reruns are byte-identical.
+  """
+  arr = np.asarray(volume)
+  if arr.ndim != 3:
+    raise DataError(f"a volume to write must be 3-D (D, H, W), got shape {arr.shape}")
+  if dtype not in WRITE_DTYPES:
+    raise DataError(f"NIfTI dtype must be one of {', '.join(WRITE_DTYPES)}, got {dtype!r}")
+  affine = spacing_affine(arr.shape, spacing)
+  arr = np.ascontiguousarray(arr.transpose(2, 1, 0))
+  slope = None
+  if dtype == "int16":
+    peak = float(np.max(np.abs(arr))) if arr.size else 0.0
+    slope = np.float32(peak / 32767.0) if peak > 0 else np.float32(1.0)
+    arr = np.clip(np.rint(arr / slope), -32767, 32767).astype(np.int16)
+  else:
+    arr = arr.astype(np.dtype(dtype))
+  img = nib.Nifti1Image(arr, affine)
+  img.set_qform(affine, code=1)
+  img.set_sform(affine, code=1)
+  header = img.header
+  header.set_xyzt_units("mm")
+  header["descrip"] = descrip.encode()[:_DESCRIP_BYTES]
+  if slope is not None:
+    header.set_slope_inter(float(slope), 0.0)
+  return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
+
+
+def write_nifti(path: PathLike, volume: np.ndarray, spacing: Sequence[float], *, dtype: str = "float32",
+                descrip: str = "") -> None:
+  """Writes `encode_nifti(volume, spacing, ...)` to `path` (a .nii.gz name)."""
+  data = encode_nifti(volume, spacing, dtype=dtype, descrip=descrip)
+  with open(path, "wb") as f:
+    f.write(data)

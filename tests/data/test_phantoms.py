@@ -13,7 +13,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxldm.data import phantoms
+from jaxldm.data import nifti, phantoms
+from jaxldm.data.phantoms import anatomy, measurement, rendering
 from jaxldm.data.errors import DataError
 
 DEFAULT_SPACING = (10.0, 1.8, 1.8)
@@ -149,11 +150,11 @@ def test_rendered_fractions_match_analytic_volumes(domain, shape, spacing):
   voxel_ml = float(np.prod(sp)) / 1e3
   for i in range(4):
     placed, ed, es = _placed(domain, i, shape, sp, es=bool(i % 2))
-    frac = phantoms._render_fractions(placed, shape, sp)
+    frac = rendering._render_fractions(placed, shape, sp)
     heart = es if i % 2 else ed
-    assert frac[phantoms._LV_BLOOD].sum() * voxel_ml == pytest.approx(heart.lv_ml, rel=0.008)
-    assert frac[phantoms._LV_MYO].sum() * voxel_ml == pytest.approx(heart.myo_ml, rel=0.008)
-    assert frac[phantoms._RV_BLOOD].sum() * voxel_ml == pytest.approx(heart.rv_ml, rel=0.008)
+    assert frac[rendering._LV_BLOOD].sum() * voxel_ml == pytest.approx(heart.lv_ml, rel=0.008)
+    assert frac[rendering._LV_MYO].sum() * voxel_ml == pytest.approx(heart.myo_ml, rel=0.008)
+    assert frac[rendering._RV_BLOOD].sum() * voxel_ml == pytest.approx(heart.rv_ml, rel=0.008)
     np.testing.assert_allclose(frac.sum(axis=0), 1.0, atol=1e-5)
 
 
@@ -163,16 +164,16 @@ def test_boundary_supersampling_equals_full_supersampling():
     sp = np.asarray(spacing)
     for i in range(5):
       placed, _, _ = _placed(domain, i, shape, sp, es=False)
-      fast = phantoms._render_fractions(placed, shape, sp)
-      full = phantoms._render_fractions(placed, shape, sp, supersample_all=True)
+      fast = rendering._render_fractions(placed, shape, sp)
+      full = rendering._render_fractions(placed, shape, sp, supersample_all=True)
       np.testing.assert_array_equal(fast, full)
 
 
 def _placed(domain, index, shape, sp, es):
-  rng_anatomy, rng_layout, _ = phantoms._subject_streams(0, domain, index)
+  rng_anatomy, rng_layout, _ = rendering._subject_streams(0, domain, index)
   dp = phantoms.DOMAIN_PARAMS[domain]
-  return phantoms._place(phantoms._draw_subject(rng_anatomy, dp),
-                         phantoms._draw_layout(rng_layout, dp), shape, sp, es)
+  return anatomy._place(anatomy._draw_subject(rng_anatomy, dp),
+                        anatomy._draw_layout(rng_layout, dp), shape, sp, es)
 
 
 def test_physiological_consistency(private200, public60):
@@ -211,7 +212,7 @@ def test_domain_shift_is_real(private200, public60):
   assert pub["age"].min() < 45.0 <= priv["age"].min()
   assert pub["tilt_deg"].mean() > 1.4 * priv["tilt_deg"].mean()
   assert pub["myo_thickness_ed_mm"].max() > priv["myo_thickness_ed_mm"].max()
-  noise = {name: np.median([phantoms._noise_sd(v) for v in vols[:30]])
+  noise = {name: np.median([measurement._noise_sd(v) for v in vols[:30]])
            for name, vols in (("private", private200[0]), ("public", public60[0]))}
   assert noise["public"] > 1.5 * noise["private"]
   assert phantoms.DOMAIN_PARAMS["public"] != phantoms.DOMAIN_PARAMS["private"]
@@ -352,7 +353,7 @@ def test_write_dataset_refuses_non_empty_dir_unless_overwrite(tmp_path):
 
 
 def test_write_dataset_is_atomic(tmp_path, monkeypatch):
-  real = phantoms._nifti_gz
+  real = nifti.write_nifti
   calls = []
 
   def failing(*args, **kwargs):
@@ -361,17 +362,31 @@ def test_write_dataset_is_atomic(tmp_path, monkeypatch):
       raise KeyboardInterrupt("simulated interruption")
     return real(*args, **kwargs)
 
-  monkeypatch.setattr(phantoms, "_nifti_gz", failing)
+  monkeypatch.setattr(nifti, "write_nifti", failing)
   with pytest.raises(KeyboardInterrupt):
     phantoms.write_dataset(tmp_path / "ds", 4, progress=False)
   assert list(tmp_path.iterdir()) == []   # no dataset, no temporary leftovers
 
-  monkeypatch.setattr(phantoms, "_nifti_gz", real)
+  monkeypatch.setattr(nifti, "write_nifti", real)
   first = phantoms.write_dataset(tmp_path / "ds", 1, progress=False)
   before = _files(first)
   calls.clear()
-  monkeypatch.setattr(phantoms, "_nifti_gz", failing)
+  monkeypatch.setattr(nifti, "write_nifti", failing)
   with pytest.raises(KeyboardInterrupt):
     phantoms.write_dataset(tmp_path / "ds", 4, progress=False, overwrite=True)
   assert _files(first) == before          # the old dataset is untouched
   assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+
+
+def test_package_re_exports_its_public_names():
+  """`phantoms.X` and `from jaxldm.data.phantoms import X` name the objects of the submodules."""
+  from jaxldm.data.phantoms import (ATTRIBUTES, DOMAIN_PARAMS, DOMAINS, LABELS, MEASURED, PHASES, DomainParams,
+                                    generate, measure, subject_id, write_dataset)
+  from jaxldm.data.phantoms import files
+  assert generate is phantoms.generate is rendering.generate and measure is measurement.measure
+  assert write_dataset is files.write_dataset and subject_id("public", 0) == "public-00001"
+  assert DOMAIN_PARAMS["private"] is anatomy.DOMAIN_PARAMS["private"]
+  assert isinstance(DOMAIN_PARAMS["public"], DomainParams)
+  assert ATTRIBUTES[0] == "lv_edv_ml" and set(MEASURED) <= set(ATTRIBUTES) and DOMAINS == ("public", "private")
+  assert PHASES == ("random", "ed", "es") and LABELS[1] == "LV blood pool"
+  assert all(hasattr(phantoms, name) for name in phantoms.__all__)
