@@ -22,6 +22,8 @@ import dp_accounting
 from dp_accounting import pld
 from dp_accounting import rdp
 
+from jaxldm.privacy.checks import check_arg
+
 
 class _DropNonConvergedOrders(logging.Filter):
   """dp-accounting's RDP code logs one absl WARNING per Renyi order it cannot evaluate for large q
@@ -50,20 +52,16 @@ CALIBRATION_RTOL = 2e-3
 def check_params(*, noise_multiplier: float | None = None, sampling_rate: float | None = None,
                  steps: int | None = None, delta: float | None = None,
                  target_epsilon: float | None = None, accountant: str | None = None) -> None:
-  """Raises ValueError naming the first invalid argument among those given."""
-
-  def bad(x: float) -> bool:  # NaN fails every comparison; reject it explicitly.
-    return x != x
-
-  if sampling_rate is not None and (bad(sampling_rate) or not 0 < sampling_rate <= 1):
-    raise ValueError(f'sampling_rate must be in (0, 1], got {sampling_rate}.')
-  if delta is not None and (bad(delta) or not 0 < delta < 1):
-    raise ValueError(f'delta must be in (0, 1), got {delta}.')
-  if noise_multiplier is not None and (bad(noise_multiplier) or noise_multiplier < 0):
-    raise ValueError(f'noise_multiplier must be >= 0, got {noise_multiplier}.')
-  if steps is not None and (steps < 0 or int(steps) != steps):
-    raise ValueError(f'steps must be an integer >= 0, got {steps}.')
-  if target_epsilon is not None and (bad(target_epsilon) or target_epsilon <= 0):
+  """Raises ValueError naming the first invalid argument among those given (`checks.check_arg`)."""
+  if sampling_rate is not None:
+    check_arg('sampling_rate', sampling_rate, '(0, 1]')
+  if delta is not None:
+    check_arg('delta', delta, '(0, 1)')
+  if noise_multiplier is not None:
+    check_arg('noise_multiplier', noise_multiplier, '[0, inf]')
+  if steps is not None:
+    check_arg('steps', steps, '[0, inf)', integer=True)
+  if target_epsilon is not None and not check_arg('target_epsilon', target_epsilon, '[-inf, inf]') > 0:
     raise ValueError(f'target_epsilon {target_epsilon} is unreachable: epsilon must be > 0 '
                      '(epsilon 0 would need infinite noise).')
   if accountant is not None and accountant not in ACCOUNTANTS:

@@ -30,13 +30,13 @@ clipped count of adaptive clipping the same way).
 """
 
 from collections.abc import Callable
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxldm.privacy import clipping
+from jaxldm.privacy.checks import check_arg
 
 PyTree = Any
 
@@ -89,8 +89,7 @@ def _check_nonnegative_if_concrete(name: str, value: Any, strict: bool = False) 
     v = float(value)
   except (TypeError, jax.errors.ConcretizationTypeError):
     return
-  if not (v > 0 if strict else v >= 0) or not math.isfinite(v):
-    raise ValueError(f'{name} must be a finite number {">" if strict else ">="} 0, got {v}.')
+  check_arg(name, v, '(0, inf)' if strict else '[0, inf)')
 
 
 def private_grad(loss_fn: Callable[..., Any],
@@ -144,9 +143,9 @@ def private_grad(loss_fn: Callable[..., Any],
       per_layer=per_layer)
   num_leaves = len(jax.tree_util.tree_leaves(grad_sum))
   sens = clipping.sensitivity(l2_clip_norm, per_layer, num_leaves)
-  if stats_weight < 0 or (stats_weight > 0 and not stats_bound > 0):
-    raise ValueError(f'stats_weight must be >= 0 and stats_bound > 0, got {stats_weight}, {stats_bound}.')
+  check_arg('stats_weight', stats_weight, '[0, inf)')
   if stats_weight > 0:
+    check_arg('stats_bound', stats_bound, '(0, inf]')
     weight = stats_weight * l2_clip_norm
     stats = _stat_coordinates(aux, stats_bound=stats_bound, weight=weight)
     joint = jnp.sqrt(sens**2 + len(stats) * weight**2)  # Add/remove-one L2 sensitivity of the vector.

@@ -1,16 +1,31 @@
-"""Reconstruction risk of a DP-SGD run: how likely can an attacker rebuild a training sample?
+"""Reconstruction risk: what a DP guarantee implies about attacks that rebuild a training sample.
 
-`rero_bound(noise_multiplier=, sampling_rate=, steps=, kappa=)` is the upper bound on the success
-probability of ANY reconstruction attack against T Poisson-subsampled Gaussian steps (exactly the
-mechanism `jaxldm.privacy.accounting` accounts for), for an attacker whose prior success without
-the model is kappa (Hayes et al. 2023; Kaissis et al. 2023). It covers any data prior, any success
-criterion and any attack; it is what epsilon means for reconstruction.
+Epsilon is hard to read as a risk. This module translates a Gaussian-mechanism / DP-SGD guarantee
+into the probability that an attacker reconstructs a training sample, in two threat models:
+
+* With data priors (Hayes et al. 2023; Kaissis et al. 2023): reconstruction robustness (ReRo). An
+  attacker who knows the target lies in some prior set and would succeed with probability kappa
+  without seeing the model succeeds, after seeing the output of an f-DP mechanism, with probability
+  at most 1 - f(kappa); for mu-GDP that is Phi(Phi^-1(kappa) + mu). Worst case: it covers any
+  prior, any success criterion and any attack. Closed forms (`gdp_mu`, `dpsgd_mu`,
+  `gaussian_tradeoff`, `rero_bound_tradeoff`, `rero_bound_gdp`) and, for a whole DP-SGD run,
+  `rero_bound` (below), with `rero_summary`, `rero_curve` and `plot_rero_curve` for reports.
+* Without data priors (Ziller et al. 2024, arXiv 2402.12861): an attacker reconstructing from
+  scratch (analytic gradient inversion) can do no better than estimating the sample from a noisy
+  copy of it, which gives closed forms for the expected MSE and the probability of reaching a PSNR
+  (`expected_mse_optimal_attack`, `mse_success_probability`, `psnr_success_probability`; their
+  noise_std is RELATIVE to ||x||).
+
+The bound for a DP-SGD run. `rero_bound(noise_multiplier=, sampling_rate=, steps=, kappa=)` bounds
+the success probability of ANY reconstruction attack against T Poisson-subsampled Gaussian steps
+(exactly the mechanism `jaxldm.privacy.accounting` accounts for), for an attacker whose prior
+success without the model is kappa. It is what epsilon means for reconstruction.
 
 Methods:
   "exact"  closed form, full batch only (q = 1): T Gaussian steps with noise multiplier sigma are
            exactly mu-GDP with mu = sqrt(T) / sigma, so ReRo = Phi(Phi^-1(kappa) + mu); one step
            gives Phi(Phi^-1(kappa) + 1/sigma).
-  "gdp"    the same formula with mu from the GDP central limit theorem (`rero.dpsgd_mu`) when
+  "gdp"    the same formula with mu from the GDP central limit theorem (`dpsgd_mu`) when
            q < 1: an APPROXIMATION (slightly optimistic), kept as a cross-check; exact for q = 1.
   "pld"    numerical and rigorous, the default: the privacy loss distribution (PLD) of dp-
            accounting, composed T times, turned into the bound below.
@@ -48,30 +63,23 @@ for epsilon). Measured on this 2-core CPU over sigma 0.5..20, q 0.004..1, T 1..1
 bound is within 7e-4 of the one on a 5x finer grid. A coarser grid only makes the bound larger
 (pessimistic rounding), never invalid.
 
-Without data priors (Ziller et al. 2024), the closed forms for one release are re-exported from
-`jaxldm.privacy.rero`: `expected_mse_optimal_attack`, `mse_success_probability`,
-`psnr_success_probability` (their noise_std is RELATIVE to ||x||).
+Everything here is numpy/scipy on scalars (or broadcastable arrays) plus dp-accounting's PLD; it
+imports no model code, so it can be used to plan a budget before anything is trained.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
-from scipy import signal
+from scipy import signal, special
 
 from jaxldm.privacy import accounting
-from jaxldm.privacy.rero import (dpsgd_mu, expected_mse_optimal_attack, mse_success_probability,
-                                 psnr_success_probability, rero_bound_gdp)
+from jaxldm.privacy.checks import check_arg
 
-__all__ = [
-    "METHODS", "DEFAULT_KAPPAS", "DEFAULT_CURVE_SIGMAS", "auto_value_discretization_interval",
-    "mechanism_mu", "rero_bound", "rero_summary",
-    "rero_curve", "plot_rero_curve", "expected_mse_optimal_attack", "mse_success_probability",
-    "psnr_success_probability",
-]
+TradeOff = Callable[[np.ndarray], np.ndarray]
 
 METHODS = ("pld", "gdp", "exact")
 # Loss grid of the PLD: at most this coarse (10x the accountant's 1e-4: fast; pessimistic).
@@ -85,23 +93,115 @@ DEFAULT_KAPPAS = (1e-3, 1e-2, 1e-1)
 DEFAULT_CURVE_SIGMAS = tuple(float(s) for s in np.geomspace(0.3, 20.0, 16))
 
 
+def _out(x: np.ndarray) -> float | np.ndarray:
+  """Python float for scalar results, the array otherwise."""
+  x = np.asarray(x, dtype=np.float64)
+  return float(x) if x.ndim == 0 else x
+
+
+# --------------------------------------------------------------------------------------------------
+# Gaussian differential privacy parameters.
+# --------------------------------------------------------------------------------------------------
+
+
+def gdp_mu(sensitivity, noise_std) -> float | np.ndarray:
+  """mu of the Gaussian mechanism: mu = sensitivity / noise_std (one release is exactly mu-GDP).
+
+  Distinguishing two neighbouring datasets from one release is then as hard as telling N(0, 1)
+  from N(mu, 1).
+  """
+  sensitivity = check_arg("sensitivity", sensitivity, "[0, inf]")
+  noise_std = check_arg("noise_std", noise_std, "(0, inf]")
+  return _out(sensitivity / noise_std)
+
+
+def dpsgd_mu(noise_multiplier, sampling_rate, steps) -> float | np.ndarray:
+  """Approximate GDP mu of DP-SGD: T Poisson-subsampled Gaussian steps (the CLT of Bu et al. 2020,
+  Dong et al. 2022): mu_tot = q * sqrt(T * (exp(1 / sigma^2) - 1)).
+
+  An APPROXIMATION, not a bound: it is the central-limit limit as T -> inf with q * sqrt(T) fixed,
+  so it is accurate only for small sampling rates q and many steps, and it tends to be optimistic.
+  At q = 256/60000, sigma = 1.1, T = 14062 it converts to epsilon 2.32 at delta 1e-5, versus 2.38
+  from the PLD accountant. Use `jaxldm.privacy.accounting` for the privacy guarantee itself; this
+  is for reading that guarantee as a reconstruction risk. For q = 1 (full batch) the exact value is
+  sqrt(T) / sigma, which this formula overestimates.
+
+  Args:
+    noise_multiplier: sigma, the noise std divided by the clipping norm (> 0).
+    sampling_rate: q, each example's Poisson inclusion probability per step, in [0, 1].
+    steps: T >= 0, the number of noisy steps taken.
+  """
+  sigma = check_arg("noise_multiplier", noise_multiplier, "(0, inf]")
+  q = check_arg("sampling_rate", sampling_rate, "[0, 1]")
+  t = check_arg("steps", steps, "[0, inf]")
+  with np.errstate(over="ignore"):  # exp(1/sigma^2) overflows to inf for tiny sigma: mu = inf.
+    return _out(q * np.sqrt(t * np.expm1(1.0 / sigma**2)))
+
+
+# --------------------------------------------------------------------------------------------------
+# ReRo with data priors: closed forms (f-DP, mu-GDP).
+# --------------------------------------------------------------------------------------------------
+
+
+def gaussian_tradeoff(mu) -> TradeOff:
+  """The trade-off function of mu-GDP: f(alpha) = Phi(Phi^-1(1 - alpha) - mu).
+
+  f(alpha) is the smallest type II error of any test between N(0, 1) and N(mu, 1) with type I
+  error alpha; a mechanism is mu-GDP when telling neighbours apart is at least this hard.
+  """
+  mu = float(check_arg("mu", mu, "[0, inf]"))
+
+  def f(alpha):
+    alpha = check_arg("alpha", alpha, "[0, 1]")
+    with np.errstate(invalid="ignore"):
+      beta = special.ndtr(special.ndtri(1.0 - alpha) - mu)
+    # inf - inf at alpha = 0, mu = inf: perfectly distinguishable, so type II error 0.
+    return _out(np.where(np.isnan(beta), 0.0, beta))
+
+  return f
+
+
+def rero_bound_tradeoff(f: TradeOff, kappa) -> float | np.ndarray:
+  """Upper bound 1 - f(kappa) on the success probability of ANY reconstruction attack against an
+  f-DP mechanism, for an attacker whose prior success (without the release) is kappa.
+
+  (Hayes et al. 2023 for DP-SGD; Kaissis et al. 2023 for the f-DP form.) Holds for any data prior
+  and any notion of "success" with that baseline probability kappa.
+  """
+  kappa = check_arg("kappa", kappa, "[0, 1]")
+  value = np.asarray(f(kappa), dtype=np.float64)
+  if np.any(~(value >= -1e-12) | ~(value <= 1.0 + 1e-12)):
+    raise ValueError(f"the trade-off function returned {value}, outside [0, 1]")
+  return _out(np.clip(1.0 - value, 0.0, 1.0))
+
+
+def rero_bound_gdp(mu, kappa) -> float | np.ndarray:
+  """ReRo bound under mu-GDP: Phi(Phi^-1(kappa) + mu), in [kappa, 1].
+
+  Equals `rero_bound_tradeoff(gaussian_tradeoff(mu), kappa)`: 1 - Phi(Phi^-1(1 - kappa) - mu) =
+  Phi(mu - Phi^-1(1 - kappa)) = Phi(Phi^-1(kappa) + mu). mu = 0 (no information released) gives
+  kappa; the bound grows with mu and kappa and tends to 1 as mu -> inf. Broadcasts over arrays.
+  """
+  mu = check_arg("mu", mu, "[0, inf]")
+  kappa = check_arg("kappa", kappa, "[0, 1]")
+  with np.errstate(invalid="ignore"):
+    bound = special.ndtr(special.ndtri(kappa) + mu)
+  # Edge cases where -inf + inf is NaN: kappa = 0 with mu = inf. A certain-to-fail prior stays 0
+  # only for finite mu; with infinite mu the release reveals everything.
+  bound = np.where(np.isnan(bound), 1.0, bound)
+  return _out(bound)
+
+
+# --------------------------------------------------------------------------------------------------
+# ReRo of a DP-SGD run: PLD numerics (the default), GDP, exact.
+# --------------------------------------------------------------------------------------------------
+
+
 def _check(noise_multiplier: float, sampling_rate: float, steps: int, method: str) -> None:
   accounting.check_params(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate,
                           steps=steps)
   if method not in METHODS:
     raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")
-
-
-def _kappas(kappa) -> np.ndarray:
-  k = np.asarray(kappa, dtype=np.float64)
-  if np.any(~(k >= 0.0) | ~(k <= 1.0)):
-    raise ValueError(f"kappa must lie in [0, 1], got {kappa}.")
-  return k
-
-
-def _out(x: np.ndarray) -> float | np.ndarray:
-  x = np.asarray(x, dtype=np.float64)
-  return float(x) if x.ndim == 0 else x
 
 
 def auto_value_discretization_interval(*, noise_multiplier: float, sampling_rate: float,
@@ -130,11 +230,6 @@ def mechanism_mu(*, noise_multiplier: float, sampling_rate: float, steps: int) -
   if sampling_rate == 1.0:
     return math.sqrt(steps) / noise_multiplier
   return float(dpsgd_mu(noise_multiplier, sampling_rate, steps))
-
-
-# --------------------------------------------------------------------------------------------------
-# PLD -> ReRo.
-# --------------------------------------------------------------------------------------------------
 
 
 def _profile_at_atoms(pmf) -> tuple[np.ndarray, np.ndarray]:
@@ -219,7 +314,7 @@ def rero_bound(*, noise_multiplier: float, sampling_rate: float, steps: int, kap
     ValueError: invalid arguments, or method "exact" with q < 1 (no closed form exists).
   """
   _check(noise_multiplier, sampling_rate, steps, method)
-  k = _kappas(kappa)
+  k = check_arg("kappa", kappa, "[0, 1]")
   if steps == 0:
     return _out(k)
   if noise_multiplier == 0:
@@ -234,9 +329,7 @@ def rero_bound(*, noise_multiplier: float, sampling_rate: float, steps: int, kap
     if value_discretization_interval is None:
       value_discretization_interval = auto_value_discretization_interval(
           noise_multiplier=noise_multiplier, sampling_rate=sampling_rate, steps=steps)
-    if not value_discretization_interval > 0:
-      raise ValueError(f"value_discretization_interval must be > 0, got "
-                       f"{value_discretization_interval}.")
+    check_arg("value_discretization_interval", value_discretization_interval, "(0, inf)")
     bound = _pld_bound(np.atleast_1d(k), noise_multiplier, sampling_rate, steps,
                        value_discretization_interval).reshape(k.shape)
   return _out(np.clip(bound, k, 1.0))
@@ -357,3 +450,68 @@ def plot_rero_curve(curve: dict, path, *, mark_epsilon: float | None = None) -> 
       fig.savefig(f, format="png", dpi=120)
   finally:
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Without data priors (Ziller et al. 2024).
+# --------------------------------------------------------------------------------------------------
+
+
+def expected_mse_optimal_attack(noise_std, x_norm_sq) -> float | np.ndarray:
+  """E[MSE] of the optimal prior-free reconstruction: s^2 * ||x||^2.
+
+  Ziller et al. 2024 (arXiv 2402.12861) show that an attacker without data priors reconstructing
+  a sample x in R^N from a DP-SGD update (an analytic gradient inversion) can at best estimate x
+  from x_hat ~ N(x, s^2 ||x||^2 I_N): the signal enters the update at scale ||x||, and the noise at
+  s times that scale, where s is the noise multiplier. MSE is the per-coordinate mean,
+  MSE = ||x_hat - x||^2 / N, whose expectation is s^2 ||x||^2 (and ||x_hat - x||^2 / (s^2 ||x||^2)
+  is chi-square with N degrees of freedom).
+
+  Args:
+    noise_std: s, the noise standard deviation RELATIVE to ||x|| (the noise multiplier in the
+      setting above), not an absolute std; > 0.
+    x_norm_sq: ||x||^2, the squared L2 norm of the sample (in the units of the data).
+  """
+  s = check_arg("noise_std", noise_std, "(0, inf]")
+  x2 = check_arg("x_norm_sq", x_norm_sq, "[0, inf]")
+  return _out(s**2 * x2)
+
+
+def mse_success_probability(mse_threshold, *, n_dims: int, noise_std,
+                            x_norm_sq) -> float | np.ndarray:
+  """Pr[MSE <= mse_threshold] for the optimal prior-free attack of `expected_mse_optimal_attack`.
+
+  With x_hat = x + z, z ~ N(0, s^2 ||x||^2 I_N): N * MSE / (s^2 ||x||^2) = ||z||^2 / (s^2 ||x||^2)
+  ~ chi^2_N, and the chi-square CDF is P(N/2, c/2) (regularized lower incomplete gamma), so
+  Pr[MSE <= t] = P(N/2, N t / (2 s^2 ||x||^2)). Being the optimal attack's success in Ziller et
+  al.'s prior-free threat model, it upper-bounds every attack in that model (not attackers with
+  data priors: for those use the ReRo bounds above).
+  """
+  check_arg("n_dims", n_dims, "[1, inf)", integer=True)
+  t = check_arg("mse_threshold", mse_threshold, "[0, inf]")
+  scale = check_arg("expected MSE s^2 ||x||^2", expected_mse_optimal_attack(noise_std, x_norm_sq), "(0, inf]")
+  return _out(special.gammainc(n_dims / 2.0, n_dims * t / (2.0 * scale)))
+
+
+def psnr_success_probability(psi, *, n_dims: int, data_range, noise_std,
+                             x_norm_sq) -> float | np.ndarray:
+  """Pr[PSNR >= psi] for the optimal prior-free attack.
+
+  Pr[PSNR >= psi] = P(N/2, N R^2 10^(-psi/10) / (2 s^2 ||x||^2)).
+
+  Derivation: PSNR = 10 log10(R^2 / MSE), so PSNR >= psi  <=>  MSE <= R^2 10^(-psi/10); then
+  `mse_success_probability` with that threshold. P is the regularized lower incomplete gamma
+  (scipy.special.gammainc), N = n_dims, R = data_range, s = noise_std (relative to ||x||, see
+  `expected_mse_optimal_attack`).
+
+  Args:
+    psi: PSNR target in dB (any real; broadcasts).
+    n_dims: N, the number of dimensions (voxels) of x.
+    data_range: R > 0, the dynamic range of the data used in the PSNR.
+    noise_std: s > 0, relative noise std (the noise multiplier).
+    x_norm_sq: ||x||^2 > 0.
+  """
+  r = check_arg("data_range", data_range, "(0, inf]")
+  psi = check_arg("psi", psi, "[-inf, inf]")
+  return mse_success_probability(r**2 * 10.0**(-psi / 10.0), n_dims=n_dims, noise_std=noise_std,
+                                 x_norm_sq=x_norm_sq)

@@ -37,21 +37,17 @@ import warnings
 import numpy as np
 from scipy import stats
 
+from jaxldm.privacy.checks import check_arg
+
 # Probability per step that a Poisson batch exceeds the default max size.
 DEFAULT_OVERFLOW_PROB = 1e-10
-
-
-def _check_rate(sampling_rate: float) -> None:
-  if not 0 < sampling_rate <= 1:
-    raise ValueError(f'sampling_rate must be in (0, 1], got {sampling_rate}.')
 
 
 def poisson_sample(rng: np.random.Generator, num_examples: int,
                    sampling_rate: float) -> np.ndarray:
   """Indices (sorted, int64) of a Poisson sample: each example kept independently w.p. q."""
-  _check_rate(sampling_rate)
-  if num_examples < 0:
-    raise ValueError(f'num_examples must be >= 0, got {num_examples}.')
+  check_arg('sampling_rate', sampling_rate, '(0, 1]')
+  check_arg('num_examples', num_examples, '[0, inf)', integer=True)
   return np.flatnonzero(rng.random(num_examples) < sampling_rate).astype(np.int64)
 
 
@@ -83,8 +79,7 @@ def pad_to_multiple(indices: np.ndarray, multiple: int,
   Returns:
     (padded indices int64, mask int32 with 1 for sampled examples).
   """
-  if multiple < 1:
-    raise ValueError(f'multiple must be >= 1, got {multiple}.')
+  check_arg('multiple', multiple, '[1, inf)', integer=True)
   if max_size is not None and (max_size < multiple or max_size % multiple):
     raise ValueError(f'max_size {max_size} must be a positive multiple of {multiple}.')
   size = max(1, math.ceil(len(indices) / multiple)) * multiple
@@ -97,7 +92,7 @@ def pad_to_multiple(indices: np.ndarray, multiple: int,
 def max_batch_size(num_examples: int, sampling_rate: float, multiple: int = 1,
                    overflow_prob: float = DEFAULT_OVERFLOW_PROB) -> int:
   """Smallest multiple of `multiple` that a Binomial(N, q) batch exceeds w.p. <= overflow_prob."""
-  _check_rate(sampling_rate)
+  check_arg('sampling_rate', sampling_rate, '(0, 1]')
   quantile = stats.binom.isf(overflow_prob, num_examples, sampling_rate)
   size = int(min(num_examples, quantile if np.isfinite(quantile) else num_examples))
   return max(1, math.ceil(size / multiple)) * multiple
@@ -128,11 +123,9 @@ class PoissonBatcher:
       bucket_sizes: for "buckets"; default four sizes at about E, E + std, E + 2 std and max_size;
         when given, the largest is the max size.
     """
-    if num_examples < 1:
-      raise ValueError(f'num_examples must be >= 1, got {num_examples}.')
-    _check_rate(sampling_rate)
-    if microbatch_size < 1:
-      raise ValueError(f'microbatch_size must be >= 1, got {microbatch_size}.')
+    check_arg('num_examples', num_examples, '[1, inf)', integer=True)
+    check_arg('sampling_rate', sampling_rate, '(0, 1]')
+    check_arg('microbatch_size', microbatch_size, '[1, inf)', integer=True)
     if padding not in ('max_size', 'buckets'):
       raise ValueError(f'padding must be "max_size" or "buckets", got {padding!r}.')
     self.num_examples = num_examples
@@ -171,8 +164,7 @@ class PoissonBatcher:
 
   def batch(self, step: int) -> SampledBatch:
     """The batch of step `step`, reproducible from (seed, step) alone."""
-    if step < 0:
-      raise ValueError(f'step must be >= 0, got {step}.')
+    check_arg('step', step, '[0, inf)', integer=True)
     rng = np.random.default_rng([self.seed, step])
     indices = poisson_sample(rng, self.num_examples, self.sampling_rate)
     n, m = len(indices), self.microbatch_size

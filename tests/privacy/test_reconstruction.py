@@ -1,4 +1,4 @@
-"""rero_bound: PLD numerics against the Gaussian closed form, the privacy profile and the GDP CLT."""
+"""rero_bound of a DP-SGD run: PLD numerics against the Gaussian closed form, the privacy profile and the GDP CLT."""
 
 import numpy as np
 import pytest
@@ -11,7 +11,7 @@ KAPPAS = np.array([1e-4, 1e-3, 1e-2, 0.1, 0.3, 0.5, 0.9])
 
 
 def _closed_form(sigma, steps, kappa):
-  """Phi(Phi^-1(kappa) + sqrt(T) / sigma), written with scipy.stats independently of rero.py."""
+  """Phi(Phi^-1(kappa) + sqrt(T) / sigma), written with scipy.stats independently of the module."""
   return stats.norm.cdf(stats.norm.ppf(kappa) + np.sqrt(steps) / sigma)
 
 
@@ -122,7 +122,7 @@ def test_finer_grid_gives_smaller_or_equal_bound():
   assert np.max(coarse - default) < 0.05
 
 
-def test_no_prior_bounds_are_reexported():
+def test_prior_free_bounds_at_a_point():
   assert rr.expected_mse_optimal_attack(0.5, 4.0) == pytest.approx(1.0)
   p = rr.psnr_success_probability(20.0, n_dims=100, data_range=2.0, noise_std=0.1, x_norm_sq=1.0)
   assert 0.0 <= p <= 1.0
