@@ -49,9 +49,9 @@ def split_spec(spec: str) -> tuple[pathlib.Path, str | None]:
 
 
 def resolve_spec(spec: str) -> tuple[str, pathlib.Path | None, str | None]:
-  """Where `--config SPEC` points: ('preset', None, variant) with the name first, or ('file', path, variant).
+  """Where `--config SPEC` points: (NAME, None, variant) for a preset, ("", path, variant) for a file.
 
-  Returns (name or "", path or None, variant). The rules, in order:
+  The rules, in order:
     * `PATH.py[:variant]` that exists is that file (a user config), unless it is a file of the packaged
       presets, which is loaded as the preset (one module, whichever way it is named);
     * `configs/NAME.py[:variant]` that does not exist, with NAME a preset, is the preset: the spelling
