@@ -33,12 +33,17 @@ import numpy as np
 
 from jaxldm.atomic import atomic_open
 from jaxldm.config import ConfigError, load_config, parse_override
+from jaxldm.eval import sections
 
 CSV_NAME, PLOT_NAME, SUMMARY_NAME, RUN_RECORD = "ablation.csv", "ablation.png", "summary.md", "ablation_run.json"
-COLUMNS = ("name", "target_epsilon", "pretrained", "noise_multiplicity", "l2_clip_norm", "seed", "epsilon", "fid",
-           "kid", "copy_rate", "nn_correlation", "latent_copy_rate", "latent_nn_correlation", "controllability_r",
-           "steps", "train_s", "eval_s", "wall_s", "seeds_per_program")
+GRID_COLUMNS = ("name", "target_epsilon", "pretrained", "noise_multiplicity", "l2_clip_norm", "seed")
+TIMING_COLUMNS = ("steps", "train_s", "eval_s", "wall_s", "seeds_per_program")
 _REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def columns() -> tuple[str, ...]:
+  """ablation.csv's columns: the grid point, every headline of the evaluation's sections, the timing."""
+  return GRID_COLUMNS + tuple(h.column_name for h in sections.headline_specs()) + TIMING_COLUMNS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,18 +145,9 @@ def row(workdir: pathlib.Path, run: Run) -> dict | None:
   run_dir = workdir / "runs" / run.name
   timing = json.loads((run_dir / RUN_RECORD).read_text()) if (run_dir / RUN_RECORD).is_file() else {}
   trained = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
-  rs = [v for v in (report.get("controllability") or {}).values() if v is not None and np.isfinite(v)]
   return {"name": run.name, "target_epsilon": run.target_epsilon, "pretrained": run.pretrained,
           "noise_multiplicity": run.noise_multiplicity, "l2_clip_norm": run.l2_clip_norm, "seed": run.seed,
-          "epsilon": report.get("epsilon"), "fid": report.get("fid"), "kid": report.get("kid"),
-          "copy_rate": report.get("copy_rate"),
-          # Median over samples of the correlation with the nearest training volume (Dar et al.'s
-          # statistic before thresholding): a graded view of memorization next to the copy rate.
-          "nn_correlation": (report.get("memorization") or {}).get("median_correlation"),
-          # The same criterion on the LDM's latents (not capped by the autoencoder or the extractor).
-          "latent_copy_rate": (report.get("latent_memorization") or {}).get("synthetic_copy_rate"),
-          "latent_nn_correlation": (report.get("latent_memorization") or {}).get("median_correlation"),
-          "controllability_r": float(np.mean(rs)) if rs else None,
+          **sections.study_values(report),  # Every section's headlines, dicts reduced to one number.
           "steps": trained.get("steps"), "train_s": timing.get("train_s"), "eval_s": timing.get("eval_s"),
           "wall_s": timing.get("wall_s"), "seeds_per_program": timing.get("seeds_per_program")}
 
@@ -167,16 +163,12 @@ def _fmt(v: Any) -> str:
 def write_csv(rows: list[dict], path: pathlib.Path) -> None:
   buf = io.StringIO()
   writer = csv.writer(buf, lineterminator="\n")
-  writer.writerow(COLUMNS)
+  names = columns()
+  writer.writerow(names)
   for r in rows:
-    writer.writerow([_fmt(r[c]) for c in COLUMNS])
+    writer.writerow([_fmt(r.get(c)) for c in names])
   with atomic_open(path) as f:
     f.write(buf.getvalue())
-
-
-METRICS = (("fid", "FID (lower is better)"), ("copy_rate", "copy rate (image features)"),
-           ("latent_copy_rate", "copy rate (latents)"),
-           ("controllability_r", "controllability r (mean over attributes)"))
 
 
 def mean_ci(values, level: float = 0.95) -> tuple[float, float, int]:
@@ -193,7 +185,7 @@ def mean_ci(values, level: float = 0.95) -> tuple[float, float, int]:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-  """One entry per setting (all but the seed): mean and 95% CI over seeds of epsilon and METRICS.
+  """One entry per setting (all but the seed): mean and 95% CI over seeds of every headline column.
 
   Ordered by pretrained-first, then epsilon ascending (inf last), then K and C.
   """
@@ -206,8 +198,9 @@ def summarize(rows: list[dict]) -> list[dict]:
     group = groups[key]
     entry = {"target_epsilon": key[0], "pretrained": key[1], "noise_multiplicity": key[2], "l2_clip_norm": key[3],
              "seeds": len(group)}
-    for metric in ("epsilon", "nn_correlation", "latent_nn_correlation") + tuple(m for m, _ in METRICS):
-      entry[metric], entry[metric + "_ci"], _ = mean_ci([g[metric] for g in group])
+    for h in sections.headline_specs():
+      metric = h.column_name
+      entry[metric], entry[metric + "_ci"], _ = mean_ci([g.get(metric) for g in group])
     if not np.isfinite(key[0]):  # Non-private runs: epsilon is infinite, not missing.
       entry["epsilon"], entry["epsilon_ci"] = float("inf"), float("nan")
     out.append(entry)
@@ -216,34 +209,36 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def _pm(mean: float, half: float, spec: str = ".3g", half_spec: str = ".2g") -> str:
   if not np.isfinite(mean):
-    return "n/a"
+    return "inf" if mean > 0 else "n/a"  # Non-private runs: epsilon is infinite, not missing.
   return f"{mean:{spec}}" + (f" ± {half:{half_spec}}" if np.isfinite(half) else "")
+
+
+def _cell(s: dict, h: sections.Headline) -> str:
+  """One headline of one setting: mean ± CI half-width (mean alone for a setting's constants, e.g. epsilon)."""
+  mean, half = s[h.column_name], s[h.column_name + "_ci"]
+  half_spec = ".2g" if h.spec.endswith("g") else h.spec
+  return _pm(mean, half if h.spread else float("nan"), h.spec, half_spec)
 
 
 def summary_markdown(summary: list[dict]) -> str:
   """The per-setting table (mean ± 95% CI over seeds) and the pretrained/scratch FID ratio per epsilon."""
   several = len({(s["noise_multiplicity"], s["l2_clip_norm"]) for s in summary}) > 1
-  head = ["epsilon (target)", "init"] + (["K", "C"] if several else []) + [
-      "epsilon (achieved)", "FID", "copy rate (image)", "NN correlation (image, median)", "copy rate (latent)",
-      "NN correlation (latent, median)", "controllability r", "seeds"]
+  specs = sections.headline_specs()
+  head = ["epsilon (target)", "init"] + (["K", "C"] if several else []) + [h.column_label for h in specs] + ["seeds"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for s in summary:
     cells = [f"{s['target_epsilon']:g}", "pretrained" if s["pretrained"] else "scratch"]
     cells += [str(s["noise_multiplicity"]), f"{s['l2_clip_norm']:g}"] if several else []
-    cells += ["inf" if not np.isfinite(s["epsilon"]) else f"{s['epsilon']:.3g}", _pm(s["fid"], s["fid_ci"]),
-              _pm(s["copy_rate"], s["copy_rate_ci"], ".2f", ".2f"),
-              _pm(s["nn_correlation"], s["nn_correlation_ci"], ".4f", ".4f"),
-              _pm(s["latent_copy_rate"], s["latent_copy_rate_ci"], ".2f", ".2f"),
-              _pm(s["latent_nn_correlation"], s["latent_nn_correlation_ci"], ".3f", ".3f"),
-              _pm(s["controllability_r"], s["controllability_r_ci"], ".2f", ".2f"),
-              str(s["seeds"])]
+    cells += [_cell(s, h) for h in specs] + [str(s["seeds"])]
     lines.append("| " + " | ".join(cells) + " |")
   lines.append("")
   lines.append("Mean ± half-width of the 95% Student-t confidence interval over seeds.")
   lines.append("")
-  lines.append("**For the data owner only — do not release:** the copy-rate, NN-correlation and controllability "
-               "columns are computed from the private training data outside DP (docs/privacy.md); epsilon and FID "
-               "against the held-out set are the releasable columns.")
+  owner = [h.column_label for s in sections.registered() for h in s.HEADLINES if s.part == sections.OWNER]
+  released = [h.column_label for s in sections.registered() for h in s.HEADLINES if s.part != sections.OWNER]
+  lines.append(f"**For the data owner only — do not release:** the columns {', '.join(owner)} are computed from the "
+               "private training data (or a non-DP model of real data) outside DP (docs/privacy.md); "
+               f"{', '.join(released)} (the DP guarantee, and against the held-out set) are the releasable columns.")
   ratios = []
   for s in summary:
     if not s["pretrained"]:
@@ -258,9 +253,10 @@ def summary_markdown(summary: list[dict]) -> str:
 
 
 def plot(summary: list[dict], path: pathlib.Path) -> None:
-  """FID, copy rate and controllability vs achieved epsilon (`summarize`'s entries), one line per
-  setting other than epsilon; mean over seeds with 95% CI bars. Non-private runs (epsilon inf) sit at
-  the right edge, labelled inf; settings without an achieved epsilon are left out.
+  """The plotted headlines (`Headline.plot`: FID, copy rates, controllability) vs achieved epsilon
+  (`summarize`'s entries), one line per setting other than epsilon; mean over seeds with 95% CI bars.
+  Non-private runs (epsilon inf) sit at the right edge, labelled inf; settings without an achieved
+  epsilon are left out.
   """
   import matplotlib
   matplotlib.use("Agg")
@@ -273,8 +269,10 @@ def plot(summary: list[dict], path: pathlib.Path) -> None:
   for s in summary:
     label = f"{'pretrained' if s['pretrained'] else 'scratch'}, K={s['noise_multiplicity']}, C={s['l2_clip_norm']:g}"
     lines.setdefault(label, []).append(s)
-  fig, axes = plt.subplots(1, len(METRICS), figsize=(4.5 * len(METRICS), 3.8), dpi=110)
-  for ax, (metric, title) in zip(axes, METRICS):
+  metrics = [(h.column_name, h.column_label) for h in sections.headline_specs() if h.plot]
+  fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8), dpi=110, squeeze=False)
+  axes = axes[0]
+  for ax, (metric, title) in zip(axes, metrics):
     for label, points in sorted(lines.items()):
       points = sorted(points, key=lambda s: s["target_epsilon"])
       xs = [s["epsilon"] if np.isfinite(s["epsilon"]) else inf_x for s in points]

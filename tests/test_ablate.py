@@ -125,9 +125,10 @@ def test_grid_end_to_end_and_rerun_does_no_work(pipeline, tmp_path):
 
 def _row(eps, pretrained, seed, fid, copy, r, achieved=None):
   return {"name": f"x{seed}", "target_epsilon": eps, "pretrained": pretrained, "noise_multiplicity": 2,
-          "l2_clip_norm": 1.0, "seed": seed, "epsilon": eps if achieved is None else achieved, "fid": fid, "kid": 0.0,
-          "copy_rate": copy, "nn_correlation": 0.9, "latent_copy_rate": copy / 2, "latent_nn_correlation": 0.5,
-          "controllability_r": r}
+          "l2_clip_norm": 1.0, "seed": seed, "epsilon": eps if achieved is None else achieved, "delta": 1e-5,
+          "rero_bound": 0.07, "fid": fid, "kid": 0.0, "copy_rate": copy, "train_copied_rate": copy / 4,
+          "nn_correlation": 0.9, "latent_copy_rate": copy / 2, "latent_nn_correlation": 0.5,
+          "safeguard_rejected_fraction": copy, "controllability_r": r}
 
 
 def test_mean_ci_is_the_student_t_interval():
@@ -149,8 +150,10 @@ def test_summary_groups_seeds_and_reports_the_pretraining_ratio(tmp_path):
   assert summary[0]["fid"] == 2.0 and summary[1]["copy_rate"] == 0.5 and summary[2]["fid_ci"] == 0.0
   assert np.isinf(summary[1]["epsilon"])
   text = ablate.summary_markdown(summary)
-  assert ("| 10 | pretrained | 9.99 | 2 ± 2.5 | 0.00 ± 0.00 | 0.9000 ± 0.0000 | 0.00 ± 0.00 | 0.500 ± 0.000 "
-          "| 0.50 ± 0.00 | 3 |") in text
+  # epsilon, delta and the ReRo bound are constants of a setting (no interval); then FID, KID, copy rate,
+  # training volumes copied, NN correlation, latent copy rate and NN correlation, safeguard, controllability.
+  assert ("| 10 | pretrained | 9.99 | 1e-05 | 0.07 | 2 ± 2.5 | 0 ± 0 | 0.00 ± 0.00 | 0.00 ± 0.00 "
+          "| 0.9000 ± 0.0000 | 0.00 ± 0.00 | 0.500 ± 0.000 | 0.00 ± 0.00 | 0.50 ± 0.00 | 3 |") in text
   assert summary[1]["latent_copy_rate"] == 0.25
   assert "| inf | pretrained | inf |" in text
   assert "FID pretrained / scratch (means): epsilon 10: 0.25." in text
