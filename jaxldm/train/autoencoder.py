@@ -27,7 +27,7 @@ from jaxldm.config import ConfigError, to_dict
 from jaxldm.data.defaults import build_dataset
 from jaxldm.models import AutoencoderKL, PatchDiscriminator3D, kl_divergence
 from jaxldm.models.layers import as_triple
-from jaxldm.train import common, distributed, dp
+from jaxldm.train import common, dp, loop
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -177,9 +177,8 @@ def estimate_scale_factor(model, params, volumes: np.ndarray, batch_size: int) -
 # The run
 # ---------------------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-  workdir, console = common.prepare_workdir(config, workdir, record_config=False)
+  workdir, console = common.prepare_workdir(workdir)
   private = "dp" in config and bool(config.dp.enabled)
-  primary = distributed.is_primary()  # Process 0 writes logs and records (orbax: all processes).
   if private:
     check_private(config)
 
@@ -221,75 +220,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     dp_run = dp.setup(config.dp, workdir, n, steps, console, mesh.devices.size,
                       pinned=dp.pinned_settings(config.dp, fingerprint))
 
-  # --- checkpoint ---------------------------------------------------------------------------
-  state = common.replicate(state, mesh)  # Before restoring: orbax restores into this sharding.
-  ckpt = common.Checkpointer(workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints)
-  state = ckpt.restore_latest(state)
-  start = int(state.step)
-  if start:
-    console.print(f"resuming from step {start}")
-  if private:
-    dp_run.resume_at(start)
-  if primary:  # Every resume check has passed: now the run's records may change.
-    common.save_config(config, workdir / "config.json")
-    (workdir / "parameters.txt").write_text(common.parameter_overview(params))
-  log = common.MetricsLog(workdir, start) if primary else None
-
   # --- step ---------------------------------------------------------------------------------
   if private:
     step_fn = jax.jit(functools.partial(make_private_step(model, tx, config), noise_multiplier=dp_run.noise_multiplier,
                                         expected_batch_size=dp_run.expected_batch_size), donate_argnums=0)
+    step = loop.poisson_step(step_fn, {"volume": volumes}, dp_run, mesh)
   else:
     step_fn = jax.jit(make_train_step(model, disc, tx, disc_tx, config), donate_argnums=0)
+    step = loop.shuffled_step(step_fn, volumes, seed=config.seed, batch_size=bs, mesh=mesh)
   reconstruct = jax.jit(lambda p, x: model.apply(p, x)[0])
 
+  def sample(state, done):  # Never under DP (check_private): these are training volumes.
+    x = jnp.asarray(volumes[:4])[..., None]
+    recon = np.asarray(reconstruct(common.fetch(state.ema_params), x))[..., 0]
+    common.save_mid_slices(np.concatenate([volumes[:4], recon]), workdir / "samples" / f"recon_{done:06d}.png",
+                           titles=["real"] * 4 + ["recon"] * 4, columns=4)
+
   # --- loop ---------------------------------------------------------------------------------
-  progress, task = common.progress_bar(steps, start, "autoencoder (DP)" if private else "autoencoder")
-  rate_meter = common.RateMeter(start)
-  averager = common.MetricAverager()
-  stopped_for_budget = False
-  with progress:
-    for step in range(start, steps):
-      if private:
-        if step >= dp_run.allowed_steps:
-          stopped_for_budget = True
-          break
-        state, metrics = step_fn(state, *dp_run.step_inputs({"volume": volumes}, step, mesh))
-      else:
-        idx = common.batch_indices(config.seed, step, n, bs)
-        batch = common.shard_batch(volumes[idx], mesh)
-        state, metrics = step_fn(state, batch, common.step_key(config.seed, step))
-      done = step + 1
-      averager.add(metrics)
-      log_now = done % config.train.log_every == 0 or done == steps
-      sample_now = config.train.sample_every > 0 and (done % config.train.sample_every == 0 or done == steps)
-      save_now = done % config.train.checkpoint_every == 0 or done == steps
-      if private and (log_now or save_now):
-        # Ledger first, then whatever leaves the loop (it may over-count, never under-count; see ldm.py).
-        epsilon = dp_run.record_steps(done)
-      if log_now:
-        metrics = averager.pop()  # Means over the steps since the last log line.
-        common.check_finite(done, metrics)
-        if private:
-          metrics["epsilon"] = epsilon
-        if primary:
-          log.write(done, metrics)
-        progress.update(task, completed=done, rate=rate_meter(done), info=common.progress_info(metrics))
-      else:
-        progress.update(task, completed=done)
-      if sample_now and primary:  # Never under DP (check_private): these are training volumes.
-        x = jnp.asarray(volumes[:4])[..., None]
-        recon = np.asarray(reconstruct(common.fetch(state.ema_params), x))[..., 0]
-        common.save_mid_slices(np.concatenate([volumes[:4], recon]), workdir / "samples" / f"recon_{done:06d}.png",
-                               titles=["real"] * 4 + ["recon"] * 4, columns=4)
-      if save_now:
-        ckpt.save(done, state)
-    final_step = int(state.step)
-    if private:
-      epsilon = dp_run.record_steps(final_step)
-    if ckpt.latest_step() != final_step:
-      ckpt.save(final_step, state)
-  ckpt.close()
+  run = loop.Run(workdir, config, console, dp_run=dp_run, sample=None if private else sample)
+  state = loop.restore(run, state, mesh)
+  state = loop.train(run, state, step, description="autoencoder")
 
   # --- latent scale -------------------------------------------------------------------------
   ema_params = common.fetch(state.ema_params)
@@ -300,12 +250,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   else:
     scale, latent_shape = estimate_scale_factor(model, ema_params, volumes, bs)
   info = {"scale_factor": scale, "latent_shape": latent_shape, "data_shape": list(volumes.shape[1:]),
-          "model": to_dict(config.model), "steps": final_step, "private": private,
+          "model": to_dict(config.model), "steps": run.step, "private": private,
           "data_fingerprint": fingerprint}
   if private:
-    info["privacy"] = dp_run.record(epsilon, stopped_for_budget)
-    console.print(dp_run.summary(stopped_for_budget))
-  if primary:
+    info["privacy"] = run.privacy()
+  if run.primary:
     common.write_json(workdir / "autoencoder.json", info)
   console.print(f"latent {tuple(latent_shape)}, scale factor {scale:.4f}; wrote {workdir / 'autoencoder.json'}")
   return info

@@ -23,7 +23,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from jaxldm.atomic import atomic_open
-from jaxldm.config import ConfigError, save_config
+from jaxldm.config import ConfigError
 
 
 class TrainingError(RuntimeError):
@@ -239,12 +239,11 @@ def restore_params(directory: str | pathlib.Path, target_params, *, use_ema: boo
 # ---------------------------------------------------------------------------------------------
 # workdir, metrics and progress
 # ---------------------------------------------------------------------------------------------
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
-                    record_config: bool = True):
-  """Creates WORKDIR and WORKDIR/samples, records the resolved config; returns (path, console).
+def prepare_workdir(workdir: str | pathlib.Path):
+  """Creates WORKDIR and WORKDIR/samples; returns (path, console).
 
-  record_config=False: the trainer writes config.json itself (`save_config`) once every resume
-  check has passed, so a refused resume leaves the run's recorded config as it was.
+  The config is not recorded here: `loop.restore` writes config.json once every resume check has
+  passed, so a refused resume leaves the run's recorded config as it was.
   """
   from rich.console import Console
 
@@ -252,8 +251,6 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str | pathlib.Pa
   if workdir.exists() and not workdir.is_dir():
     raise ConfigError(f"--workdir {workdir}: is a file, not a directory; choose a directory")
   (workdir / "samples").mkdir(parents=True, exist_ok=True)
-  if record_config:
-    save_config(config, workdir / "config.json")
   return workdir, Console()
 
 
@@ -264,8 +261,10 @@ def write_json(path: str | pathlib.Path, record: dict) -> None:
 
 
 def progress_info(metrics: dict[str, Any]) -> str:
-  """The progress bar's text: the (DP: noisy) loss if logged, and epsilon."""
+  """The progress bar's text: the (DP: noisy) loss if logged, the accuracy if any, and epsilon."""
   parts = [f"loss {float(metrics['loss']):.4f}"] if "loss" in metrics else []
+  if "accuracy" in metrics:
+    parts.append(f"acc {float(metrics['accuracy']):.2f}")
   if "epsilon" in metrics:
     parts.append(f"eps {float(metrics['epsilon']):.2f}")
   return " ".join(parts)

@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import json
 import pathlib
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -32,7 +31,7 @@ from jaxldm.diffusion import diffusion_loss, make_schedule, sample
 from jaxldm.models import AutoencoderKL, LatentUNet
 from jaxldm.models.layers import as_triple
 from jaxldm.train import autoencoder as ae_trainer
-from jaxldm.train import common, distributed, dp, partition
+from jaxldm.train import common, dp, loop, partition
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,18 +231,11 @@ def jitted_step(config, private: bool, num_attributes: int, latent_channels: int
 class Prepared:
   """Everything before the loop of one run (also used by `jaxldm.train.ldm_seeds`)."""
   config: ml_collections.ConfigDict
-  workdir: pathlib.Path
-  console: Any
-  private: bool
-  primary: bool
+  run: loop.Run             # Restored: its checkpointer, start step, DP run and sample hook.
+  state: common.TrainState  # Replicated, restored from the latest checkpoint if any.
   examples: dict            # latent/attributes/attribute_mask arrays of the n training examples.
   columns: list
   mesh: Any
-  dp_run: Any               # dp.PrivateRun or None.
-  state: common.TrainState  # Replicated, restored from the latest checkpoint if any.
-  ckpt: Any
-  start: int
-  sample_fn: Callable       # sample_fn(ema_params, path, seed): a sample grid (nothing private).
   data_fingerprint: str = ""  # Of the training data (docs/privacy.md, "Stages compose").
 
 
@@ -251,9 +243,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> P
   """Setup, data, model, privacy, state and checkpoint of one run (the sections before the loop)."""
   # --- autoencoder (frozen); a missing one is refused before anything is written -----------
   ae_model, ae_params, ae_info = load_autoencoder(config.autoencoder_workdir)
-  workdir, console = common.prepare_workdir(config, workdir, record_config=False)
+  workdir, console = common.prepare_workdir(workdir)
   private = bool(config.dp.enabled)
-  primary = distributed.is_primary()  # Process 0 writes logs and records (orbax: all processes).
   scale = float(ae_info["scale_factor"])
 
   # --- data ---------------------------------------------------------------------------------
@@ -317,98 +308,42 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> P
   tx = common.make_optimizer(config.optim, steps, private=private)
   state = common.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(trainable),
                             ema_params=jax.tree_util.tree_map(jnp.copy, params))
-  state = common.replicate(state, mesh)  # Before restoring: orbax restores into this sharding.
-  ckpt = common.Checkpointer(workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints)
-  state = ckpt.restore_latest(state)
-  start = int(state.step)
-  if start:
-    console.print(f"resuming from step {start}")
-  if private:
-    dp_run.resume_at(start)
-  if primary:  # Every resume check has passed: now the run's records may change.
-    common.save_config(config, workdir / "config.json")
-    common.write_json(workdir / "ldm.json", info)
-    (workdir / "parameters.txt").write_text(common.parameter_overview(params))
   decode = latent_decoder(ae_model, scale)
   sampler = jax.jit(functools.partial(
       sample, unet_apply(unet), schedule=schedule, prediction=config.diffusion.prediction,
       guidance_scale=config.sampling.guidance_scale, method="ddim", num_steps=config.sampling.num_steps),
       static_argnums=(1,))
-  sample_fn = lambda ema, path, seed: _sample_grid(sampler, decode, ema, ae_params, latents.shape[1:],
-                                                   len(columns), path, seed)
-  return Prepared(config=config, workdir=workdir, console=console, private=private, primary=primary,
-                  examples=examples, columns=columns, mesh=mesh, dp_run=dp_run, state=state, ckpt=ckpt,
-                  start=start, sample_fn=sample_fn, data_fingerprint=fingerprint)
+
+  def sample_hook(state, done):  # From the EMA parameters only: nothing private is decoded.
+    _sample_grid(sampler, decode, common.fetch(state.ema_params), ae_params, latents.shape[1:], len(columns),
+                 workdir / "samples" / f"samples_{done:06d}.png", config.seed + done)
+
+  run = loop.Run(workdir, config, console, dp_run=dp_run, sample=sample_hook)
+  state = loop.restore(run, state, mesh, records={"ldm.json": info})
+  return Prepared(config=config, run=run, state=state, examples=examples, columns=columns, mesh=mesh,
+                  data_fingerprint=fingerprint)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   p = prepare(config, workdir)
-  workdir, console, private, primary = p.workdir, p.console, p.private, p.primary
-  examples, mesh, dp_run, state, ckpt, start = p.examples, p.mesh, p.dp_run, p.state, p.ckpt, p.start
-  steps, n = config.train.steps, len(p.examples["latent"])
-  log = common.MetricsLog(workdir, start) if primary else None
+  run = p.run
 
-  # --- steps --------------------------------------------------------------------------------
-  step_fn = jitted_step(config, private, len(p.columns), examples["latent"].shape[-1])
-  if private:
-    step_fn = functools.partial(step_fn, noise_multiplier=dp_run.noise_multiplier,
-                                expected_batch_size=dp_run.expected_batch_size)
+  # --- step ---------------------------------------------------------------------------------
+  step_fn = jitted_step(config, run.dp_run is not None, len(p.columns), p.examples["latent"].shape[-1])
+  if run.dp_run is not None:
+    step_fn = functools.partial(step_fn, noise_multiplier=run.dp_run.noise_multiplier,
+                                expected_batch_size=run.dp_run.expected_batch_size)
+    step = loop.poisson_step(step_fn, p.examples, run.dp_run, p.mesh)
+  else:
+    step = loop.shuffled_step(step_fn, p.examples, seed=config.seed, batch_size=config.train.batch_size,
+                              mesh=p.mesh)
 
   # --- loop ---------------------------------------------------------------------------------
-  progress, task = common.progress_bar(steps, start, "ldm (DP)" if private else "ldm")
-  rate_meter = common.RateMeter(start)
-  averager = common.MetricAverager()
-  stopped_for_budget = False
-  with progress:
-    for step in range(start, steps):
-      if private:
-        if step >= dp_run.allowed_steps:
-          stopped_for_budget = True
-          break
-        state, metrics = step_fn(state, *dp_run.step_inputs(examples, step, mesh))
-      else:
-        idx = common.batch_indices(config.seed, step, n, config.train.batch_size)
-        batch = common.shard_batch(jax.tree_util.tree_map(lambda a: a[idx], examples), mesh)
-        state, metrics = step_fn(state, batch, common.step_key(config.seed, step))
-      done = step + 1
-      averager.add(metrics)
-      log_now = done % config.train.log_every == 0 or done == steps
-      sample_now = config.train.sample_every > 0 and (done % config.train.sample_every == 0 or done == steps)
-      save_now = done % config.train.checkpoint_every == 0 or done == steps
-      if private and (log_now or sample_now or save_now):
-        # The ledger is written before anything computed from these steps leaves the loop (metrics,
-        # samples, checkpoints): after a crash it may over-count, never under-count. A resume from an
-        # older checkpoint re-takes steps with fresh batches and noise (a new attempt), counted again.
-        epsilon = dp_run.record_steps(done)
-      if log_now:
-        metrics = averager.pop()  # Means over the steps since the last log line.
-        common.check_finite(done, metrics)
-        if private:
-          metrics["epsilon"] = epsilon
-        if primary:
-          log.write(done, metrics)
-        rate = rate_meter(done)
-        progress.update(task, completed=done, rate=rate, info=common.progress_info(metrics))
-      else:
-        progress.update(task, completed=done)
-      if sample_now and primary:  # From the EMA parameters only: nothing private is decoded.
-        p.sample_fn(common.fetch(state.ema_params), workdir / "samples" / f"samples_{done:06d}.png",
-                    config.seed + done)
-      if save_now:
-        ckpt.save(done, state)
-    final_step = int(state.step)
-    if private:
-      epsilon = dp_run.record_steps(final_step)
-    if ckpt.latest_step() != final_step:
-      ckpt.save(final_step, state)
-  ckpt.close()
-
-  record = {"steps": final_step, "private": private, "data_fingerprint": p.data_fingerprint}
-  if private:
-    record.update(dp_run.record(epsilon, stopped_for_budget))
-    console.print(dp_run.summary(stopped_for_budget))
-  if primary:
-    common.write_json(workdir / "run.json", record)
+  loop.train(run, p.state, step, description="ldm")
+  record = {"steps": run.step, "private": run.dp_run is not None, "data_fingerprint": p.data_fingerprint,
+            **run.privacy()}
+  if run.primary:
+    common.write_json(run.workdir / "run.json", record)
   return record
 
 

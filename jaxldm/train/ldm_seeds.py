@@ -8,11 +8,14 @@ stacked on a leading axis and one `jax.vmap` of the trainer's private step advan
 every seed gets its own Poisson batch (padded to the same static size, since q and N are equal), its
 own noise key and its own ledger (the same q, sigma and steps, hence the same epsilon). With the same
 dp.noise_seed per seed, the result equals S separate runs (tests/test_ablate.py) at the cost of one
-compilation and S-wide kernels. Used by `jaxldm ablate` (configs/ablation.py: vmap_seeds).
+compilation and S-wide kernels. The runs share one `jaxldm.train.loop`: each keeps its own metrics
+log, samples, checkpoints and ledger, recorded before any of them is written. Used by `jaxldm
+ablate` (configs/ablation.py: vmap_seeds).
 """
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 import jax
@@ -20,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxldm.config import ConfigError, to_dict
-from jaxldm.train import common, ldm
+from jaxldm.train import common, ldm, loop
 
 _SEED_KEYS = ("seed",)  # Top-level keys allowed to differ (plus dp.noise_seed).
 
@@ -52,68 +55,41 @@ def train_seeds(configs: list[ml_collections.ConfigDict], workdirs: list[str | p
     if _without_seeds(c) != reference:
       raise ConfigError("vmapped seeds: the configs must differ only in 'seed' and 'dp.noise_seed'")
   preps = [ldm.prepare(c, w) for c, w in zip(configs, workdirs)]
-  if len({p.start for p in preps}) > 1:  # Interrupted at different steps: resume one by one.
+  if len({p.run.start for p in preps}) > 1:  # Interrupted at different steps: resume one by one.
     for p in preps:
-      p.ckpt.close()
+      p.run.ckpt.close()
     return [ldm.train_and_evaluate(c, w) for c, w in zip(configs, workdirs)]
 
   # --- steps --------------------------------------------------------------------------------
   p0, config = preps[0], configs[0]
-  steps, start = config.train.steps, p0.start
-  sigma, ebs = p0.dp_run.noise_multiplier, p0.dp_run.expected_batch_size
-  assert all(p.dp_run.noise_multiplier == sigma for p in preps)  # Same q, steps, target: same calibration.
-  allowed = min(p.dp_run.allowed_steps for p in preps)
+  sigma, ebs = p0.run.dp_run.noise_multiplier, p0.run.dp_run.expected_batch_size
+  assert all(p.run.dp_run.noise_multiplier == sigma for p in preps)  # Same q, steps, target: same calibration.
   step_fn = ldm.jitted_step(config, True, len(p0.columns), p0.examples["latent"].shape[-1], vmapped=True)
-  state = _stack([p.state for p in preps])
-  logs = [common.MetricsLog(p.workdir, start) if p.primary else None for p in preps]
-  averagers = [common.MetricAverager() for _ in preps]
-  unstack = lambda tree, i: common.replicate(jax.tree_util.tree_map(lambda x: x[i], tree), preps[i].mesh)
 
-  # --- loop ---------------------------------------------------------------------------------
-  progress, task = common.progress_bar(steps, start, f"ldm (DP) x {len(preps)} seeds")
-  stopped_for_budget = False
-  epsilons = [None] * len(preps)
-  with progress:
-    for step in range(start, steps):
-      if step >= allowed:
-        stopped_for_budget = True
-        break
-      rows = max(p.dp_run.rows_needed(step) for p in preps)  # One shape for the stacked seeds.
-      inputs = [p.dp_run.step_inputs(p.examples, step, p.mesh, rows) for p in preps]
-      state, metrics = step_fn(state, *(_stack([inp[k] for inp in inputs]) for k in range(4)), sigma, ebs)
-      done = step + 1
-      for i, averager in enumerate(averagers):
-        averager.add(jax.tree_util.tree_map(lambda m: m[i], metrics))
-      log_now = done % config.train.log_every == 0 or done == steps
-      sample_now = config.train.sample_every > 0 and (done % config.train.sample_every == 0 or done == steps)
-      save_now = done % config.train.checkpoint_every == 0 or done == steps
-      if log_now or sample_now or save_now:  # Ledgers first (see ldm.train_and_evaluate).
-        epsilons = [p.dp_run.record_steps(done) for p in preps]
-      if log_now:
-        for i, (p, averager) in enumerate(zip(preps, averagers)):
-          m = averager.pop()
-          common.check_finite(done, m)
-          m["epsilon"] = epsilons[i]
-          if p.primary:
-            logs[i].write(done, m)
-      progress.update(task, completed=done)
-      for i, p in enumerate(preps):
-        if sample_now and p.primary:
-          p.sample_fn(common.fetch(jax.tree_util.tree_map(lambda x: x[i], state.ema_params)),
-                      p.workdir / "samples" / f"samples_{done:06d}.png", p.config.seed + done)
-        if save_now:
-          p.ckpt.save(done, unstack(state, i))
-    final_step = int(state.step[0])
-    records = []
-    for i, p in enumerate(preps):
-      epsilon = p.dp_run.record_steps(final_step)
-      if p.ckpt.latest_step() != final_step:
-        p.ckpt.save(final_step, unstack(state, i))
-      p.ckpt.close()
-      record = {"steps": final_step, "private": True, **p.dp_run.record(epsilon, stopped_for_budget),
-                "vmapped_seeds": len(preps)}
-      p.console.print(p.dp_run.summary(stopped_for_budget))
-      if p.primary:
-        common.write_json(p.workdir / "run.json", record)
-      records.append(record)
+  def step(state, s):
+    rows = max(p.run.dp_run.rows_needed(s) for p in preps)  # One shape for the stacked seeds.
+    inputs = [p.run.dp_run.step_inputs(p.examples, s, p.mesh, rows) for p in preps]
+    return step_fn(state, *(_stack([inp[k] for inp in inputs]) for k in range(4)), sigma, ebs)
+
+  # --- loop: run i's state and metrics are row i of the stacked ones -------------------------
+  for i, p in enumerate(preps):
+    p.run.metrics_of = functools.partial(_row, i)
+    p.run.state_of = functools.partial(_run_state, i, p.mesh)
+  loop.train([p.run for p in preps], _stack([p.state for p in preps]), step,
+             description=f"ldm x {len(preps)} seeds")
+  records = []
+  for p in preps:
+    record = {"steps": p.run.step, "private": True, **p.run.privacy(), "vmapped_seeds": len(preps)}
+    if p.run.primary:
+      common.write_json(p.run.workdir / "run.json", record)
+    records.append(record)
   return records
+
+
+def _row(i: int, tree):
+  return jax.tree_util.tree_map(lambda x: x[i], tree)
+
+
+def _run_state(i: int, mesh, state):
+  """Run i's state, replicated over its mesh as a run of its own holds it (what its checkpoint saves)."""
+  return common.replicate(_row(i, state), mesh)

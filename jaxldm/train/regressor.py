@@ -32,7 +32,7 @@ import numpy as np
 from jaxldm.config import ConfigError, to_dict
 from jaxldm.models.layers import as_triple
 from jaxldm.models.regressor import AttributeRegressor, TargetSpec, attributes_to_dict
-from jaxldm.train import common
+from jaxldm.train import common, loop
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -339,7 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   from jaxldm.data.defaults import build_dataset
   from jaxldm.eval.controllability import compare_predictions
 
-  workdir, console = common.prepare_workdir(config, workdir)
+  workdir, console = common.prepare_workdir(workdir)
 
   # --- data ---------------------------------------------------------------------------------
   dataset = build_dataset(config.data, progress=True)
@@ -364,44 +364,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   tx = common.make_optimizer(config.optim, config.train.steps)
   state = new_state(params, tx)
   console.print(f"regressor: {common.count_params(params):,} parameters")
-  (workdir / "parameters.txt").write_text(common.parameter_overview(params))
-
-  # --- checkpoint ---------------------------------------------------------------------------
-  ckpt = common.Checkpointer(workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints)
-  state = ckpt.restore_latest(state)
-  start = int(state.step)
-  if start:
-    console.print(f"resuming from step {start}")
-  log = common.MetricsLog(workdir, start)
-  mesh = common.make_mesh(config.train.num_devices)
-  state = common.replicate(state, mesh)
 
   # --- step ---------------------------------------------------------------------------------
+  mesh = common.make_mesh(config.train.num_devices)
   train_step = jax.jit(make_train_step(model, spec, tx, ema_decay=config.optim.ema_decay,
                                        classification_weight=config.targets.classification_weight),
                        donate_argnums=0)
+  step = loop.shuffled_step(train_step, train_data, seed=config.seed, batch_size=config.train.batch_size, mesh=mesh)
 
   # --- loop ---------------------------------------------------------------------------------
-  steps, bs = config.train.steps, config.train.batch_size
-  progress, task = common.progress_bar(steps, start, "regressor")
-  rate_meter = common.RateMeter(start)
-  averager = common.MetricAverager()
-  with progress:
-    for step in range(start, steps):
-      idx = common.batch_indices(config.seed, step, n, bs)
-      batch = common.shard_batch({k: v[idx] for k, v in train_data.items()}, mesh)
-      state, metrics = train_step(state, batch, common.step_key(config.seed, step))
-      done = step + 1
-      averager.add(metrics)
-      if done % config.train.log_every == 0 or done == steps:
-        metrics = averager.pop()
-        common.check_finite(done, metrics)
-        log.write(done, metrics)
-        progress.update(task, completed=done, rate=rate_meter(done), info=f"loss {float(metrics['loss']):.4f}")
-      else:
-        progress.update(task, completed=done)
-      if done % config.train.checkpoint_every == 0 or done == steps:
-        ckpt.save(done, state)
+  run = loop.Run(workdir, config, console)
+  state = loop.restore(run, state, mesh)
+  state = loop.train(run, state, step, description="regressor")
 
   # --- held-out evaluation ------------------------------------------------------------------
   holdout = None
@@ -413,9 +387,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     holdout = compare_predictions(predicted, truth, categorical=spec.categorical, scores=scores,
                                   n_boot=config.train.bootstrap, seed=config.seed, source="regressor (held out)")
   info = {"model": to_dict(config.model), "targets": spec.to_dict(), "data_shape": list(volumes.shape[1:]),
-          "steps": int(state.step), "n_train": int(n), "n_holdout": int(len(hold_idx)), "holdout": holdout}
-  common.write_json(workdir / "regressor.json", info)
-  ckpt.close()
+          "steps": run.step, "n_train": int(n), "n_holdout": int(len(hold_idx)), "holdout": holdout}
+  if run.primary:
+    common.write_json(workdir / "regressor.json", info)
   if holdout:
     summary = [f"{k} r={v['pearson_r']:.3f}" for k, v in holdout["attributes"].items()]
     summary += [f"{k} acc={v['accuracy']:.3f}" for k, v in holdout["categorical"].items()]

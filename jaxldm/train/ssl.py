@@ -29,7 +29,7 @@ from jaxldm.config import ConfigError, to_dict
 from jaxldm.data.defaults import build_dataset
 from jaxldm.models.layers import as_triple
 from jaxldm.models.ssl_encoder import SSLEncoder
-from jaxldm.train import common
+from jaxldm.train import common, loop
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ENCODER_FILE = "encoder.json"
@@ -220,7 +220,7 @@ def retrieval_accuracy(model, params, volumes: np.ndarray, config, *, seed: int,
 # The run
 # ---------------------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-  workdir, console = common.prepare_workdir(config, workdir)
+  workdir, console = common.prepare_workdir(workdir)
 
   # --- data ---------------------------------------------------------------------------------
   dataset = build_dataset(config.data, progress=True)
@@ -242,54 +242,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   state = common.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
                             ema_params=jax.tree_util.tree_map(jnp.copy, params))
   console.print(f"ssl encoder: {common.count_params(params):,} parameters")
-  (workdir / "parameters.txt").write_text(common.parameter_overview(params))
-
-  # --- checkpoint ---------------------------------------------------------------------------
-  ckpt = common.Checkpointer(workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints)
-  state = ckpt.restore_latest(state)
-  start = int(state.step)
-  if start:
-    console.print(f"resuming from step {start}")
-  log = common.MetricsLog(workdir, start)
-  mesh = common.make_mesh(config.train.num_devices)
-  state = common.replicate(state, mesh)
 
   # --- step ---------------------------------------------------------------------------------
+  mesh = common.make_mesh(config.train.num_devices)
   train_step = jax.jit(make_train_step(model, tx, config), donate_argnums=0)
+  step = loop.shuffled_step(train_step, volumes, seed=config.seed, batch_size=config.train.batch_size, mesh=mesh)
 
   # --- loop ---------------------------------------------------------------------------------
-  steps, bs = config.train.steps, config.train.batch_size
-  progress, task = common.progress_bar(steps, start, "ssl encoder")
-  rate_meter = common.RateMeter(start)
-  averager = common.MetricAverager()
-  with progress:
-    for step in range(start, steps):
-      idx = common.batch_indices(config.seed, step, n, bs)
-      batch = common.shard_batch(volumes[idx], mesh)
-      state, metrics = train_step(state, batch, common.step_key(config.seed, step))
-      done = step + 1
-      averager.add(metrics)
-      if done % config.train.log_every == 0 or done == steps:
-        metrics = averager.pop()  # Means over the steps since the last log line.
-        common.check_finite(done, metrics)
-        log.write(done, metrics)
-        progress.update(task, completed=done, rate=rate_meter(done),
-                        info=f"loss {float(metrics['loss']):.4f} acc {float(metrics['accuracy']):.2f}")
-      else:
-        progress.update(task, completed=done)
-      if done % config.train.checkpoint_every == 0 or done == steps:
-        ckpt.save(done, state)
-  ckpt.close()
+  run = loop.Run(workdir, config, console)
+  state = loop.restore(run, state, mesh)
+  state = loop.train(run, state, step, description="ssl encoder")
 
   # --- freeze: version and a retrieval check ------------------------------------------------
   params = jax.device_get(state.ema_params)
   version = params_version(params)
   retrieval = retrieval_accuracy(model, params, volumes, config, seed=config.seed + 1)
-  info = {"version": f"ssl3d-{version}", "params": "ema_params", "steps": int(state.step),
+  info = {"version": f"ssl3d-{version}", "params": "ema_params", "steps": run.step,
           "model": to_dict(config.model), "data_shape": list(volumes.shape[1:]),
           "intensity_range": list(config.data.intensity_range), "embedding_dim": int(config.model.channels[-1]),
           "augment": to_dict(config.augment), "retrieval_top1": retrieval}
-  common.write_json(workdir / ENCODER_FILE, info)
+  if run.primary:
+    common.write_json(workdir / ENCODER_FILE, info)
   console.print(f"encoder ssl3d-{version}: augmented-copy retrieval top-1 {retrieval:.3f} on "
                 f"{min(n, 256)} training volumes; wrote {workdir / ENCODER_FILE}")
   return info

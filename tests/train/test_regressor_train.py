@@ -63,6 +63,16 @@ def test_train_writes_run_and_resumes_and_predicts(phantom_dir, tmp_path):
   assert p_es.shape == (5,) and np.all((p_es >= 0) & (p_es <= 1))
 
 
+def test_only_the_primary_process_writes_the_run_files(phantom_dir, tmp_path, monkeypatch):
+  from jaxldm.train import distributed
+
+  monkeypatch.setattr(distributed, "is_primary", lambda: False)  # As process 1 of a multi-host run.
+  info = regressor.train_and_evaluate(_config(phantom_dir, **{"train.steps": 1}), tmp_path)
+  assert info["steps"] == 1
+  # No config.json, parameters.txt, metrics.jsonl or regressor.json; checkpoints: all processes (orbax).
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "samples"]
+
+
 def test_unknown_target_attribute_is_a_config_error(phantom_dir, tmp_path):
   with pytest.raises(ConfigError, match="targets.attributes"):
     regressor.train_and_evaluate(_config(phantom_dir, **{"targets.attributes": ("lv_edv_ml", "heart_rate")}),

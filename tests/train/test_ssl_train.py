@@ -83,6 +83,16 @@ def test_cli_trains_checkpoints_and_versions_the_encoder(tiny_nifti_dir, tmp_pat
   assert info["version"] != f"ssl3d-{ssl.params_version(target)}"
 
 
+def test_only_the_primary_process_writes_the_run_files(tiny_nifti_dir, tmp_path, monkeypatch):
+  from jaxldm.train import distributed
+
+  monkeypatch.setattr(distributed, "is_primary", lambda: False)  # As process 1 of a multi-host run.
+  info = ssl.train_and_evaluate(_config(tiny_nifti_dir, **{"train.steps": 1}), tmp_path)
+  assert info["steps"] == 1
+  # No config.json, parameters.txt, metrics.jsonl or encoder.json; checkpoints: all processes (orbax).
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "samples"]
+
+
 def test_training_separates_augmented_copies_from_other_volumes(tiny_nifti_dir):
   """30 steps on a fixed set of 8 volumes: the loss falls, and in embedding space (Pearson) each
   volume's augmented copy is closer to it than the other volumes are, on average, by more than at
