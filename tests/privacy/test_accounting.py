@@ -114,3 +114,18 @@ def test_rdp_non_converged_order_warnings_are_dropped_and_others_kept(caplog):
   messages = [r.getMessage() for r in caplog.records]
   assert not any("failed to converge" in m for m in messages)
   assert "another absl warning" in messages
+
+
+@pytest.mark.parametrize("q,sigma,steps", [(0.01, 1.1, 1), (0.01, 1.1, 1000), (0.25, 0.7, 37), (1.0, 2.0, 5),
+                                           (1 / 16, 0.9, 300)])
+def test_rdp_epsilon_equals_dp_accounting(q, sigma, steps):
+  # The cached one-step RDP curve times `steps` against dp-accounting's own composition of the event.
+  import dp_accounting
+  from dp_accounting import rdp
+  acc = rdp.RdpAccountant()
+  acc.compose(dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps))
+  want = acc.get_epsilon(1e-5)
+  for _ in range(2):  # Computed, then from the cache.
+    got = accounting.epsilon(noise_multiplier=sigma, sampling_rate=q, steps=steps, delta=1e-5, accountant="rdp")
+    assert got == pytest.approx(want, rel=1e-12)
