@@ -1,8 +1,8 @@
 """`jaxldm ablate`: a grid of DP LDM runs, each trained, evaluated and tabulated; resumable.
 
-  jaxldm ablate --config configs/ablation.py:tiny --workdir runs/ablation
+  jaxldm ablate --config ablation:tiny --workdir runs/ablation
 
-The grid (configs/ablation.py) is target epsilon x pretrained-or-scratch x noise multiplicity K x
+The grid (ablation) is target epsilon x pretrained-or-scratch x noise multiplicity K x
 clip norm C x seeds. Each point is a run directory WORKDIR/runs/<name> (e.g. eps10-pre-K2-C1-s0)
 trained by the ordinary LDM trainer and evaluated by `jaxldm evaluate` (report in
 <run>/eval/report.json). The report is the "done" mark: a run that has one is not redone, a run

@@ -784,11 +784,11 @@ def build_parser() -> argparse.ArgumentParser:
       description="Times every gradient mode on the same model, data and keys in one process: compile "
                   "(reported apart), warm-up, then the modes alternate in each repeat and the median "
                   "step time is reported. Writes one JSON record per (mode, batch) and a PNG plot. "
-                  "Example: jaxldm bench grads --model unet --config configs/ldm.py:tiny --batch 8,16 "
+                  "Example: jaxldm bench grads --model unet --config ldm:tiny --batch 8,16 "
                   "--modes nonprivate,vmap --json grads.json")
   p.add_argument("--model", choices=("unet", "autoencoder"), required=True, help="which network")
   p.add_argument("--config", required=True,
-                 help="its training config[:variant], e.g. configs/ldm.py:tiny or configs/autoencoder.py:paper")
+                 help="its training config[:variant], e.g. ldm:tiny or autoencoder:paper")
   p.add_argument("--batch", type=_ints, default=(8,), help="batch sizes, comma-separated (default 8)")
   p.add_argument("--modes", type=lambda t: tuple(m.strip() for m in t.split(",") if m.strip()),
                  default=("nonprivate", "vmap", "vmap_microbatch"),
@@ -809,14 +809,14 @@ def build_parser() -> argparse.ArgumentParser:
                   "gradient modes on the same model, batch and inputs back to back, and prints the ratios "
                   "Opacus DP / jaxldm DP, jaxldm non-private / PyTorch plain, jaxldm DP / jaxldm non-private "
                   "(fastest DP mode of each). Needs torch and opacus: pip install -e '.[bench]'. "
-                  "Example: jaxldm bench compare --model unet --config configs/ldm.py:tiny --batch 8 "
+                  "Example: jaxldm bench compare --model unet --config ldm:tiny --batch 8 "
                   "--json compare.json. With --from-files A B (or two positional files): step-time "
                   "ratios B / A of two saved record files.")
   p.add_argument("files", nargs="*", metavar="FILE", help="two record files (same as --from-files)")
   p.add_argument("--from-files", nargs=2, metavar=("A", "B"),
                  help="compare two saved record files (A e.g. jaxldm's, B scripts/bench_opacus.py's) instead")
   p.add_argument("--model", choices=("unet", "autoencoder"), help="which network")
-  p.add_argument("--config", help="its training config[:variant], e.g. configs/ldm.py:tiny")
+  p.add_argument("--config", help="its training config[:variant], e.g. ldm:tiny")
   p.add_argument("--batch", type=_ints, default=(8,), help="batch sizes, comma-separated (default 8)")
   p.add_argument("--modes", type=lambda t: tuple(m.strip() for m in t.split(",") if m.strip()), default=("nonprivate", "vmap"),
                  help="jaxldm modes (default nonprivate,vmap; the twin runs plain, opacus_functorch, opacus_hooks)")
@@ -835,8 +835,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "padding, microbatches, sharding) on random latents (no autoencoder or data files), times "
                   "the private step and the non-private step at the expected batch size, and reports "
                   "DP step / (K x non-private step), K = diffusion.noise_multiplicity. "
-                  "Example: jaxldm bench trainer --config configs/ldm_dp.py:tiny --steps 10")
-  p.add_argument("--config", required=True, help="a DP LDM config[:variant], e.g. configs/ldm_dp.py:tiny")
+                  "Example: jaxldm bench trainer --config ldm_dp:tiny --steps 10")
+  p.add_argument("--config", required=True, help="a DP LDM config[:variant], e.g. ldm_dp:tiny")
   p.add_argument("--steps", type=int, default=10, help="timed steps of each kind (default 10; medians)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first call (default 2)")
   p.add_argument("--examples", type=int, default=0,
@@ -892,7 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--samples", metavar="DIR", help="evaluate these samples (from jaxldm sample) instead of drawing")
   p.add_argument("--train", metavar="DIR", help="training volumes (default: the run's data.root)")
   p.add_argument("--features", choices=("ssl3d", "medicalnet", "slice2d"), default="ssl3d",
-                 help="feature extractor (default ssl3d: train it with jaxldm train --config configs/ssl.py)")
+                 help="feature extractor (default ssl3d: train it with jaxldm train --config ssl)")
   p.add_argument("--feature-weights", metavar="PATH",
                  help="ssl3d: its workdir (default runs/ssl); medicalnet/slice2d: a PyTorch weight file")
   p.add_argument("--regressor", metavar="WORKDIR", help="attribute regressor run for controllability on real data")
@@ -910,9 +910,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "seeds), trains each run with the LDM trainer into WORKDIR/runs/NAME, evaluates it (jaxldm "
                   "evaluate) and writes WORKDIR/ablation.csv (one row per run), WORKDIR/summary.md (mean and 95% CI "
                   "over seeds per setting) and WORKDIR/ablation.png (FID, copy rate, controllability vs epsilon). "
-                  "Runs with a report are not redone. Examples: jaxldm ablate --config configs/ablation.py:tiny "
+                  "Runs with a report are not redone. Examples: jaxldm ablate --config ablation:tiny "
                   "--workdir runs/ablation; the pretraining study (after make demo): jaxldm ablate --config "
-                  "configs/study_pretraining.py:tiny --workdir runs/study")
+                  "study_pretraining:tiny --workdir runs/study")
   p.add_argument("--config", required=True,
                  help="ablation preset NAME[:variant] (e.g. ablation:tiny, study_pretraining:tiny) or config file "
                       "PATH.py[:variant]")

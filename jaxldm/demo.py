@@ -25,9 +25,6 @@ from collections.abc import Callable
 from jaxldm.config import ConfigError, load_config
 from jaxldm.eval import sections
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-
-
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Sizes of one demo: how many phantoms and how long each stage trains."""
@@ -70,11 +67,8 @@ MODE_FILE = "demo.json"
 
 
 def _config(name: str, size: str, overrides: dict, extra: dict):
-  overrides = {**overrides, **extra.get(name, {})}
-  path = CONFIGS / f"{name}.py"
-  if not path.is_file():
-    raise ConfigError(f"{path} not found: run the demo from a jaxldm checkout (configs/ lives there)")
-  return load_config(f"{path}:{size}", overrides)
+  """The packaged preset NAME:size with the demo's overrides (works after a plain pip install)."""
+  return load_config(f"{name}:{size}", {**overrides, **extra.get(name, {})})
 
 
 def run(out: str | pathlib.Path = "runs/demo", size: str = "tiny", *, plan: Plan | None = None,

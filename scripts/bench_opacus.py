@@ -1,9 +1,9 @@
 """PyTorch/Opacus twin of `jaxldm bench grads` (the code: jaxldm/bench/torch_twin.py).
 
-  python scripts/bench_opacus.py --model unet --config configs/ldm.py:tiny --batch 8,16 \
+  python scripts/bench_opacus.py --model unet --config ldm:tiny --batch 8,16 \
       --json benchmarks/cpu_unet_tiny_opacus.json [--device cuda]
 
-`jaxldm bench compare --model unet --config configs/ldm.py:tiny` runs this and jaxldm back to back
+`jaxldm bench compare --model unet --config ldm:tiny` runs this and jaxldm back to back
 and prints the ratios. Needs torch and opacus: pip install -e '.[bench]'.
 """
 

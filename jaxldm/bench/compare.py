@@ -1,6 +1,6 @@
 """`jaxldm bench compare`: jaxldm and its PyTorch/Opacus twin on the same model and batch, one command.
 
-  jaxldm bench compare --model unet --config configs/ldm.py:tiny --batch 8 --json compare.json
+  jaxldm bench compare --model unet --config ldm:tiny --batch 8 --json compare.json
 
 The twin (`jaxldm.bench.torch_twin`) runs first, in a subprocess (its own threads and GPU memory;
 JAX there stays on the CPU, it only counts parameters), then jaxldm in this process. Ratios, per

@@ -3,7 +3,7 @@
   bash scripts/gpu_check.sh                     # paper-size models on the GPU, < 8 min on one H100/H200
   bash scripts/gpu_check.sh --tiny --out /tmp/gc  # the same run end to end on a CPU, small models
 
-Grid (paper size): the paper autoencoder and UNet (configs/autoencoder.py:paper, configs/ldm.py:paper)
+Grid (paper size): the paper autoencoder and UNet (autoencoder:paper, ldm:paper)
 at physical batch 8 and 32, float32 and bfloat16 compute (`model.dtype`), convolution kernel
 gradient native (XLA's) and taps (`jaxldm.models.conv`), modes nonprivate / vmap / vmap_microbatch
 (`jaxldm.bench.grads`). Per (model, batch, dtype, conv) every mode's program is compiled (XLA
@@ -50,9 +50,9 @@ TINY_OVERRIDES = {
     "unet": ["--config.data.shape=(2,8,8)", "--config.model.base_channels=4", "--config.model.context_dim=8"],
 }
 SIZES = {
-    "paper": {"configs": {"unet": "configs/ldm.py:paper", "autoencoder": "configs/autoencoder.py:paper"},
+    "paper": {"configs": {"unet": "ldm:paper", "autoencoder": "autoencoder:paper"},
               "overrides": {}, "batches": (8, 32), "repeats": 5, "warmup": 2, "budget_s": 450.0},
-    "tiny": {"configs": {"unet": "configs/ldm.py:tiny", "autoencoder": "configs/autoencoder.py:tiny"},
+    "tiny": {"configs": {"unet": "ldm:tiny", "autoencoder": "autoencoder:tiny"},
              "overrides": TINY_OVERRIDES, "batches": (2, 4), "repeats": 2, "warmup": 1, "budget_s": 0.0},
 }
 HEADING = "## GPU check"

@@ -1,6 +1,6 @@
 """Per-example gradient throughput: the same model, data and keys under every gradient mode.
 
-  jaxldm bench grads --model unet --config configs/ldm.py:tiny --batch 8,16,32 --json grads.json
+  jaxldm bench grads --model unet --config ldm:tiny --batch 8,16,32 --json grads.json
 
 Modes (all jitted, all return a gradient pytree like the params):
   nonprivate       the plain batched gradient of the mean loss (what non-private training does);
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxldm.config import ConfigError, load_config
+from jaxldm.config import ConfigError, load_config, resolve_spec
 
 MODES = ("nonprivate", "vmap", "vmap_microbatch", "loop")
 MODELS = ("unet", "autoencoder")
@@ -51,9 +51,12 @@ class Target:
 # Targets built from the training configs
 # ---------------------------------------------------------------------------------------------
 def _autoencoder_config_for(spec: str) -> ml_collections.ConfigDict:
-  """The autoencoder config next to an LDM config, same variant (gives latent channels/shape)."""
-  path, _, variant = spec.partition(":")
-  sibling = pathlib.Path(path).with_name("autoencoder.py")
+  """The autoencoder config that goes with an LDM config, same variant (gives latent channels/shape):
+  the `autoencoder` preset for a preset, the file `autoencoder.py` next to a user's config file."""
+  name, path, variant = resolve_spec(spec)
+  if name:
+    return load_config(f"autoencoder:{variant}" if variant else "autoencoder")
+  sibling = path.with_name("autoencoder.py")
   if not sibling.is_file():
     raise ConfigError(f"--config {spec}: the UNet's latent shape comes from the autoencoder config, "
                       f"expected {sibling} next to it")

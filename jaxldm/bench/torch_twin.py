@@ -1,7 +1,7 @@
 """Peer benchmark: the same UNet / autoencoder in PyTorch, plain and under Opacus.
 
-  jaxldm bench compare --model unet --config configs/ldm.py:tiny --batch 8     # both, back to back
-  python scripts/bench_opacus.py --model unet --config configs/ldm.py:tiny --batch 8,16 \
+  jaxldm bench compare --model unet --config ldm:tiny --batch 8     # both, back to back
+  python scripts/bench_opacus.py --model unet --config ldm:tiny --batch 8,16 \
       --json benchmarks/cpu_unet_tiny_opacus.json                           # this side alone
 
 Needs torch and opacus (`pip install -e '.[bench]'`); importing this module without them raises

@@ -1,6 +1,6 @@
 """`jaxldm bench trainer`: the LDM trainer's OWN jitted steps, private and not, on synthetic latents.
 
-  jaxldm bench trainer --config configs/ldm_dp.py:tiny --steps 6 --json trainer.json
+  jaxldm bench trainer --config ldm_dp:tiny --steps 6 --json trainer.json
 
 What is timed is one iteration of `jaxldm.train.ldm.train_and_evaluate`'s loop, minus logging:
 
@@ -83,7 +83,7 @@ def run(spec: str, overrides: Sequence[str] = (), *, steps: int = 10, warmup: in
   if config.get("trainer") != "ldm":
     raise ConfigError(f"--config {spec}: bench trainer needs an LDM config (trainer 'ldm'), got {config.get('trainer')!r}")
   if not config.dp.enabled:
-    raise ConfigError(f"--config {spec}: dp.enabled is False; use a DP config such as configs/ldm_dp.py:tiny")
+    raise ConfigError(f"--config {spec}: dp.enabled is False; use a DP config such as ldm_dp:tiny")
   if steps < 1:
     raise ConfigError(f"--steps {steps}: at least 1")
   latent_shape = _latent_shape(spec, config)

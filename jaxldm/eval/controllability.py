@@ -347,7 +347,7 @@ def regressor_controllability(predictor, volumes, conditioned: Mapping[str, Any]
 
   Args:
     predictor: a `jaxldm.train.regressor.Predictor` (e.g. `load_regressor(workdir)`) or a run
-      directory of `jaxldm train --config configs/regressor.py`.
+      directory of `jaxldm train --config regressor`.
     volumes: (N, D, H, W) generated volumes, preprocessed like the regressor's training data.
     conditioned: {attribute: (N,)} natural units, NaN = not conditioned.
 

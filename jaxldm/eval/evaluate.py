@@ -5,7 +5,7 @@
 Inputs: the LDM run (its config.json says which data it trained on and how they were preprocessed),
 a directory of REAL reference volumes that the run did NOT train on (FID/KID reference and the
 validation set of the memorization threshold), and a feature extractor (`ssl3d` by default: the
-project's own contrastive encoder, trained with `jaxldm train --config configs/ssl.py`).
+project's own contrastive encoder, trained with `jaxldm train --config ssl`).
 
 Sections (jaxldm.eval.sections.SECTIONS, in this order; each skipped with a reason when it does
 not apply). Every section is one object that computes its result, names its headline numbers and

@@ -8,7 +8,7 @@
 Every extractor has a `name` and a `version` (which weights, which input preparation); cached
 reference statistics are keyed by both (`jaxldm.eval.fid.save_reference_stats`) so numbers from
 different extractors are never mixed. Nothing is downloaded: `ssl3d` is trained by this project on
-public data (`jaxldm train --config configs/ssl.py`), the other two read a weight file the user
+public data (`jaxldm train --config ssl`), the other two read a weight file the user
 has (PyTorch state dicts, converted once on load; torch is only needed for that).
 
 Input preparation (volumes come in as the data pipeline makes them: (D, H, W), D the slice axis,
@@ -40,7 +40,7 @@ import numpy as np
 from jaxldm.config import ConfigError
 
 EXTRACTORS = ("ssl3d", "medicalnet", "slice2d")
-DEFAULT_SSL3D_WORKDIR = "runs/ssl"  # Where `jaxldm train --config configs/ssl.py` is told to write in the README.
+DEFAULT_SSL3D_WORKDIR = "runs/ssl"  # Where `jaxldm train --config ssl` is told to write in the README.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -83,7 +83,7 @@ def get_extractor(name: str, *, weights: str | os.PathLike | None = None, batch_
 
   Args:
     name: "ssl3d", "medicalnet" or "slice2d".
-    weights: ssl3d: the workdir of a finished `configs/ssl.py` run (default DEFAULT_SSL3D_WORKDIR);
+    weights: ssl3d: the workdir of a finished `ssl` run (default DEFAULT_SSL3D_WORKDIR);
       medicalnet / slice2d: a PyTorch state dict file (required; nothing is downloaded).
     batch_size: volumes per jitted call.
     input_shape: medicalnet only: resize volumes to this (D, H, W) first (None keeps their shape).
@@ -125,7 +125,7 @@ def _resize(x: jax.Array, shape: Sequence[int]) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------
-# ssl3d: the project's contrastive encoder (configs/ssl.py)
+# ssl3d: the project's contrastive encoder (ssl)
 # ---------------------------------------------------------------------------------------------
 def _ssl3d(weights, batch_size: int) -> Extractor:
   from jaxldm.train import ssl
@@ -135,7 +135,7 @@ def _ssl3d(weights, batch_size: int) -> Extractor:
   info_path = workdir / ssl.ENCODER_FILE
   if not info_path.is_file():
     raise ConfigError(f"{info_path} does not exist: the ssl3d extractor needs the workdir of a finished "
-                      f"`jaxldm train --config configs/ssl.py --workdir DIR` run; train one on public data "
+                      f"`jaxldm train --config ssl --workdir DIR` run; train one on public data "
                       f"and pass weights=DIR")
   info = json.loads(info_path.read_text())
   model = ssl.build_model(info["model"])

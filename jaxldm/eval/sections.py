@@ -581,7 +581,7 @@ def controllability_section(syn_v, values, mask, columns, spacing, opts, is_phan
     return ctl_lib.regressor_controllability(opts.regressor, syn_v, conditioned, seed=opts.seed)
   if is_phantom:
     return ctl_lib.controllability(syn_v, spacing, conditioned, seed=opts.seed, progress=True)
-  return {"skipped": "not phantom data: pass --regressor WORKDIR (jaxldm train --config configs/regressor.py)"}
+  return {"skipped": "not phantom data: pass --regressor WORKDIR (jaxldm train --config regressor)"}
 
 
 def controllability_lines(ctl: dict) -> list[str]:

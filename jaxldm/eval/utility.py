@@ -45,7 +45,7 @@ from jaxldm.models.regressor import TargetSpec, attributes_from_dict
 from jaxldm.train import common
 from jaxldm.train import regressor as regressor_lib
 
-# A CPU-sized regressor; pass `model=` for bigger volumes (keys as in configs/regressor.py `model`).
+# A CPU-sized regressor; pass `model=` for bigger volumes (keys as in regressor `model`).
 DEFAULT_MODEL = {"channels": (8, 16, 32), "num_res_blocks": 1, "kernel": (1, 3, 3), "stride": (1, 2, 2),
                  "dtype": "float32"}
 

@@ -15,10 +15,10 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-import nibabel as nib
 import numpy as np
 
 from jaxldm.config import ConfigError
+from jaxldm.data import nifti
 from jaxldm.data.dataset import read_attributes
 from jaxldm.diffusion import make_schedule, sample
 from jaxldm.train import common, ldm
@@ -200,7 +200,7 @@ def generate(workdir, n: int, *, seed: int = 0, guidance_scale: float = 1.0, met
 def write_volumes(out_dir, volumes: np.ndarray, spacing, *, names=None, attributes=None, mask=None,
                   overwrite: bool = False, prefix: str = "sample", extra_json: dict | None = None,
                   extra_arrays: dict | None = None, descrip: str | None = None) -> pathlib.Path:
-  """NIfTI files (voxel axes W, H, D; RAS affine = spacing) + attributes.csv, written atomically.
+  """NIfTI files (`nifti.write_nifti`: voxel axes W, H, D; centred RAS affine from spacing) + attributes.csv, written atomically.
 
   extra_json: {filename: record} JSON files written into the same directory, in the same atomic
   step (e.g. safeguard.json: the volumes never appear without the record of how they were chosen).
@@ -213,14 +213,9 @@ def write_volumes(out_dir, volumes: np.ndarray, spacing, *, names=None, attribut
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
   try:
-    dz, dy, dx = spacing
-    affine = np.diag([dx, dy, dz, 1.0])
     ids = [f"{prefix}-{i:05d}" for i in range(len(volumes))]
-    for sid, vol in zip(ids, volumes):
-      img = nib.Nifti1Image(np.asarray(vol, np.float32).transpose(2, 1, 0), affine)
-      if descrip:
-        img.header["descrip"] = descrip.encode()[:80]
-      nib.save(img, tmp / f"{sid}.nii.gz")
+    for sid, vol in zip(ids, volumes):  # The one NIfTI writer (and affine rule) of the package.
+      nifti.write_nifti(tmp / f"{sid}.nii.gz", np.asarray(vol, np.float32), spacing, descrip=descrip or "")
     if names:
       with open(tmp / "attributes.csv", "w", newline="") as f:
         w = csv.writer(f)
