@@ -5,6 +5,7 @@ process 0 writes the run's files; a private run records its ledger before anythi
 (and a loop that records after saving is caught), and stops before the budget.
 """
 
+import functools
 import json
 import pathlib
 
@@ -29,9 +30,9 @@ def _config(**train) -> ml_collections.ConfigDict:
   return c
 
 
-def _state(size: int = 3) -> common.TrainState:
-  zeros = lambda: {"w": jnp.zeros(size)}
-  return common.TrainState(step=jnp.array(0, jnp.int32), params=zeros(), opt_state={"m": jnp.zeros(size)},
+def _state(name: str = "w") -> common.TrainState:
+  zeros = lambda: {name: jnp.zeros(3)}
+  return common.TrainState(step=jnp.array(0, jnp.int32), params=zeros(), opt_state={"m": jnp.zeros(3)},
                            ema_params=zeros())
 
 
@@ -111,7 +112,7 @@ def test_a_refused_resume_rewrites_no_record(tmp_path):
   _run(tmp_path, _config(steps=2))
   recorded = {name: (tmp_path / name).read_text() for name in ("config.json", "parameters.txt", "metrics.jsonl")}
   with pytest.raises(ConfigError, match="does not match this config"):
-    _run(tmp_path, _config(steps=4), state=_state(size=5))  # Another model: the checkpoint does not fit.
+    _run(tmp_path, _config(steps=4), state=_state("v"))  # Another model: the checkpoint does not fit.
   assert {name: (tmp_path / name).read_text() for name in recorded} == recorded
 
 
@@ -137,6 +138,35 @@ def test_a_non_finite_loss_stops_at_its_log_line_and_keeps_the_last_good_checkpo
   ckpt = common.Checkpointer(tmp_path / "checkpoints")
   assert ckpt.latest_step() == 2
   ckpt.close()
+
+
+def test_runs_sharing_one_loop_keep_their_own_files(tmp_path):
+  """Two seeds stacked in one state (as jaxldm.train.ldm_seeds does) end as two separate runs do."""
+  configs = [_config(steps=3, checkpoint_every=2), _config(steps=3, checkpoint_every=2)]
+  configs[1].seed = 1
+  separate = [_run(tmp_path / f"separate{i}", c)[0] for i, c in enumerate(configs)]
+  row = lambda i, tree: jax.tree_util.tree_map(lambda x: x[i], tree)
+  mesh = common.make_mesh(1)
+  runs, states = [], []
+  for i, c in enumerate(configs):
+    workdir, _ = common.prepare_workdir(tmp_path / f"shared{i}")
+    runs.append(loop.Run(workdir, c, Console(quiet=True), state_of=functools.partial(row, i),
+                         metrics_of=functools.partial(row, i)))
+    states.append(loop.restore(runs[-1], _state(), mesh))
+  stack = lambda trees: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+  def step(state, s):
+    batches = [{"x": EXAMPLES["x"][common.batch_indices(c.seed, s, 8, 4)]} for c in configs]
+    return jax.vmap(_plain_step)(state, stack(batches), jnp.stack([common.step_key(c.seed, s) for c in configs]))
+
+  loop.train(runs, stack(states), step, description="two seeds")
+  for i, run in enumerate(runs):
+    assert run.step == separate[i].step == 3
+    np.testing.assert_allclose(_saved_params(run.workdir), _saved_params(separate[i].workdir), rtol=1e-6)
+    assert [l["step"] for l in _lines(run.workdir)] == [1, 2, 3]
+    np.testing.assert_allclose([l["loss"] for l in _lines(run.workdir)],
+                               [l["loss"] for l in _lines(separate[i].workdir)], rtol=1e-6)
+  assert not np.allclose(_saved_params(runs[0].workdir), _saved_params(runs[1].workdir))
 
 
 # ---------------------------------------------------------------------------------------------
