@@ -1,4 +1,4 @@
-"""The autoencoder trained with DP-SGD (configs/autoencoder_dp.py) at tiny size: ledger, resume, refusals."""
+"""The autoencoder trained with DP-SGD (preset autoencoder_dp) at tiny size: ledger, resume, refusals."""
 
 import json
 import pathlib
@@ -11,7 +11,6 @@ from jaxldm.config import ConfigError, load_config
 from jaxldm.privacy import accounting
 from jaxldm.train import autoencoder, common
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _config(data_dir, **overrides):
@@ -20,7 +19,7 @@ def _config(data_dir, **overrides):
           "train.checkpoint_every": 1, "dp.expected_batch_size": 2, "dp.microbatch_size": 2,
           "dp.delta": 1e-3, "dp.noise_multiplier": 1.0, "dp.noise_seed": 99, "train.steps": 2}
   base.update(overrides)
-  return load_config(str(ROOT / "configs/autoencoder_dp.py:tiny"), base)
+  return load_config("autoencoder_dp:tiny", base)
 
 
 def _params(workdir):

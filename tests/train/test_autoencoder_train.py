@@ -10,7 +10,6 @@ import pytest
 from jaxldm.config import load_config
 from jaxldm.train import autoencoder, common
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _config(data_dir, **overrides):
@@ -18,7 +17,7 @@ def _config(data_dir, **overrides):
           "data.spacing": (20.0, 4.0, 4.0), "train.batch_size": 4, "train.log_every": 1,
           "train.sample_every": 0, "train.checkpoint_every": 2, "train.steps": 4}
   base.update(overrides)
-  return load_config(str(ROOT / "configs/autoencoder.py:tiny"), base)
+  return load_config("autoencoder:tiny", base)
 
 
 def _final_params(workdir):

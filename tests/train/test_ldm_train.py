@@ -1,7 +1,6 @@
 """The LDM trainer at tiny size: non-private, DP with ledger, budget stop, resume."""
 
 import json
-import pathlib
 
 import jax
 import numpy as np
@@ -11,7 +10,6 @@ from jaxldm.config import ConfigError, load_config
 from jaxldm.privacy import accounting
 from jaxldm.train import autoencoder, common, ldm
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 DATA = {"data.attributes": (), "data.shape": (4, 16, 16), "data.spacing": (20.0, 4.0, 4.0)}
 SMALL_UNET = {"model.base_channels": 8, "model.context_dim": 8, "sampling.num_steps": 2,
               "train.log_every": 1, "train.sample_every": 0, "train.checkpoint_every": 1}
@@ -20,7 +18,7 @@ SMALL_UNET = {"model.base_channels": 8, "model.context_dim": 8, "sampling.num_st
 @pytest.fixture(scope="module")
 def ae_dir(public_nifti_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("ae")
-  config = load_config(str(ROOT / "configs/autoencoder.py:tiny"),
+  config = load_config("autoencoder:tiny",
                        {**DATA, "data.root": str(public_nifti_dir), "train.steps": 1, "train.batch_size": 4})
   autoencoder.train_and_evaluate(config, workdir)
   return workdir
@@ -29,13 +27,13 @@ def ae_dir(public_nifti_dir, tmp_path_factory):
 def _ldm_config(spec, data_dir, ae, **overrides):
   base = {**DATA, **SMALL_UNET, "data.root": str(data_dir), "autoencoder_workdir": str(ae)}
   base.update(overrides)
-  return load_config(str(ROOT / spec), base)
+  return load_config(spec, base)
 
 
 @pytest.fixture(scope="module")
 def pretrained_dir(public_nifti_dir, ae_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("ldm")
-  record = ldm.train_and_evaluate(_ldm_config("configs/ldm.py:tiny", public_nifti_dir, ae_dir,
+  record = ldm.train_and_evaluate(_ldm_config("ldm:tiny", public_nifti_dir, ae_dir,
                                               **{"train.steps": 2, "train.batch_size": 4, "train.sample_every": 2}), workdir)
   assert record["steps"] == 2 and record["private"] is False and len(record["data_fingerprint"]) == 64
   assert (workdir / "samples" / "samples_000002.png").is_file()
@@ -47,7 +45,7 @@ def _dp(tiny_nifti_dir, ae_dir, pretrained_dir, **overrides):
           "dp.microbatch_size": 2, "dp.delta": 1e-3, "dp.noise_seed": 1234,
           "diffusion.noise_multiplicity": 2, "train.trainable": "attention+conditioning"}
   base.update(overrides)
-  return _ldm_config("configs/ldm_dp.py:tiny", tiny_nifti_dir, ae_dir, **base)
+  return _ldm_config("ldm_dp:tiny", tiny_nifti_dir, ae_dir, **base)
 
 
 def test_dp_finetune_resumes_and_accounts_every_step(tiny_nifti_dir, ae_dir, pretrained_dir, tmp_path):
@@ -129,7 +127,7 @@ def test_sample_from_an_ldm_trained_on_fewer_devices(tiny_nifti_dir, ae_dir, tmp
   from jaxldm.train import generate
 
   workdir = tmp_path / "ldm1"
-  ldm.train_and_evaluate(_ldm_config("configs/ldm.py:tiny", tiny_nifti_dir, ae_dir, **{
+  ldm.train_and_evaluate(_ldm_config("ldm:tiny", tiny_nifti_dir, ae_dir, **{
       "train.steps": 1, "train.batch_size": 4, "train.sample_every": 0, "train.num_devices": 1}), workdir)
   volumes, _, _, _ = generate.generate(workdir, 2, seed=0, num_steps=2, batch_size=2)
   assert volumes.shape == (2, 4, 16, 16) and np.isfinite(volumes).all()
@@ -151,7 +149,7 @@ def test_stages_on_the_same_private_data_compose(tiny_nifti_dir, ae_dir, pretrai
   import dp_accounting
 
   # A DP autoencoder on the private data, then the DP LDM on the same data with it.
-  ae_cfg = load_config(str(ROOT / "configs/autoencoder_dp.py:tiny"), {
+  ae_cfg = load_config("autoencoder_dp:tiny", {
       **DATA, "data.root": str(tiny_nifti_dir), "train.steps": 2, "dp.expected_batch_size": 2,
       "dp.microbatch_size": 2, "dp.delta": 1e-3, "dp.noise_multiplier": 1.0, "dp.noise_seed": 5})
   autoencoder.train_and_evaluate(ae_cfg, tmp_path / "ae_dp")
@@ -170,12 +168,12 @@ def test_stages_on_the_same_private_data_compose(tiny_nifti_dir, ae_dir, pretrai
 def test_dp_refuses_nonprivate_inputs_trained_on_its_private_data(tiny_nifti_dir, ae_dir, pretrained_dir, tmp_path):
   # An autoencoder and an LDM trained WITHOUT DP on the private data itself.
   leaky_ae = tmp_path / "leaky_ae"
-  autoencoder.train_and_evaluate(load_config(str(ROOT / "configs/autoencoder.py:tiny"), {
+  autoencoder.train_and_evaluate(load_config("autoencoder:tiny", {
       **DATA, "data.root": str(tiny_nifti_dir), "train.steps": 1, "train.batch_size": 4}), leaky_ae)
   with pytest.raises(ConfigError, match="autoencoder_workdir"):
     ldm.train_and_evaluate(_dp(tiny_nifti_dir, leaky_ae, pretrained_dir), tmp_path / "a")
   leaky_ldm = tmp_path / "leaky_ldm"
-  ldm.train_and_evaluate(_ldm_config("configs/ldm.py:tiny", tiny_nifti_dir, ae_dir, **{
+  ldm.train_and_evaluate(_ldm_config("ldm:tiny", tiny_nifti_dir, ae_dir, **{
       "train.steps": 1, "train.batch_size": 4}), leaky_ldm)
   with pytest.raises(ConfigError, match="pretrained_workdir"):
     ldm.train_and_evaluate(_dp(tiny_nifti_dir, ae_dir, leaky_ldm), tmp_path / "b")
@@ -208,5 +206,5 @@ def test_dp_refuses_a_statistics_csv_holding_the_private_rows(tmp_path):
 
 def test_missing_autoencoder_is_refused_before_anything_is_written(tiny_nifti_dir, tmp_path):
   with pytest.raises(ConfigError, match="autoencoder_workdir"):
-    ldm.train_and_evaluate(_ldm_config("configs/ldm.py:tiny", tiny_nifti_dir, tmp_path / "no_ae"), tmp_path / "run")
+    ldm.train_and_evaluate(_ldm_config("ldm:tiny", tiny_nifti_dir, tmp_path / "no_ae"), tmp_path / "run")
   assert not (tmp_path / "run").exists()

@@ -2,7 +2,6 @@
 
 import json
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,6 @@ from jaxldm.models.regressor import AttributeRegressor, TargetSpec, attributes_f
 from jaxldm.privacy.ledger import FIXED_SEED, OS_ENTROPY
 from jaxldm.train import regressor
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 SHAPE, SPACING = SIZES["tiny"]
 
 
@@ -34,7 +32,7 @@ def _config(data_dir, **overrides):
           "train.log_every": 1, "train.checkpoint_every": 2, "train.bootstrap": 20,
           "targets.attributes": ("lv_edv_ml", "lv_esv_ml", "age", "sex", "phase")}
   base.update(overrides)
-  return load_config(str(ROOT / "configs/regressor.py:tiny"), base)
+  return load_config("regressor:tiny", base)
 
 
 def test_train_writes_run_and_resumes_and_predicts(phantom_dir, tmp_path):
@@ -113,7 +111,7 @@ def test_fitter_learns_and_dp_step_runs():
                                       spec.names)
   spec = TargetSpec.fit(spec.names, values, mask, ("phase",))
   enc = spec.encode(values, mask)
-  optim = load_config(str(ROOT / "configs/regressor.py:tiny")).optim
+  optim = load_config("regressor:tiny").optim
   fitter = regressor.Fitter(model, spec, optim, steps=3, batch_size=8)
   p0 = fitter.init(vols.shape[1:], 0)
   loss = lambda p: float(jnp.mean(jax.vmap(lambda v, c, cm, l, lm: regressor.example_loss(

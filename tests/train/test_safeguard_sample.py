@@ -12,7 +12,6 @@ from jaxldm.config import load_config
 from jaxldm.eval import safeguard
 from jaxldm.train import autoencoder, generate, ldm
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 DATA = {"data.attributes": (), "data.shape": (4, 16, 16), "data.spacing": (20.0, 4.0, 4.0)}
 
 
@@ -102,11 +101,11 @@ def test_embedding_features_are_compared_not_volumes():
 @pytest.fixture(scope="module")
 def ldm_dir(tiny_nifti_dir, tmp_path_factory):
   ae = tmp_path_factory.mktemp("sg_ae")
-  config = load_config(str(ROOT / "configs/autoencoder.py:tiny"),
+  config = load_config("autoencoder:tiny",
                        {**DATA, "data.root": str(tiny_nifti_dir), "train.steps": 1, "train.batch_size": 4})
   autoencoder.train_and_evaluate(config, ae)
   workdir = tmp_path_factory.mktemp("sg_ldm")
-  config = load_config(str(ROOT / "configs/ldm.py:tiny"), {
+  config = load_config("ldm:tiny", {
       **DATA, "data.root": str(tiny_nifti_dir), "autoencoder_workdir": str(ae),
       "model.base_channels": 8, "model.context_dim": 8, "sampling.num_steps": 2, "train.log_every": 1,
       "train.sample_every": 0, "train.checkpoint_every": 1, "train.steps": 1, "train.batch_size": 4})
@@ -165,7 +164,7 @@ def test_safeguard_flags_need_safeguard_and_embedding_needs_weights(ldm_dir, tmp
   code = _sample(ldm_dir, tmp_path / "y", "--safeguard-metric", "embedding", "--safeguard-weights",
                  str(tmp_path / "no_such_ssl_run"))
   err = capsys.readouterr().err
-  assert code == 2 and err.startswith("jaxldm: error: ") and "configs/ssl.py" in err
+  assert code == 2 and err.startswith("jaxldm: error: ") and "--config ssl " in err
   assert not (tmp_path / "y").exists()
 
 
@@ -174,7 +173,7 @@ def test_sample_safeguard_with_ssl3d_embeddings(ldm_dir, tiny_nifti_dir, tmp_pat
   from jaxldm.train import ssl
 
   ssl_dir = tmp_path / "ssl"
-  ssl.train_and_evaluate(load_config(str(ROOT / "configs/ssl.py:tiny"), {
+  ssl.train_and_evaluate(load_config("ssl:tiny", {
       **DATA, "data.root": str(tiny_nifti_dir), "train.batch_size": 8, "train.log_every": 1,
       "train.checkpoint_every": 1, "train.steps": 1, "train.num_devices": 1}), ssl_dir)
   assert _sample(ldm_dir, tmp_path / "out", "--safeguard-metric", "embedding", "--safeguard-weights",
@@ -203,11 +202,11 @@ def conditional_ldm_dir(tmp_path_factory):
   rows = ["subject_id,edv,sex"] + [f"s{i:02d},{100 + 5 * i},{'FM'[i % 2]}" for i in range(8)]
   (data / "attributes.csv").write_text("\n".join(rows) + "\n")
   ae = tmp_path_factory.mktemp("cond_ae")
-  config = load_config(str(ROOT / "configs/autoencoder.py:tiny"),
+  config = load_config("autoencoder:tiny",
                        {**DATA, "data.root": str(data), "train.steps": 1, "train.batch_size": 4})
   autoencoder.train_and_evaluate(config, ae)
   workdir = tmp_path_factory.mktemp("cond_ldm")
-  config = load_config(str(ROOT / "configs/ldm.py:tiny"), {
+  config = load_config("ldm:tiny", {
       **DATA, "data.root": str(data), "data.attributes": ("edv", "sex"), "data.categories": ("sex=F|M",),
       "autoencoder_workdir": str(ae), "model.base_channels": 8, "model.context_dim": 8,
       "sampling.num_steps": 3, "sampling.guidance_scale": 1.5, "train.log_every": 1, "train.sample_every": 0,

@@ -1,7 +1,6 @@
 """The contrastive 3D encoder: augmentations, NT-Xent, the trainer end to end, what training buys."""
 
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,6 @@ from jaxldm.eval.memorization import pearson_matrix
 from jaxldm.models.ssl_encoder import SSLEncoder
 from jaxldm.train import common, ssl
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 SHAPE = (4, 16, 16)
 
 
@@ -27,7 +25,7 @@ def _overrides(data_dir, **extra):
 
 
 def _config(data_dir, **extra):
-  return load_config(str(ROOT / "configs/ssl.py:tiny"), _overrides(data_dir, **extra))
+  return load_config("ssl:tiny", _overrides(data_dir, **extra))
 
 
 def test_augment_is_keyed_and_its_ranges_are_respected():
@@ -63,7 +61,7 @@ def test_cli_trains_checkpoints_and_versions_the_encoder(tiny_nifti_dir, tmp_pat
   overrides = [f"--config.{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
                for k, v in _overrides(tiny_nifti_dir).items()]
   workdir = tmp_path / "ssl"
-  assert cli.main(["train", "--config", str(ROOT / "configs/ssl.py:tiny"), "--workdir", str(workdir),
+  assert cli.main(["train", "--config", "ssl:tiny", "--workdir", str(workdir),
                    *overrides]) == 0
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [l["step"] for l in lines] == [1, 2, 3]
