@@ -39,3 +39,21 @@ def mini_demo(tmp_path_factory):
   # From scratch: the miniature public stages (the shipped models are tests/test_pretrained.py's).
   report = demo.run(out, "tiny", plan=plan, overrides=overrides, say=messages.append, from_scratch=True)
   return out, report, messages, plan, overrides
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+  """Tests of one module that share a module-scoped fixture run on one xdist worker.
+
+  Why: `--dist loadgroup` otherwise spreads a module's tests over both workers, and each worker then
+  builds the module's expensive fixtures (a trained autoencoder + LDM, 200 phantoms) again. Runs
+  before xdist's own hook, which turns the marker into the `@group` suffix it schedules by.
+  """
+  for item in items:
+    if item.get_closest_marker("xdist_group"):
+      continue
+    fixtures = getattr(item, "_fixtureinfo", None)
+    if fixtures is None:
+      continue
+    if any(defs and defs[-1].scope == "module" for defs in fixtures.name2fixturedefs.values()):
+      item.add_marker(pytest.mark.xdist_group(name=item.nodeid.split("::")[0]))
