@@ -374,7 +374,7 @@ def ablate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, co
         report = _evaluate(config, run_dir)
         evaluated += 1
         eval_s = time.perf_counter() - t1
-        from jaxldm.train.common import write_json
+        from jaxldm.infer.checkpoints import write_json
         write_json(run_dir / RUN_RECORD, {"name": run.name, **dataclasses.asdict(run), "train_s": train_s,
                                           "eval_s": eval_s, "wall_s": train_s + eval_s,
                                           "seeds_per_program": len(batch)})

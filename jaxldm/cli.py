@@ -17,7 +17,7 @@ from jaxldm.data.errors import DataError
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-  from jaxldm.train.common import TrainingError
+  from jaxldm.fitting import TrainingError
   return (DataError, ConfigError, TrainingError, FileNotFoundError, FileExistsError)
 
 
@@ -153,7 +153,7 @@ def _attribute_pairs(items) -> dict[str, float | str]:
 
 
 def cmd_sample(args) -> int:
-  from jaxldm.train import generate
+  from jaxldm.infer import generate
 
   fixed = _attribute_pairs(args.attribute)
   # Names, categories and ranges are checked before any model is loaded.
@@ -167,11 +167,14 @@ def cmd_sample(args) -> int:
                   csv_path=args.attributes_csv, fixed=fixed, batch_size=args.batch_size)
   report = None
   if args.safeguard:
+    extractor = None
+    if args.safeguard_metric == "embedding":  # Built first: a missing weight file fails before any sampling.
+      from jaxldm.eval.features import get_extractor
+      extractor = get_extractor(args.safeguard_features, weights=args.safeguard_weights)
     volumes, values, mask, info, report = generate.generate_safeguarded(
         args.workdir, args.n, data_dir=args.safeguard_data, metric=args.safeguard_metric,
         threshold=args.safeguard_threshold, percentile=args.safeguard_percentile or generate.DEFAULT_SAFEGUARD_PERCENTILE,
-        features=args.safeguard_features, weights=args.safeguard_weights, max_rounds=args.safeguard_max_rounds,
-        **sampling)
+        extractor=extractor, max_rounds=args.safeguard_max_rounds, **sampling)
   else:
     given = [f for f in ("data", "threshold", "percentile", "weights") if getattr(args, f"safeguard_{f}") is not None]
     if given:
@@ -182,7 +185,7 @@ def cmd_sample(args) -> int:
                                mask=mask, overwrite=args.overwrite,
                                extra_json={generate.SAFEGUARD_FILENAME: report} if report else None,
                                descrip=generate.synthetic_descrip(args.workdir))
-  from jaxldm.train.common import save_mid_slices
+  from jaxldm.infer.pictures import save_mid_slices
   if len(volumes):
     save_mid_slices(volumes[:32].clip(-1, 1), out / "grid.png")
   print(f"wrote {len(volumes)} volumes {tuple(volumes.shape[1:])} to {out} ({args.method}, {steps} steps, "

@@ -85,6 +85,7 @@ def run(out: str | pathlib.Path = "runs/demo", size: str = "tiny", *, plan: Plan
   from jaxldm.data import phantoms
   from jaxldm.data.defaults import SIZES
   from jaxldm.eval import evaluate
+  from jaxldm.infer.ssl import ENCODER_FILE
   from jaxldm.train import autoencoder, ldm, ssl
 
   if size not in PLANS:
@@ -136,7 +137,7 @@ def run(out: str | pathlib.Path = "runs/demo", size: str = "tiny", *, plan: Plan
   t = time.perf_counter()
   if shipped:
     # 2-4. The shipped public models (sha256-checked) as ordinary workdirs.
-    done = all((d / f).is_file() for d, f in ((ae_dir, "autoencoder.json"), (ssl_dir, ssl.ENCODER_FILE),
+    done = all((d / f).is_file() for d, f in ((ae_dir, "autoencoder.json"), (ssl_dir, ENCODER_FILE),
                                                (ldm_dir, "run.json")))
     record = pretrained.verify(size)
     steps = ", ".join(f"{s} {e['step']} steps" for s, e in record["stages"].items())
@@ -154,7 +155,7 @@ def run(out: str | pathlib.Path = "runs/demo", size: str = "tiny", *, plan: Plan
           **data, "data.root": str(public), "train.steps": plan.autoencoder_steps}, extra), ae_dir)
 
     # 3. Self-supervised encoder on public data: the default feature extractor (FID, memorization).
-    done = (ssl_dir / ssl.ENCODER_FILE).is_file()
+    done = (ssl_dir / ENCODER_FILE).is_file()
     banner(3, f"contrastive 3D encoder on public phantoms ({plan.ssl_steps} steps)", done)
     if not done:
       ssl.train_and_evaluate(_config("ssl", size, {
@@ -239,8 +240,8 @@ def conditioned_figure(out: pathlib.Path, heldout: pathlib.Path, *, columns: int
 
   from jaxldm.eval import controllability as ctl
   from jaxldm.eval import evaluate
-  from jaxldm.train import generate
-  from jaxldm.train.common import save_mid_slices
+  from jaxldm.infer import generate
+  from jaxldm.infer.pictures import save_mid_slices
 
   info = json.loads((out / "ldm_dp" / "ldm.json").read_text())
   names = list(info["attributes"])
@@ -271,8 +272,8 @@ def conditioning_sweep(workdir: pathlib.Path, heldout: pathlib.Path, out: pathli
 
   from jaxldm.data.dataset import read_attributes
   from jaxldm.eval import controllability as ctl
-  from jaxldm.train import generate
-  from jaxldm.train.common import save_mid_slices
+  from jaxldm.infer import generate
+  from jaxldm.infer.pictures import save_mid_slices
 
   info = json.loads((workdir / "ldm.json").read_text())
   names = list(info["attributes"])

@@ -10,8 +10,8 @@ model on them, exactly as the demo's public stages do but longer. `export` keeps
 needs: the EMA parameters of each stage (params.msgpack) and the JSON records the loaders read
 (autoencoder.json, encoder.json, ldm.json with the public attribute mean/std), plus record.json
 (command, configs, seeds, steps, sha256 of each file). `install(size, dest)` turns them back into
-ordinary workdirs (DEST/autoencoder, DEST/ssl, DEST/ldm) that `ldm.load_autoencoder`,
-`common.restore_params`, the feature extractor and a DP finetuning run read like any other.
+ordinary workdirs (DEST/autoencoder, DEST/ssl, DEST/ldm) that `infer.autoencoder.load_autoencoder`,
+`infer.checkpoints.restore_params`, the feature extractor and a DP finetuning run read like any other.
 
 Privacy: the shipped models saw public phantoms only (domain "public"); a DP run on private data
 checks the data fingerprint and finds a different one, and takes its attribute statistics from the
@@ -71,6 +71,7 @@ def train(out: str | pathlib.Path, size: str = "tiny", *, recipe: Recipe | None 
   from jaxldm import demo
   from jaxldm.data import phantoms
   from jaxldm.data.defaults import SIZES
+  from jaxldm.infer.ssl import ENCODER_FILE
   from jaxldm.train import autoencoder, ldm, ssl
 
   recipe, out = recipe or RECIPES[size], pathlib.Path(out)
@@ -91,7 +92,7 @@ def train(out: str | pathlib.Path, size: str = "tiny", *, recipe: Recipe | None 
     say(f"autoencoder ({recipe.autoencoder_steps} steps) {clock()}")
     autoencoder.train_and_evaluate(demo._config("autoencoder", size, {
         **data, "data.root": str(public), "train.steps": recipe.autoencoder_steps}, extra), out / "autoencoder")
-  if not (out / "ssl" / ssl.ENCODER_FILE).is_file():
+  if not (out / "ssl" / ENCODER_FILE).is_file():
     say(f"ssl encoder ({recipe.ssl_steps} steps) {clock()}")
     ssl.train_and_evaluate(demo._config("ssl", size, {
         **data, "data.root": str(public), "train.steps": recipe.ssl_steps}, extra), out / "ssl")

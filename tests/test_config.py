@@ -97,7 +97,7 @@ def test_override_parsing():
     parse_override("--config.a")
 
 
-CONFIG_GROUP_SOURCES = ["jaxldm/data/defaults.py", "jaxldm/train/ldm_config.py", "jaxldm/train/common.py",
+CONFIG_GROUP_SOURCES = ["jaxldm/data/defaults.py", "jaxldm/train/ldm_config.py", "jaxldm/fitting.py",
                         "jaxldm/train/dp.py"]
 
 

@@ -50,10 +50,10 @@ def test_the_ldm_records_public_attribute_statistics(installed):
 
 def test_installed_models_load_and_sample(installed):
   from jaxldm.eval import features
-  from jaxldm.train import generate, ldm
+  from jaxldm.infer import autoencoder, generate
 
   _, dirs = installed
-  ae_model, ae_params, ae_info = ldm.load_autoencoder(dirs["autoencoder"])
+  ae_model, ae_params, ae_info = autoencoder.load_autoencoder(dirs["autoencoder"])
   assert ae_info["data_shape"] == [6, 32, 32]
   extractor = features.get_extractor("ssl3d", weights=str(dirs["ssl"]), batch_size=2)
   emb = extractor(np.zeros((2, 6, 32, 32), np.float32))

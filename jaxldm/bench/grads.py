@@ -76,21 +76,22 @@ def _rng_batch(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> Callable[[i
 def unet_target(config: ml_collections.ConfigDict, ae_config: ml_collections.ConfigDict) -> Target:
   from jaxldm.diffusion.losses import diffusion_loss
   from jaxldm.diffusion.schedules import make_schedule
-  from jaxldm.train import autoencoder as ae_trainer
-  from jaxldm.train import ldm, partition
+  from jaxldm.infer import autoencoder
+  from jaxldm.infer.ldm import build_unet, unet_apply
+  from jaxldm.train import partition
 
-  ae = ae_trainer.build_model(ae_config.model)
+  ae = autoencoder.build_model(ae_config.model)
   latent_shape = tuple(s // f for s, f in zip(config.data.shape, ae.downsampling))
   latent_shape += (ae_config.model.latent_channels,)
   num_attributes = len(config.data.attributes)
-  unet = ldm.build_unet(config.model, num_attributes, latent_shape[-1])
+  unet = build_unet(config.model, num_attributes, latent_shape[-1])
   dummy = (jnp.zeros((1,) + latent_shape), jnp.zeros((1,), jnp.int32),
            jnp.zeros((1, num_attributes)), jnp.ones((1, num_attributes)))
   params = jax.jit(unet.init)(jax.random.PRNGKey(config.seed), *dummy)
   trainable, frozen = partition.split(params, config.train.trainable)
   d = config.diffusion
   schedule = make_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
-  apply_fn = ldm.unet_apply(unet)
+  apply_fn = unet_apply(unet)
 
   def loss_fn(tr, example, rng):
     return diffusion_loss(apply_fn, partition.merge(tr, frozen), example, rng, schedule=schedule,
@@ -103,9 +104,10 @@ def unet_target(config: ml_collections.ConfigDict, ae_config: ml_collections.Con
 
 
 def autoencoder_target(config: ml_collections.ConfigDict) -> Target:
+  from jaxldm.infer import autoencoder
   from jaxldm.train import autoencoder as ae_trainer
 
-  model = ae_trainer.build_model(config.model)
+  model = autoencoder.build_model(config.model)
   shape = tuple(config.data.shape)
   params = jax.jit(model.init)(jax.random.PRNGKey(config.seed), jnp.zeros((1, *shape, 1)))
   loss = config.loss

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxldm import fitting
 from jaxldm.config import ConfigError, load_config
 
 
@@ -46,24 +47,25 @@ def _examples(n: int, latent_shape, num_attributes: int, seed: int = 0) -> dict:
 
 def _latent_shape(spec: str, config) -> tuple[int, ...]:
   from jaxldm.bench.grads import _autoencoder_config_for
-  from jaxldm.train import autoencoder as ae_trainer
+  from jaxldm.infer import autoencoder
 
   ae_config = _autoencoder_config_for(spec)
-  ae = ae_trainer.build_model(ae_config.model)
+  ae = autoencoder.build_model(ae_config.model)
   shape = tuple(s // f for s, f in zip(config.data.shape, ae.downsampling))
   return shape + (ae_config.model.latent_channels,)
 
 
 def _state(config, private: bool, latent_shape, num_attributes: int, mesh):
-  from jaxldm.train import common, ldm, partition
+  from jaxldm.infer.ldm import build_unet
+  from jaxldm.train import common, partition
 
-  unet = ldm.build_unet(config.model, num_attributes, latent_shape[-1])
+  unet = build_unet(config.model, num_attributes, latent_shape[-1])
   dummy = (jnp.zeros((1,) + tuple(latent_shape)), jnp.zeros((1,), jnp.int32),
            jnp.zeros((1, num_attributes)), jnp.ones((1, num_attributes)))
   params = jax.jit(unet.init)(jax.random.PRNGKey(config.seed), *dummy)
   trainable, _ = partition.split(params, config.train.trainable)
-  tx = common.make_optimizer(config.optim, config.train.steps, private=private)
-  state = common.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(trainable),
+  tx = fitting.make_optimizer(config.optim, config.train.steps, private=private)
+  state = fitting.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(trainable),
                             ema_params=jax.tree_util.tree_map(jnp.copy, params))
   return common.replicate(state, mesh), common.count_params(params)
 
@@ -129,9 +131,9 @@ def run(spec: str, overrides: Sequence[str] = (), *, steps: int = 10, warmup: in
     np_state, _ = _state(np_config, False, latent_shape, num_attributes, mesh)
 
     def nonprivate_step(state, step, np_fn=np_fn, np_config=np_config):
-      idx = common.batch_indices(np_config.seed, step, n, batch_size)
+      idx = fitting.batch_indices(np_config.seed, step, n, batch_size)
       batch = common.shard_batch(jax.tree_util.tree_map(lambda a: a[idx], data), mesh)
-      return np_fn(state, batch, common.step_key(np_config.seed, step))
+      return np_fn(state, batch, fitting.step_key(np_config.seed, step))
 
     timings[name] = _time_loop(nonprivate_step, np_state, steps, warmup, progress, name)
 

@@ -8,8 +8,8 @@ instruments play the segmentation network here:
     no training and recovers LV/RV volume, wall thickness and LV position with r > 0.99 on real
     phantoms. `controllability(volumes, spacing, conditioned)`.
   * real data: an attribute regressor/classifier trained on the real training set
-    (`jaxldm.train.regressor`); its predictions on generated volumes are compared with the
-    conditioning. `regressor_controllability(predictor, volumes, conditioned)`.
+    (trained by `jaxldm.train.regressor`, loaded by `jaxldm.infer.regressor`); its predictions on
+    generated volumes are compared with the conditioning. `regressor_controllability(predictor, volumes, conditioned)`.
 
 Pairing measured with conditioned values. `measure` reports what is visible in ONE volume: the
 LV/RV cavity volume and wall thickness AT THE RENDERED PHASE. The conditioning set of the LDM
@@ -43,6 +43,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from rich.progress import track
+from scipy.stats import rankdata
+
+from jaxldm.data import phantoms
+from jaxldm.infer import regressor as regressor_lib
 
 # measured key -> (conditioned key at ED, conditioned key at ES); used when the per-volume
 # attribute itself was not conditioned.
@@ -153,7 +158,6 @@ def auroc(scores, labels) -> float:
   n_pos, n_neg = int(y.sum()), int((~y).sum())
   if n_pos == 0 or n_neg == 0:
     return math.nan
-  from scipy.stats import rankdata
   ranks = rankdata(s)  # average ranks: ties get 1/2 credit
   u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
   return float(u / (n_pos * n_neg))
@@ -193,15 +197,12 @@ def categorical_agreement(predicted, target, *, scores=None, n_boot: int = 1000,
 # ---------------------------------------------------------------------------------------------
 def measure_volumes(volumes, spacing: Sequence[float], *, progress: bool = False) -> dict[str, np.ndarray]:
   """`phantoms.measure` on each (D, H, W) volume: {MEASURED key: (N,) float64, NaN = failed}."""
-  from jaxldm.data import phantoms
-
   volumes = np.asarray(volumes)
   if volumes.ndim != 4:
     raise ValueError(f"volumes must be (N, D, H, W), got shape {volumes.shape}")
   out = {k: np.full(len(volumes), np.nan) for k in phantoms.MEASURED}
   items = range(len(volumes))
   if progress:
-    from rich.progress import track
     items = track(items, description="measuring volumes", transient=True)
   for i in items:
     for k, v in phantoms.measure(volumes[i], spacing).items():
@@ -225,8 +226,6 @@ def paired_targets(conditioned: Mapping[str, Any], n: int) -> dict[str, tuple[np
     {measured key: (target (N,) with NaN where unknown, description)}; measured keys without any
     usable condition are left out.
   """
-  from jaxldm.data import phantoms
-
   phase = _column(conditioned, "phase", n)
   out = {}
   for key in phantoms.MEASURED:
@@ -346,7 +345,7 @@ def regressor_controllability(predictor, volumes, conditioned: Mapping[str, Any]
   """Real-data controllability: a trained regressor's predictions on volumes vs their conditioning.
 
   Args:
-    predictor: a `jaxldm.train.regressor.Predictor` (e.g. `load_regressor(workdir)`) or a run
+    predictor: a `jaxldm.infer.regressor.Predictor` (e.g. `load_regressor(workdir)`) or a run
       directory of `jaxldm train --config regressor`.
     volumes: (N, D, H, W) generated volumes, preprocessed like the regressor's training data.
     conditioned: {attribute: (N,)} natural units, NaN = not conditioned.
@@ -354,8 +353,6 @@ def regressor_controllability(predictor, volumes, conditioned: Mapping[str, Any]
   Returns:
     the layout of `controllability` with source "regressor".
   """
-  from jaxldm.train import regressor as regressor_lib
-
   if not isinstance(predictor, regressor_lib.Predictor):
     predictor = regressor_lib.load_regressor(predictor)
   values, probs = predictor(np.asarray(volumes, np.float32))

@@ -51,7 +51,12 @@ import numpy as np
 
 from jaxldm.atomic import atomic_open
 from jaxldm.config import ConfigError
+from jaxldm.data.dataset import find_volumes, read_attributes
+from jaxldm.data.defaults import build_dataset
+from jaxldm.data.nifti import read_nifti
 from jaxldm.eval import sections as sections_lib
+from jaxldm.infer import generate
+from jaxldm.infer.pictures import save_mid_slices
 
 # The latent-space criterion as a function (its home is the sections module).
 latent_memorization = sections_lib.latent_memorization
@@ -82,8 +87,6 @@ class Options:
 # ---------------------------------------------------------------------------------------------
 def load_real(data_cfg, root: str | pathlib.Path, what: str):
   """Volumes (N, D, H, W), raw attributes (N, A) + mask, columns: preprocessed as the run was."""
-  from jaxldm.data.defaults import build_dataset
-
   root = pathlib.Path(root)
   if not root.is_dir():
     raise FileNotFoundError(f"{what} {root}: not a directory of NIfTI volumes")
@@ -97,9 +100,6 @@ def load_real(data_cfg, root: str | pathlib.Path, what: str):
 
 def read_samples(directory: str | pathlib.Path, columns: list[str]):
   """Volumes as written by `jaxldm sample` (no re-normalisation) and their attributes.csv."""
-  from jaxldm.data.dataset import find_volumes, read_attributes
-  from jaxldm.data.nifti import read_nifti
-
   directory = pathlib.Path(directory)
   files = find_volumes(directory)
   if not files:
@@ -122,8 +122,6 @@ def read_latents(directory: str | pathlib.Path) -> np.ndarray | None:
 
 def draw_samples(workdir: pathlib.Path, out: pathlib.Path, real_root: pathlib.Path, opts: Options, spacing):
   """n samples conditioned on the real set's attribute rows (cycled), kept in OUT/samples with their latents."""
-  from jaxldm.train import generate
-
   info = json.loads((workdir / "ldm.json").read_text())
   columns = list(info["attributes"])
   target = out / "samples"
@@ -155,8 +153,6 @@ def evaluate(workdir, real, out, opts: Options | None = None, *,
              sections: list[sections_lib.Section] | None = None) -> dict:
   """Runs the sections (default: the registry, jaxldm.eval.sections.SECTIONS) in order and writes
   OUT/report.json, OUT/report.md and figures."""
-  from jaxldm.train.common import save_mid_slices  # JAX (the training utilities).
-
   opts = opts or Options()
   workdir, real, out = pathlib.Path(workdir), pathlib.Path(real), pathlib.Path(out)
   if not (workdir / "ldm.json").is_file():
@@ -164,9 +160,7 @@ def evaluate(workdir, real, out, opts: Options | None = None, *,
   if opts.samples is None and opts.n < 2:
     raise ConfigError(f"--n {opts.n}: FID and KID need at least 2 samples")
   out.mkdir(parents=True, exist_ok=True)
-  from jaxldm.train.generate import run_data_config
-
-  data_cfg = run_data_config(workdir)
+  data_cfg = generate.run_data_config(workdir)
   info = json.loads((workdir / "ldm.json").read_text())
   columns = list(info["attributes"])
   spacing = tuple(data_cfg.spacing) if data_cfg.spacing else (1.0, 1.0, 1.0)

@@ -38,6 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxldm.config import ConfigError
+from jaxldm.eval import torch_weights
+from jaxldm.infer import ssl
+from jaxldm.infer.checkpoints import iterate_batches, restore_params
 
 EXTRACTORS = ("ssl3d", "medicalnet", "slice2d")
 DEFAULT_SSL3D_WORKDIR = "runs/ssl"  # Where `jaxldm train --config ssl` is told to write in the README.
@@ -61,8 +64,6 @@ class Extractor:
   batch_size: int = 8
 
   def __call__(self, volumes) -> np.ndarray:
-    from jaxldm.train.common import iterate_batches
-
     volumes = np.asarray(volumes, np.float32)
     if volumes.ndim != 4:
       raise ValueError(f"{self.name}: volumes must be (N, D, H, W), got shape {volumes.shape}")
@@ -128,9 +129,6 @@ def _resize(x: jax.Array, shape: Sequence[int]) -> jax.Array:
 # ssl3d: the project's contrastive encoder (ssl)
 # ---------------------------------------------------------------------------------------------
 def _ssl3d(weights, batch_size: int) -> Extractor:
-  from jaxldm.train import ssl
-  from jaxldm.train.common import restore_params
-
   workdir = pathlib.Path(weights if weights is not None else DEFAULT_SSL3D_WORKDIR)
   info_path = workdir / ssl.ENCODER_FILE
   if not info_path.is_file():
@@ -166,8 +164,6 @@ def _ssl3d(weights, batch_size: int) -> Extractor:
 # medicalnet: a MedicalNet 3D ResNet from its PyTorch file
 # ---------------------------------------------------------------------------------------------
 def _load_resnet(weights, dims: int, *, dilated: bool):
-  from jaxldm.eval import torch_weights
-
   path = os.fspath(weights)
   state = torch_weights.load_state_dict(path)
   spec = torch_weights.infer_resnet(state, path)

@@ -173,13 +173,13 @@ class Context:
 
   @functools.cached_property
   def _autoencoder(self):
-    from jaxldm.train import ldm  # JAX and the models.
+    from jaxldm.infer import autoencoder  # JAX and the models.
 
     self.status("latents (autoencoder)")
-    model, params, _ = ldm.load_autoencoder(self.info["autoencoder_workdir"])
+    model, params, _ = autoencoder.load_autoencoder(self.info["autoencoder_workdir"])
     scale, batch = float(self.info["scale_factor"]), self.opts.batch_size
-    return (lambda v: ldm.encode_latents(model, params, v, scale, batch),
-            lambda z: ldm.decode_latents(model, params, z, scale, batch))
+    return (lambda v: autoencoder.encode_latents(model, params, v, scale, batch),
+            lambda z: autoencoder.decode_latents(model, params, z, scale, batch))
 
   def encode(self, volumes: np.ndarray) -> np.ndarray:
     return self._autoencoder[0](volumes)

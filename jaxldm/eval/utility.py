@@ -38,12 +38,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from scipy import ndimage, stats
 
+from jaxldm import fitting
 from jaxldm.eval.controllability import auroc, compare_predictions
+from jaxldm.eval.regressor_fit import Fitter
+from jaxldm.infer import regressor as regressor_lib
+from jaxldm.infer.checkpoints import iterate_batches
 from jaxldm.models.regressor import TargetSpec, attributes_from_dict
-from jaxldm.train import common
-from jaxldm.train import regressor as regressor_lib
+from jaxldm.privacy import accounting
+from jaxldm.privacy import ledger as ledger_lib
 
 # A CPU-sized regressor; pass `model=` for bigger volumes (keys as in regressor `model`).
 DEFAULT_MODEL = {"channels": (8, 16, 32), "num_res_blocks": 1, "kernel": (1, 3, 3), "stride": (1, 2, 2),
@@ -103,7 +108,7 @@ def _check_volumes(volumes, name: str) -> np.ndarray:
 
 
 def _optim(learning_rate: float):
-  optim = common.optim_config(lr=learning_rate)
+  optim = fitting.optim_config(lr=learning_rate)
   optim.ema_decay = 0.0  # The fitted parameters themselves are evaluated.
   return optim
 
@@ -156,7 +161,7 @@ def train_on_synthetic_test_on_real(
     specs[src] = (TargetSpec.fit(names, values, mask, categorical), values, mask)
   layouts = _common_layout(*(s for s, _, _ in specs.values()))
   model_ = regressor_lib.build_model(dict(model or DEFAULT_MODEL), layouts[0].num_outputs)
-  fitter = regressor_lib.Fitter(model_, layouts[0], _optim(learning_rate), steps, batch_size)
+  fitter = Fitter(model_, layouts[0], _optim(learning_rate), steps, batch_size)
   result: dict[str, Any] = {"attributes": list(names), "categorical": list(categorical), "seeds": list(seeds),
                             "steps": steps, "n_test": len(test_volumes)}
   for (src, (vols, _)), spec in zip(sources.items(), layouts):
@@ -227,9 +232,6 @@ def dp_pretraining_utility(
     The scores are post-processing of the DP classifiers as far as the training set goes; they are
     computed on the held-out real test set, which DP does not protect.
   """
-  from jaxldm.privacy import accounting
-  from jaxldm.privacy import ledger as ledger_lib
-
   if noise_seed is not None and (int(noise_seed) < 0 or any(int(s) < 0 for s in seeds)):
     raise ValueError(f"noise_seed {noise_seed} and seeds {list(seeds)} must be >= 0")
   pre_v = _check_volumes(pretrain_volumes, "pretrain_volumes")
@@ -255,8 +257,8 @@ def dp_pretraining_utility(
   spec = TargetSpec(("label",), ("label",), (2,))
   enc = lambda y: spec.encode(y[:, None], np.ones((len(y), 1), np.float32))
   model_ = regressor_lib.build_model(dict(model or DEFAULT_MODEL), spec.num_outputs)
-  pre_fitter = regressor_lib.Fitter(model_, spec, _optim(learning_rate), pretrain_steps, batch_size)
-  dp_fitter = regressor_lib.Fitter(model_, spec, _optim(dp_learning_rate or learning_rate), steps, batch_size)
+  pre_fitter = Fitter(model_, spec, _optim(learning_rate), pretrain_steps, batch_size)
+  dp_fitter = Fitter(model_, spec, _optim(dp_learning_rate or learning_rate), steps, batch_size)
 
   def scores(params) -> dict[str, float]:
     p = regressor_lib.predict(model_, params, spec, te_v)[1]["label"][:, 1]
@@ -389,8 +391,6 @@ def denoising_utility(synthetic_volumes, real_volumes, test_volumes, *, noise_st
      "wilcoxon": {"psnr": {...}, "ssim": {...}} (synthetic - real, paired over test volumes after
      averaging each volume's metric over seeds)}.
   """
-  import optax
-
   sets = {"synthetic": _check_volumes(synthetic_volumes, "synthetic_volumes"),
           "real": _check_volumes(real_volumes, "real_volumes")}
   test = _check_volumes(test_volumes, "test_volumes")
@@ -408,16 +408,16 @@ def denoising_utility(synthetic_volumes, real_volumes, test_volumes, *, noise_st
     for src, vols in sets.items():
       params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *vols.shape[1:], 1), jnp.float32))
       opt_state = tx.init(params)
-      bar, task = common.progress_bar(steps, 0, f"denoiser {src} seed {seed}")
-      with regressor_lib.maybe_progress(bar, progress):
+      bar, task = fitting.progress_bar(steps, 0, f"denoiser {src} seed {seed}")
+      with fitting.maybe_progress(bar, progress):
         for step in range(steps):
-          idx = common.batch_indices(seed, step, len(vols), batch_size)
-          params, opt_state, loss = step_fn(params, opt_state, jnp.asarray(vols[idx]), common.step_key(seed, step))
+          idx = fitting.batch_indices(seed, step, len(vols), batch_size)
+          params, opt_state, loss = step_fn(params, opt_state, jnp.asarray(vols[idx]), fitting.step_key(seed, step))
           if progress:
             bar.update(task, completed=step + 1)
-      common.check_finite(steps, {"loss": loss})
+      fitting.check_finite(steps, {"loss": loss})
       denoised = np.concatenate([np.asarray(apply(params, jnp.asarray(chunk)))[:valid]
-                                 for valid, chunk in common.iterate_batches(noisy, min(8, len(noisy)))])
+                                 for valid, chunk in iterate_batches(noisy, min(8, len(noisy)))])
       p, s = psnr(test, denoised, data_range), ssim(test, denoised, data_range)
       per_volume[src]["psnr"].append(p)
       per_volume[src]["ssim"].append(s)

@@ -23,23 +23,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxldm import fitting
 from jaxldm.config import ConfigError, to_dict
 from jaxldm.data.defaults import build_dataset
 from jaxldm.models import AutoencoderKL, PatchDiscriminator3D, kl_divergence
+from jaxldm.infer import checkpoints
+from jaxldm.infer.autoencoder import build_model
+from jaxldm.infer.pictures import save_mid_slices
 from jaxldm.models.layers import as_triple
 from jaxldm.train import common, dp, loop
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def build_model(model_cfg: ml_collections.ConfigDict | dict) -> AutoencoderKL:
-  m = dict(model_cfg)
-  if m["dtype"] not in DTYPES:
-    raise ConfigError(f"config key 'model.dtype': {m['dtype']!r} is not one of {', '.join(DTYPES)}")
-  return AutoencoderKL(channels=tuple(m["channels"]), num_res_blocks=m["num_res_blocks"],
-                       latent_channels=m["latent_channels"], kernel=as_triple(m["kernel"]),
-                       stride=as_triple(m["stride"]), attention=m["attention"], dtype=DTYPES[m["dtype"]])
-
 
 def check_divisible(shape, model: AutoencoderKL) -> None:
   for axis, (size, f) in enumerate(zip(shape, model.downsampling)):
@@ -81,7 +73,7 @@ def make_train_step(model, disc, tx, disc_tx, config):
   loss_cfg = config.loss
   adv_on = disc is not None
 
-  def train_step(state: common.TrainState, volumes, rng):
+  def train_step(state: fitting.TrainState, volumes, rng):
     # RNG: example i of this step uses fold_in(rng, i) (posterior sampling).
     keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(volumes.shape[0]))
     active = state.step >= loss_cfg.adversarial_start
@@ -98,8 +90,8 @@ def make_train_step(model, disc, tx, disc_tx, config):
     (loss, aux), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = jax.tree_util.tree_map(lambda p, u: p + u, state.params, updates)
-    ema = common.ema_update(state.ema_params, params, config.optim.ema_decay)
-    metrics = {"loss": loss, "grad_norm": common.global_norm(grads), "l1": aux["l1"].mean(),
+    ema = fitting.ema_update(state.ema_params, params, config.optim.ema_decay)
+    metrics = {"loss": loss, "grad_norm": fitting.global_norm(grads), "l1": aux["l1"].mean(),
                "kl": aux["kl"].mean(), "adv": aux["adv"].mean()}
     extra = state.extra
     if adv_on:
@@ -130,7 +122,7 @@ def make_private_step(model, tx, config):
                                adv_weight=0.0, adv_loss=loss_cfg.adversarial_loss)
     return loss, {"l1": aux["l1"], "kl": aux["kl"]}  # Scalars only: no per-example reconstruction.
 
-  def private_step(state: common.TrainState, batch, mask, num_microbatches, rng, *, noise_multiplier,
+  def private_step(state: fitting.TrainState, batch, mask, num_microbatches, rng, *, noise_multiplier,
                    expected_batch_size):
     # RNG: rng = fold_in(noise base key, step); private_grad splits it into per-example keys
     # (posterior sampling, fold_in example index) and the one noise key of this logical batch.
@@ -139,7 +131,7 @@ def make_private_step(model, tx, config):
                                          expected_batch_size=expected_batch_size, has_aux=True)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = jax.tree_util.tree_map(lambda p, u: p + u, state.params, updates)
-    ema = common.ema_update(state.ema_params, params, config.optim.ema_decay)
+    ema = fitting.ema_update(state.ema_params, params, config.optim.ema_decay)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
 
   return private_step
@@ -162,7 +154,7 @@ def estimate_scale_factor(model, params, volumes: np.ndarray, batch_size: int) -
   """1 / std of the posterior means over the data (Rombach et al.), so latents have unit variance."""
   encode = jax.jit(lambda p, x: model.apply(p, x, method=AutoencoderKL.encode).mean)
   total, total_sq, count, latent_shape = 0.0, 0.0, 0, None
-  for valid, chunk in common.iterate_batches(volumes, batch_size):
+  for valid, chunk in checkpoints.iterate_batches(volumes, batch_size):
     z = np.asarray(encode(params, jnp.asarray(chunk)[..., None]), dtype=np.float64)[:valid]
     latent_shape = list(z.shape[1:])
     total += z.sum()
@@ -205,10 +197,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     disc = PatchDiscriminator3D(channels=tuple(config.disc.channels), kernel=as_triple(config.disc.kernel),
                                 stride=as_triple(config.disc.stride))
     disc_params = jax.jit(disc.init)(jax.random.fold_in(init_key, 1), dummy)
-    disc_tx = common.make_optimizer(config.optim, config.train.steps)
+    disc_tx = fitting.make_optimizer(config.optim, config.train.steps)
     extra = {"disc_params": disc_params, "disc_opt_state": disc_tx.init(disc_params)}
-  tx = common.make_optimizer(config.optim, config.train.steps, private=private)
-  state = common.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
+  tx = fitting.make_optimizer(config.optim, config.train.steps, private=private)
+  state = fitting.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
                             ema_params=jax.tree_util.tree_map(jnp.copy, params), extra=extra)
   console.print(f"autoencoder: {common.count_params(params):,} parameters")
 
@@ -232,8 +224,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   def sample(state, done):  # Never under DP (check_private): these are training volumes.
     x = jnp.asarray(volumes[:4])[..., None]
-    recon = np.asarray(reconstruct(common.fetch(state.ema_params), x))[..., 0]
-    common.save_mid_slices(np.concatenate([volumes[:4], recon]), workdir / "samples" / f"recon_{done:06d}.png",
+    recon = np.asarray(reconstruct(checkpoints.fetch(state.ema_params), x))[..., 0]
+    save_mid_slices(np.concatenate([volumes[:4], recon]), workdir / "samples" / f"recon_{done:06d}.png",
                            titles=["real"] * 4 + ["recon"] * 4, columns=4)
 
   # --- loop ---------------------------------------------------------------------------------
@@ -242,7 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   state = loop.train(run, state, step, description="autoencoder")
 
   # --- latent scale -------------------------------------------------------------------------
-  ema_params = common.fetch(state.ema_params)
+  ema_params = checkpoints.fetch(state.ema_params)
   latent_shape = list(jax.eval_shape(lambda p, x: model.apply(p, x, method=AutoencoderKL.encode).mean,
                                      ema_params, dummy).shape[1:])
   if config.get("scale_factor", 0.0) > 0:
@@ -255,6 +247,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if private:
     info["privacy"] = run.privacy()
   if run.primary:
-    common.write_json(workdir / "autoencoder.json", info)
+    checkpoints.write_json(workdir / "autoencoder.json", info)
   console.print(f"latent {tuple(latent_shape)}, scale factor {scale:.4f}; wrote {workdir / 'autoencoder.json'}")
   return info

@@ -1,108 +1,27 @@
-"""Pieces every trainer shares: state, optimizer, EMA, data order, checkpoints, metrics, progress.
+"""Pieces every trainer shares: the device mesh and sharding, resumable checkpoints, the workdir,
+metric logs and progress text.
 
-Reproducibility contract: the batch of step s and every key of step s are pure functions of
-(config.seed, s). A run resumed from the checkpoint of step s therefore continues exactly as the
-uninterrupted run would have.
+The train state, optimizer, EMA, data order and keys live in `jaxldm.fitting` (the evaluation fits
+small models with them too); reading another run's parameters is `jaxldm.infer.checkpoints`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 
 from jaxldm.atomic import atomic_open
 from jaxldm.config import ConfigError
-
-
-class TrainingError(RuntimeError):
-  """Training cannot go on (e.g. a non-finite loss); the message names the step."""
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array          # [] int32: optimizer steps taken.
-  params: Any
-  opt_state: Any
-  ema_params: Any          # Exponential moving average of params (used for sampling).
-  extra: Any = None        # Trainer-specific (e.g. discriminator params and optimizer state).
-
-
-# ---------------------------------------------------------------------------------------------
-# optimisation
-# ---------------------------------------------------------------------------------------------
-def optim_config(lr: float = 1e-4, steps: int = 1000, warmup: int = 0) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.optimizer = "adamw"  # "adamw" or "sgd" (with momentum b1; updates linear in the gradient).
-  c.learning_rate = lr  # Peak learning rate.
-  c.schedule = "constant"  # "constant" or "cosine" (decay to 0 over train steps, after warmup).
-  c.warmup_steps = warmup  # Linear warm-up steps.
-  c.b1 = 0.9  # Adam beta1 / SGD momentum.
-  c.b2 = 0.999  # Adam beta2.
-  c.weight_decay = 0.0  # Decoupled weight decay (AdamW).
-  c.grad_clip = 1.0  # Global-norm clipping of the batch gradient (non-private runs only); 0 = off.
-  c.ema_decay = 0.999  # EMA of parameters; 0 = EMA equals the parameters.
-  return c
-
-
-def make_optimizer(c: ml_collections.ConfigDict, total_steps: int, *, private: bool = False):
-  if c.schedule == "constant":
-    lr = optax.constant_schedule(c.learning_rate)
-  elif c.schedule == "cosine":
-    lr = optax.cosine_decay_schedule(c.learning_rate, max(1, total_steps - c.warmup_steps))
-  else:
-    raise ConfigError(f"config key 'optim.schedule': unknown schedule {c.schedule!r}; use constant or cosine")
-  if c.warmup_steps > 0:
-    lr = optax.join_schedules([optax.linear_schedule(0.0, c.learning_rate, c.warmup_steps), lr], [c.warmup_steps])
-  chain = []
-  # A DP gradient is already clipped per example; clipping the noisy sum again would bias it.
-  if c.grad_clip > 0 and not private:
-    chain.append(optax.clip_by_global_norm(c.grad_clip))
-  if c.optimizer == "adamw":
-    chain.append(optax.adamw(lr, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay))
-  elif c.optimizer == "sgd":
-    if c.weight_decay:
-      chain.append(optax.add_decayed_weights(c.weight_decay))
-    chain.append(optax.sgd(lr, momentum=c.b1 or None))
-  else:
-    raise ConfigError(f"config key 'optim.optimizer': unknown optimizer {c.optimizer!r}; use adamw or sgd")
-  return optax.chain(*chain)
-
-
-def ema_update(ema, params, decay: float):
-  return jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
-
-
-def global_norm(tree) -> jax.Array:
-  return optax.global_norm(tree)
-
-
-# ---------------------------------------------------------------------------------------------
-# data order and keys
-# ---------------------------------------------------------------------------------------------
-def batch_indices(seed: int, step: int, num_examples: int, batch_size: int) -> np.ndarray:
-  """Epoch-wise shuffling as a pure function of (seed, step): resumable without saved iterators."""
-  per_epoch = max(1, num_examples // batch_size)
-  epoch, within = divmod(step, per_epoch)
-  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-  if batch_size > num_examples:
-    return np.random.default_rng([seed, epoch, 1]).choice(num_examples, batch_size, replace=True)
-  return order[within * batch_size:(within + 1) * batch_size]
-
-
-def step_key(seed: int, step) -> jax.Array:
-  return jax.random.fold_in(jax.random.PRNGKey(seed), step)
+from jaxldm.fitting import TrainState
+from jaxldm.fitting import optim_config  # noqa: F401  The presets (jaxldm/configs) import it from here.
+from jaxldm.infer import checkpoints
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,11 +75,6 @@ def shard_batch(tree, mesh: jax.sharding.Mesh):
   return jax.tree_util.tree_map(put, tree)
 
 
-def fetch(tree):
-  """Host (numpy) copy of a replicated tree, on any process; e.g. parameters for local sampling."""
-  return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
-
-
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 # ---------------------------------------------------------------------------------------------
@@ -198,42 +112,12 @@ class Checkpointer:
   def restore_untyped(self, step: int | None = None) -> tuple[Any, dict]:
     """The saved state as nested dicts/arrays, without a target structure (for inspection)."""
     step = self.latest_step() if step is None else step
-    restored = self.manager.restore(step, args=ocp.args.Composite(state=_untyped_restore(),
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=checkpoints.untyped_restore(),
                                                                   meta=ocp.args.JsonRestore()))
     return restored.state, dict(restored.meta or {})
 
   def close(self) -> None:
     self.manager.close()
-
-
-def _untyped_restore() -> ocp.args.StandardRestore:
-  """Restore without a target; arrays land on this process's first device.
-
-  Why the fallback: a checkpoint written by a multi-host run records shardings over devices that
-  do not exist here, and orbax refuses to restore it untyped without one.
-  """
-  return ocp.args.StandardRestore(fallback_sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-
-
-def restore_params(directory: str | pathlib.Path, target_params, *, use_ema: bool = True) -> tuple[Any, dict]:
-  """Loads the (EMA) parameters and metadata of the latest checkpoint of another run."""
-  directory = pathlib.Path(directory).absolute()
-  manager = ocp.CheckpointManager(directory)
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {directory}; train that stage first")
-  restored = manager.restore(step, args=ocp.args.Composite(state=_untyped_restore(), meta=ocp.args.JsonRestore()))
-  state = restored.state
-  params = state["ema_params"] if use_ema else state["params"]
-  # Re-shape into the target pytree structure (restored without a target comes back as dicts).
-  params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target_params),
-                                        jax.tree_util.tree_leaves(params))
-  # Uncommitted copies: a checkpoint keeps the devices it was saved from (e.g. replicated over 4),
-  # and jit refuses to mix those with arrays on other devices (e.g. an LDM trained on 1 device).
-  params = jax.tree_util.tree_map(
-      lambda x: jnp.asarray(np.asarray(x)) if getattr(x, "is_fully_addressable", True) else x, params)
-  manager.close()
-  return params, dict(restored.meta or {})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,12 +136,6 @@ def prepare_workdir(workdir: str | pathlib.Path):
     raise ConfigError(f"--workdir {workdir}: is a file, not a directory; choose a directory")
   (workdir / "samples").mkdir(parents=True, exist_ok=True)
   return workdir, Console()
-
-
-def write_json(path: str | pathlib.Path, record: dict) -> None:
-  """Atomic: a reader never sees half a file."""
-  with atomic_open(path) as f:
-    f.write(json.dumps(record, indent=2) + "\n")
 
 
 def progress_info(metrics: dict[str, Any]) -> str:
@@ -328,24 +206,6 @@ def _scalar(v):
   return v.item() if v.size == 1 else v.tolist()
 
 
-def check_finite(step: int, metrics: dict[str, Any], names=("loss", "grad_norm")) -> None:
-  for name in names:
-    if name in metrics and not math.isfinite(float(np.asarray(metrics[name]))):
-      raise TrainingError(f"{name} became {float(np.asarray(metrics[name]))} at step {step}; stopping. "
-                          f"The last good checkpoint is kept; lower the learning rate or check the data.")
-
-
-def progress_bar(total: int, initial: int, description: str):
-  """A rich progress bar with step rate and ETA (transient off: the final line stays)."""
-  from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                             TimeRemainingColumn)
-  progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
-                      TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-  task = progress.add_task(description, total=total, completed=initial, rate="", info="")
-  return progress, task
-
-
 def parameter_overview(params) -> str:
   from clu import parameter_overview as po
   return po.get_parameter_overview(params)
@@ -353,46 +213,6 @@ def parameter_overview(params) -> str:
 
 def count_params(params) -> int:
   return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
-
-
-# ---------------------------------------------------------------------------------------------
-# pictures
-# ---------------------------------------------------------------------------------------------
-def save_mid_slices(volumes: np.ndarray, path: str | pathlib.Path, *, titles: list[str] | None = None,
-                    columns: int = 8) -> None:
-  """A PNG grid of the middle slice of each (D, H, W) volume."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  volumes = np.asarray(volumes)
-  n = len(volumes)
-  cols = min(columns, n)
-  rows = math.ceil(n / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
-  for ax in axes.ravel():
-    ax.axis("off")
-  for i, vol in enumerate(volumes):
-    ax = axes.ravel()[i]
-    ax.imshow(vol[vol.shape[0] // 2], cmap="gray", vmin=-1, vmax=1)
-    if titles:
-      ax.set_title(titles[i], fontsize=6)
-  fig.tight_layout()
-  try:
-    with atomic_open(path, "wb") as f:
-      fig.savefig(f, format="png", dpi=100)
-  finally:
-    plt.close(fig)
-
-
-def iterate_batches(arrays, batch_size: int) -> Iterator[tuple[int, Any]]:
-  """Fixed-size chunks in order (the last one padded by repetition); yields (valid_count, chunk)."""
-  n = len(jax.tree_util.tree_leaves(arrays)[0])
-  for start in range(0, n, batch_size):
-    idx = np.arange(start, start + batch_size)
-    valid = int(min(batch_size, n - start))
-    idx = np.minimum(idx, n - 1)
-    yield valid, jax.tree_util.tree_map(lambda a: a[idx], arrays)
 
 
 def device_put_batch(batch):

@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
+from jaxldm import fitting
 from jaxldm.atomic import atomic_open
 from jaxldm.config import ConfigError
 from jaxldm.train import common, distributed
@@ -394,6 +395,6 @@ def private_gradient(loss_fn, params, batch, mask, num_microbatches, rng, *, dp:
       expected_batch_size=expected_batch_size, mask=mask, microbatch_size=microbatch_size,
       num_microbatches=num_microbatches, has_aux=has_aux, per_layer=bool(dp.per_layer),
       stats_weight=float(dp.stats_weight), stats_bound=float(dp.stats_bound))
-  metrics = {"grad_norm": common.global_norm(grads)}  # Of the noisy gradient: post-processing.
+  metrics = {"grad_norm": fitting.global_norm(grads)}  # Of the noisy gradient: post-processing.
   metrics.update(aux.get("released", {}))
   return grads, metrics

@@ -24,49 +24,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxldm import fitting
 from jaxldm.config import ConfigError, to_dict
 from jaxldm.data.dataset import read_attributes
 from jaxldm.data.defaults import build_dataset
 from jaxldm.diffusion import diffusion_loss, make_schedule, sample
-from jaxldm.models import AutoencoderKL, LatentUNet
-from jaxldm.models.layers import as_triple
-from jaxldm.train import autoencoder as ae_trainer
+from jaxldm.infer import checkpoints
+from jaxldm.infer.autoencoder import encode_latents, latent_decoder, load_autoencoder
+from jaxldm.infer.ldm import build_unet, unet_apply
+from jaxldm.infer.pictures import save_mid_slices
 from jaxldm.train import common, dp, loop, partition
 
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks (also used by `jaxldm sample`)
 # ---------------------------------------------------------------------------------------------
-def build_unet(model_cfg, num_attributes: int, latent_channels: int) -> LatentUNet:
-  m = dict(model_cfg)
-  return LatentUNet(out_channels=latent_channels, base_channels=m["base_channels"],
-                    channel_mult=tuple(m["channel_mult"]), num_res_blocks=m["num_res_blocks"],
-                    attention_levels=tuple(m["attention_levels"]), mid_attention=m["mid_attention"],
-                    heads=m["heads"], kernel=as_triple(m["kernel"]), stride=as_triple(m["stride"]),
-                    num_attributes=num_attributes, context_dim=m["context_dim"],
-                    dtype=ae_trainer.DTYPES[m["dtype"]])
-
-
-def load_autoencoder(workdir: str | pathlib.Path):
-  """(model, EMA params, info) of a trained first stage."""
-  workdir = pathlib.Path(workdir)
-  info_path = workdir / "autoencoder.json"
-  if not info_path.is_file():
-    raise ConfigError(f"config key 'autoencoder_workdir': {info_path} does not exist; train the "
-                      f"autoencoder first (jaxldm train --config configs/autoencoder.py --workdir {workdir})")
-  info = json.loads(info_path.read_text())
-  model = ae_trainer.build_model(info["model"])
-  target = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *info["data_shape"], 1)))
-  params, _ = common.restore_params(workdir / "checkpoints", target)
-  return model, params, info
-
-
-def unet_apply(unet: LatentUNet):
-  def apply_fn(params, x_t, t, attributes, mask):
-    return unet.apply(params, x_t, t, attributes, mask)
-  return apply_fn
-
-
 def attribute_stats(config, attributes: np.ndarray, mask: np.ndarray, columns, dataset=None) -> tuple[list, list]:
   """Mean/std used to standardise attributes. In DP runs they must not come from the private data."""
   source = config.conditioning.stats_from
@@ -113,29 +85,6 @@ def _check_public_csv(source: str, dataset) -> None:
                       "CSV of public data")
 
 
-def encode_latents(model, params, volumes: np.ndarray, scale: float, batch_size: int) -> np.ndarray:
-  """Posterior means times the scale factor; one example at a time in effect (no batch coupling)."""
-  encode = jax.jit(lambda p, x: model.apply(p, x, method=AutoencoderKL.encode).mean * scale)
-  out = []
-  for valid, chunk in common.iterate_batches(volumes, batch_size):
-    out.append(np.asarray(encode(params, jnp.asarray(chunk)[..., None]))[:valid])
-  return np.concatenate(out)
-
-
-def latent_decoder(model, scale: float):
-  """Jitted (params, latents scaled as the UNet sees them) -> decoded volumes (B, D, H, W, 1)."""
-  return jax.jit(lambda p, z: model.apply(p, z / scale, method=AutoencoderKL.decode))
-
-
-def decode_latents(model, params, latents: np.ndarray, scale: float, batch_size: int) -> np.ndarray:
-  """Volumes (N, D, H, W) of scaled latents: the inverse direction of `encode_latents`."""
-  decode = latent_decoder(model, scale)
-  out = []
-  for valid, chunk in common.iterate_batches(latents, batch_size):
-    out.append(np.asarray(decode(params, jnp.asarray(chunk)))[:valid, ..., 0])
-  return np.concatenate(out)
-
-
 # ---------------------------------------------------------------------------------------------
 # Steps
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +101,7 @@ def make_steps(unet, tx, schedule, config, frozen_spec: str):
     updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = jax.tree_util.tree_map(lambda p, u: p + u, trainable, updates)
     params = partition.merge(trainable, frozen)
-    ema = common.ema_update(state.ema_params, params, config.optim.ema_decay)
+    ema = fitting.ema_update(state.ema_params, params, config.optim.ema_decay)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
 
   def nonprivate_step(state, batch, rng):
@@ -166,7 +115,7 @@ def make_steps(unet, tx, schedule, config, frozen_spec: str):
 
     loss, grads = jax.value_and_grad(mean_loss)(trainable)
     return finish(state, trainable, frozen, grads, state.opt_state,
-                  {"loss": loss, "grad_norm": common.global_norm(grads)})
+                  {"loss": loss, "grad_norm": fitting.global_norm(grads)})
 
   def private_step(state, batch, mask, num_microbatches, rng, *, noise_multiplier, expected_batch_size):
     # RNG: rng = fold_in(noise base key, step); private_grad splits it into per-example keys
@@ -208,7 +157,7 @@ def jitted_step(config, private: bool, num_attributes: int, latent_channels: int
   key = _step_cache_key(config, private, num_attributes, latent_channels, vmapped)
   if key not in _STEP_CACHE:
     unet = build_unet(config.model, num_attributes, latent_channels)
-    tx = common.make_optimizer(config.optim, config.train.steps, private=private)
+    tx = fitting.make_optimizer(config.optim, config.train.steps, private=private)
     schedule = make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps,
                              config.diffusion.beta_start, config.diffusion.beta_end)
     nonprivate_step, private_step = make_steps(unet, tx, schedule, config, config.train.trainable)
@@ -232,7 +181,7 @@ class Prepared:
   """Everything before the loop of one run (also used by `jaxldm.train.ldm_seeds`)."""
   config: ml_collections.ConfigDict
   run: loop.Run             # Restored: its checkpointer, start step, DP run and sample hook.
-  state: common.TrainState  # Replicated, restored from the latest checkpoint if any.
+  state: fitting.TrainState  # Replicated, restored from the latest checkpoint if any.
   examples: dict            # latent/attributes/attribute_mask arrays of the n training examples.
   columns: list
   mesh: Any
@@ -278,7 +227,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> P
            jnp.zeros((1, len(columns))), jnp.ones((1, len(columns))))
   params = jax.jit(unet.init)(init_key, *dummy)
   if config.pretrained_workdir:
-    params, _ = common.restore_params(pathlib.Path(config.pretrained_workdir) / "checkpoints", params)
+    params, _ = checkpoints.restore_params(pathlib.Path(config.pretrained_workdir) / "checkpoints", params)
     console.print(f"initialised from the pretrained LDM in {config.pretrained_workdir}")
   if private:
     from jaxldm.privacy import clipping
@@ -305,8 +254,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> P
     dp_run = dp.setup(config.dp, workdir, n, steps, console, mesh.devices.size, pinned=pinned, upstream=upstream)
 
   # --- state and checkpoint -----------------------------------------------------------------
-  tx = common.make_optimizer(config.optim, steps, private=private)
-  state = common.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(trainable),
+  tx = fitting.make_optimizer(config.optim, steps, private=private)
+  state = fitting.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(trainable),
                             ema_params=jax.tree_util.tree_map(jnp.copy, params))
   decode = latent_decoder(ae_model, scale)
   sampler = jax.jit(functools.partial(
@@ -315,7 +264,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> P
       static_argnums=(1,))
 
   def sample_hook(state, done):  # From the EMA parameters only: nothing private is decoded.
-    _sample_grid(sampler, decode, common.fetch(state.ema_params), ae_params, latents.shape[1:], len(columns),
+    _sample_grid(sampler, decode, checkpoints.fetch(state.ema_params), ae_params, latents.shape[1:], len(columns),
                  workdir / "samples" / f"samples_{done:06d}.png", config.seed + done)
 
   run = loop.Run(workdir, config, console, dp_run=dp_run, sample=sample_hook)
@@ -343,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   record = {"steps": run.step, "private": run.dp_run is not None, "data_fingerprint": p.data_fingerprint,
             **run.privacy()}
   if run.primary:
-    common.write_json(run.workdir / "run.json", record)
+    checkpoints.write_json(run.workdir / "run.json", record)
   return record
 
 
@@ -353,4 +302,4 @@ def _sample_grid(sampler, decode, params, ae_params, latent_shape, num_attribute
   attrs = jnp.zeros((n, num_attributes)) if num_attributes else None
   z = sampler(params, (n,) + tuple(latent_shape), jax.random.PRNGKey(seed), attributes=attrs)
   vols = np.asarray(decode(ae_params, z))[..., 0]
-  common.save_mid_slices(np.clip(vols, -1, 1), path, columns=4)
+  save_mid_slices(np.clip(vols, -1, 1), path, columns=4)

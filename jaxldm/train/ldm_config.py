@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from jaxldm.data.defaults import data_config
-from jaxldm.train.common import optim_config
+from jaxldm.fitting import optim_config
 from jaxldm.train.dp import dp_config
 
 VARIANTS = ("tiny", "default", "paper")

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxldm.config import ConfigError, to_dict
+from jaxldm.infer import checkpoints
 from jaxldm.train import common, ldm, loop
 
 _SEED_KEYS = ("seed",)  # Top-level keys allowed to differ (plus dp.noise_seed).
@@ -81,7 +82,7 @@ def train_seeds(configs: list[ml_collections.ConfigDict], workdirs: list[str | p
   for p in preps:
     record = {"steps": p.run.step, "private": True, **p.run.privacy(), "vmapped_seeds": len(preps)}
     if p.run.primary:
-      common.write_json(p.run.workdir / "run.json", record)
+      checkpoints.write_json(p.run.workdir / "run.json", record)
     records.append(record)
   return records
 

@@ -39,7 +39,9 @@ from typing import Any
 import jax
 import ml_collections
 
+from jaxldm import fitting
 from jaxldm.config import save_config
+from jaxldm.infer import checkpoints
 from jaxldm.train import common, distributed
 
 
@@ -98,7 +100,7 @@ def restore(run: Run, state, mesh: jax.sharding.Mesh, *, records: dict[str, dict
   if run.primary:  # Every resume check has passed: now the run's records may change.
     save_config(run.config, run.workdir / "config.json")
     for name, record in (records or {}).items():
-      common.write_json(run.workdir / name, record)
+      checkpoints.write_json(run.workdir / name, record)
     (run.workdir / "parameters.txt").write_text(common.parameter_overview(params))
     run.log = common.MetricsLog(run.workdir, run.start)
   return state
@@ -107,16 +109,16 @@ def restore(run: Run, state, mesh: jax.sharding.Mesh, *, records: dict[str, dict
 def shuffled_step(step_fn, examples, *, seed: int, batch_size: int, mesh: jax.sharding.Mesh):
   """`step(state, s)` for the loop from a non-private `step_fn(state, batch, key)`.
 
-  The batch of step s (`common.batch_indices`: epoch-wise shuffles of `examples`, a pytree of
-  arrays with the examples on the leading axis) and its key (`common.step_key`) are pure functions
+  The batch of step s (`fitting.batch_indices`: epoch-wise shuffles of `examples`, a pytree of
+  arrays with the examples on the leading axis) and its key (`fitting.step_key`) are pure functions
   of (seed, s): the reproducibility contract that makes a resume exact.
   """
   n = len(jax.tree_util.tree_leaves(examples)[0])
 
   def step(state, s: int):
-    idx = common.batch_indices(seed, s, n, batch_size)
+    idx = fitting.batch_indices(seed, s, n, batch_size)
     batch = common.shard_batch(jax.tree_util.tree_map(lambda a: a[idx], examples), mesh)
-    return step_fn(state, batch, common.step_key(seed, s))
+    return step_fn(state, batch, fitting.step_key(seed, s))
 
   return step
 
@@ -149,7 +151,7 @@ def train(runs: Run | Sequence[Run], state, step: Callable[[Any, int], tuple[Any
   allowed = min((r.dp_run.allowed_steps for r in private), default=steps)
   sample_every = cfg.get("sample_every", 0) if any(r.sample for r in runs) else 0
   averagers = [common.MetricAverager() for _ in runs]
-  progress, task = common.progress_bar(steps, start, description + (" (DP)" if private else ""))
+  progress, task = fitting.progress_bar(steps, start, description + (" (DP)" if private else ""))
   rate_meter = common.RateMeter(start)
   done, stopped_for_budget = start, False
   try:
@@ -175,7 +177,7 @@ def train(runs: Run | Sequence[Run], state, step: Callable[[Any, int], tuple[Any
           info = []
           for r, averager in zip(runs, averagers):
             logged = averager.pop()  # Means over the steps since the last log line.
-            common.check_finite(done, logged)
+            fitting.check_finite(done, logged)
             if r.dp_run is not None:
               logged["epsilon"] = r.epsilon
             if r.primary:

@@ -15,7 +15,6 @@ parameters, so every feature statistic can name exactly which encoder made it).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import pathlib
 from typing import NamedTuple
@@ -25,35 +24,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxldm import fitting
 from jaxldm.config import ConfigError, to_dict
 from jaxldm.data.defaults import build_dataset
-from jaxldm.models.layers import as_triple
+from jaxldm.eval.memorization import nearest_neighbours
+from jaxldm.infer import checkpoints
+from jaxldm.infer.ssl import ENCODER_FILE, build_model, embed_volumes, params_version
 from jaxldm.models.ssl_encoder import SSLEncoder
 from jaxldm.train import common, loop
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ENCODER_FILE = "encoder.json"
-
-
-def build_model(model_cfg: ml_collections.ConfigDict | dict) -> SSLEncoder:
-  m = dict(model_cfg)
-  if m["dtype"] not in DTYPES:
-    raise ConfigError(f"config key 'model.dtype': {m['dtype']!r} is not one of {', '.join(DTYPES)}")
-  return SSLEncoder(channels=tuple(m["channels"]), num_res_blocks=m["num_res_blocks"],
-                    kernel=as_triple(m["kernel"]), stride=as_triple(m["stride"]),
-                    projection_dim=m["projection_dim"], dtype=DTYPES[m["dtype"]])
-
-
-def params_version(params) -> str:
-  """A short content hash of a parameter tree: equal iff the weights (and their names) are equal."""
-  digest = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    leaf = np.asarray(leaf)
-    digest.update(jax.tree_util.keystr(path).encode())
-    digest.update(f"{leaf.dtype}{leaf.shape}".encode())
-    digest.update(np.ascontiguousarray(leaf).tobytes())
-  return digest.hexdigest()[:16]
-
 
 # ---------------------------------------------------------------------------------------------
 # Augmentations: pure JAX on ONE (D, H, W) volume, vmapped over the batch inside the jitted step.
@@ -170,7 +148,7 @@ def make_train_step(model: SSLEncoder, tx, config: ml_collections.ConfigDict):
   aug = Augment.from_config(config.augment)
   temperature, both = float(config.loss.temperature), bool(config.augment.both_views)
 
-  def train_step(state: common.TrainState, volumes, rng):
+  def train_step(state: fitting.TrainState, volumes, rng):
     # RNG: view v of example i of this step uses fold_in(fold_in(rng, i), v).
     view_a, view_b = two_views(volumes, rng, aug, both)
 
@@ -182,19 +160,11 @@ def make_train_step(model: SSLEncoder, tx, config: ml_collections.ConfigDict):
     (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = jax.tree_util.tree_map(lambda p, u: p + u, state.params, updates)
-    ema = common.ema_update(state.ema_params, params, config.optim.ema_decay)
-    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": common.global_norm(grads)}
+    ema = fitting.ema_update(state.ema_params, params, config.optim.ema_decay)
+    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": fitting.global_norm(grads)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
 
   return train_step
-
-
-def embed_volumes(model: SSLEncoder, params, volumes: np.ndarray, batch_size: int) -> np.ndarray:
-  """(N, D, H, W) -> (N, F) embeddings, in fixed-size (padded) batches: one compilation."""
-  embed = jax.jit(lambda p, x: model.apply(p, x[..., None], method=SSLEncoder.embed))
-  out = [np.asarray(embed(params, jnp.asarray(chunk, jnp.float32)))[:valid]
-         for valid, chunk in common.iterate_batches(np.asarray(volumes), batch_size)]
-  return np.concatenate(out)
 
 
 def retrieval_accuracy(model, params, volumes: np.ndarray, config, *, seed: int, max_volumes: int = 256) -> float:
@@ -203,7 +173,6 @@ def retrieval_accuracy(model, params, volumes: np.ndarray, config, *, seed: int,
   A direct check of what the detector relies on: a copy is closer to its source than to anything
   else. Measured on (up to `max_volumes` of) the training volumes with a fixed augmentation seed.
   """
-  from jaxldm.eval.memorization import nearest_neighbours
 
   volumes = np.asarray(volumes[:max_volumes])
   if len(volumes) < 2:
@@ -238,8 +207,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   Augment.from_config(config.augment)  # Validate before any compile.
   init_key = jax.random.PRNGKey(config.seed)
   params = jax.jit(model.init)(init_key, jnp.zeros((1,) + volumes.shape[1:] + (1,), jnp.float32))
-  tx = common.make_optimizer(config.optim, config.train.steps)
-  state = common.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
+  tx = fitting.make_optimizer(config.optim, config.train.steps)
+  state = fitting.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
                             ema_params=jax.tree_util.tree_map(jnp.copy, params))
   console.print(f"ssl encoder: {common.count_params(params):,} parameters")
 
@@ -262,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           "intensity_range": list(config.data.intensity_range), "embedding_dim": int(config.model.channels[-1]),
           "augment": to_dict(config.augment), "retrieval_top1": retrieval}
   if run.primary:
-    common.write_json(workdir / ENCODER_FILE, info)
+    checkpoints.write_json(workdir / ENCODER_FILE, info)
   console.print(f"encoder ssl3d-{version}: augmented-copy retrieval top-1 {retrieval:.3f} on "
                 f"{min(n, 256)} training volumes; wrote {workdir / ENCODER_FILE}")
   return info

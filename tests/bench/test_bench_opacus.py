@@ -212,7 +212,7 @@ def _perturbed(tree, seed=0):
 
 def test_same_weights_give_jaxldm_outputs_autoencoder(targets, bench):
   from jaxldm.config import load_config
-  from jaxldm.train import autoencoder as ae_trainer
+  from jaxldm.infer import autoencoder
 
   config = load_config("configs/autoencoder.py:tiny", TINY_AE)
   params = _perturbed(targets["autoencoder"].reference.params)
@@ -227,7 +227,7 @@ def test_same_weights_give_jaxldm_outputs_autoencoder(targets, bench):
   assert not any(bool(torch.isnan(q).any()) for q in net.parameters())  # Every weight came from Flax.
 
   x = targets["autoencoder"].make_batch(2)["volume"]  # (B, 1, D, H, W)
-  recon, posterior = ae_trainer.build_model(config.model).apply(params, x.numpy().transpose(0, 2, 3, 4, 1))
+  recon, posterior = autoencoder.build_model(config.model).apply(params, x.numpy().transpose(0, 2, 3, 4, 1))
   with torch.no_grad():
     t_recon, t_mean, t_logvar = net(x)
   np.testing.assert_allclose(t_mean.numpy().transpose(0, 2, 3, 4, 1), posterior.mean, rtol=1e-4, atol=1e-5)
@@ -238,7 +238,8 @@ def test_same_weights_give_jaxldm_outputs_autoencoder(targets, bench):
 
 def test_same_weights_give_jaxldm_outputs_unet(targets, bench):
   from jaxldm.config import load_config
-  from jaxldm.train import ldm, partition
+  from jaxldm.infer.ldm import build_unet
+  from jaxldm.train import partition
 
   config = load_config("configs/ldm.py:tiny", TINY_UNET)
   target = targets["unet"]
@@ -267,7 +268,7 @@ def test_same_weights_give_jaxldm_outputs_unet(targets, bench):
   mask = batch["attribute_mask"].clone()
   mask[1] = 0.0  # One example fully unconditional: the null token alone is attended.
   x = batch["latent"]
-  unet = ldm.build_unet(config.model, len(config.data.attributes), x.shape[1])
+  unet = build_unet(config.model, len(config.data.attributes), x.shape[1])
   out = unet.apply(params, x.numpy().transpose(0, 2, 3, 4, 1), t.numpy(), batch["attributes"].numpy(),
                    mask.numpy())
   with torch.no_grad():

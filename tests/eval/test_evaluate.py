@@ -8,7 +8,7 @@ import pytest
 from jaxldm import cli
 from jaxldm.eval import evaluate, sections
 from jaxldm.privacy.ledger import PrivacyLedger
-from jaxldm.train import generate
+from jaxldm.infer import generate
 
 pytestmark = pytest.mark.xdist_group(name="pipeline")  # Shares the mini_demo fixture with test_demo.py.
 SPACING = (20.0, 3.6, 3.6)

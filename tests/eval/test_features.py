@@ -26,7 +26,7 @@ def ssl_workdir(tmp_path_factory):
   for i in range(8):
     v = gaussian_filter(rng.normal(size=(16, 16, 4)), (2, 2, 0.5)).astype(np.float32)
     nib.save(nib.Nifti1Image(v, np.diag([4.0, 4.0, 20.0, 1.0])), root / f"s{i:02d}.nii.gz")
-  config = load_config(str(ROOT / "configs/ssl.py:tiny"), {
+  config = load_config("ssl:tiny", {
       "data.root": str(root), "data.shape": SHAPE, "data.spacing": (20.0, 4.0, 4.0), "train.batch_size": 8,
       "train.log_every": 1, "train.checkpoint_every": 3, "train.steps": 3, "train.num_devices": 1})
   workdir = tmp_path_factory.mktemp("ssl_run")
@@ -58,7 +58,7 @@ def test_ssl3d_loads_a_trained_workdir_and_is_batch_invariant(ssl_workdir):
 
 
 def test_ssl3d_refuses_a_missing_or_inconsistent_workdir(ssl_workdir, tmp_path):
-  with pytest.raises(ConfigError, match=r"configs/ssl.py"):
+  with pytest.raises(ConfigError, match=r"--config ssl "):
     features.get_extractor("ssl3d", weights=tmp_path / "nothing")
   copy = tmp_path / "copy"
   import shutil

@@ -79,7 +79,7 @@ def test_dp_pretraining_noise_is_secret_unless_fixed(data, monkeypatch):
   """Same public seeds: default runs get fresh OS-entropy noise (results differ, flagged os-entropy);
   a fixed noise seed reproduces every DP run exactly and is flagged NOT SECURE."""
   (sv, sa), (rv, ra), (tv, ta) = data["syn"], data["train"], data["test"]
-  fitted, original = [], ut.regressor_lib.Fitter.fit_private
+  fitted, original = [], ut.Fitter.fit_private
 
   def spy(self, *args, **kwargs):  # Records every DP run's final parameters and seed provenance.
     params = original(self, *args, **kwargs)
@@ -87,7 +87,7 @@ def test_dp_pretraining_noise_is_secret_unless_fixed(data, monkeypatch):
                    self.last_private_fit["noise_seed"]))
     return params
 
-  monkeypatch.setattr(ut.regressor_lib.Fitter, "fit_private", spy)
+  monkeypatch.setattr(ut.Fitter, "fit_private", spy)
   run = lambda **kw: ut.dp_pretraining_utility(sv, sa["phase"], rv, ra["phase"], tv, ta["phase"], epsilon=10.0,
                                                steps=2, sampling_rate=0.5, pretrain_steps=1, batch_size=4,
                                                model=SMALL, seeds=(0,), progress=False, **kw)

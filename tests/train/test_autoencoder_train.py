@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaxldm import fitting
 from jaxldm.config import load_config
 from jaxldm.train import autoencoder, common
 
@@ -49,7 +50,7 @@ def test_resume_is_bitwise_identical(tiny_nifti_dir, tmp_path):
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_nifti_dir, tmp_path):
   autoencoder.train_and_evaluate(_config(tiny_nifti_dir, **{"train.steps": 2}), tmp_path)
   exploding = _config(tiny_nifti_dir, **{"optim.learning_rate": 1e30, "train.steps": 12})
-  with pytest.raises(common.TrainingError, match=r"became (nan|inf) at step ([3-9]|1[0-2])"):
+  with pytest.raises(fitting.TrainingError, match=r"became (nan|inf) at step ([3-9]|1[0-2])"):
     autoencoder.train_and_evaluate(exploding, tmp_path)
   step, _ = _final_params(tmp_path)
   assert step == 2  # The last good checkpoint stays; nothing non-finite was saved.

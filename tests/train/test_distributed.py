@@ -34,6 +34,7 @@ def _dp_steps(workdir: str, num_devices: int = 0) -> dict:
   import jax.numpy as jnp
   from rich.console import Console
 
+  from jaxldm.infer import checkpoints
   from jaxldm.train import common, dp
 
   config = dp.dp_config(private=True, tiny=True)
@@ -67,7 +68,7 @@ def _dp_steps(workdir: str, num_devices: int = 0) -> dict:
     params, metrics = step_fn(params, *run.step_inputs(examples, step, mesh))
     epsilon = run.record_steps(step + 1)
   assert np.isfinite(float(metrics["loss"]))
-  flat = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(common.fetch(params))])
+  flat = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(checkpoints.fetch(params))])
   return {"params": flat.tolist(), "epsilon": epsilon, "padded": run.batcher.max_size}
 
 

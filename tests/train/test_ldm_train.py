@@ -107,7 +107,7 @@ def test_dp_refuses_private_attribute_statistics(tiny_nifti_dir, ae_dir, pretrai
 
 def test_sample_writes_nifti_deterministically(pretrained_dir, tmp_path):
   from jaxldm.data.nifti import load_volume
-  from jaxldm.train import generate
+  from jaxldm.infer import generate
 
   a, _, _, _ = generate.generate(pretrained_dir, 2, seed=3, num_steps=2)
   b, _, _, _ = generate.generate(pretrained_dir, 2, seed=3, num_steps=2)
@@ -124,7 +124,7 @@ def test_sample_writes_nifti_deterministically(pretrained_dir, tmp_path):
 
 def test_sample_from_an_ldm_trained_on_fewer_devices(tiny_nifti_dir, ae_dir, tmp_path):
   """AE checkpoint replicated over 4 devices, LDM trained on 1: sampling must not mix device sets."""
-  from jaxldm.train import generate
+  from jaxldm.infer import generate
 
   workdir = tmp_path / "ldm1"
   ldm.train_and_evaluate(_ldm_config("ldm:tiny", tiny_nifti_dir, ae_dir, **{

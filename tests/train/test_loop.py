@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
+from jaxldm import fitting
 from jaxldm.config import ConfigError
 from jaxldm.privacy import accounting
 from jaxldm.train import common, distributed, dp, loop
@@ -30,9 +31,9 @@ def _config(**train) -> ml_collections.ConfigDict:
   return c
 
 
-def _state(name: str = "w") -> common.TrainState:
+def _state(name: str = "w") -> fitting.TrainState:
   zeros = lambda: {name: jnp.zeros(3)}
-  return common.TrainState(step=jnp.array(0, jnp.int32), params=zeros(), opt_state={"m": jnp.zeros(3)},
+  return fitting.TrainState(step=jnp.array(0, jnp.int32), params=zeros(), opt_state={"m": jnp.zeros(3)},
                            ema_params=zeros())
 
 
@@ -44,7 +45,7 @@ def _plain_step(state, batch, key):
   w = state.params["w"] - 0.1 * m
   metrics = {"loss": jnp.sum(g ** 2), "grad_norm": jnp.linalg.norm(g), "taken": (state.step + 1).astype(jnp.float32)}
   return state.replace(step=state.step + 1, params={"w": w}, opt_state={"m": m},
-                       ema_params=common.ema_update(state.ema_params, {"w": w}, 0.5)), metrics
+                       ema_params=fitting.ema_update(state.ema_params, {"w": w}, 0.5)), metrics
 
 
 def _run(workdir, config, *, dp_run=None, sample=None, mesh=None, state=None) -> tuple[loop.Run, object]:
@@ -133,7 +134,7 @@ def test_a_non_finite_loss_stops_at_its_log_line_and_keeps_the_last_good_checkpo
   mesh = common.make_mesh(0)
   run = loop.Run(tmp_path, _config(steps=4), Console(quiet=True))
   state = loop.restore(run, _state(), mesh)
-  with pytest.raises(common.TrainingError, match="at step 3"):
+  with pytest.raises(fitting.TrainingError, match="at step 3"):
     loop.train(run, state, loop.shuffled_step(_plain_step, bad, seed=0, batch_size=4, mesh=mesh), description="t")
   ckpt = common.Checkpointer(tmp_path / "checkpoints")
   assert ckpt.latest_step() == 2
@@ -156,8 +157,8 @@ def test_runs_sharing_one_loop_keep_their_own_files(tmp_path):
   stack = lambda trees: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
 
   def step(state, s):
-    batches = [{"x": EXAMPLES["x"][common.batch_indices(c.seed, s, 8, 4)]} for c in configs]
-    return jax.vmap(_plain_step)(state, stack(batches), jnp.stack([common.step_key(c.seed, s) for c in configs]))
+    batches = [{"x": EXAMPLES["x"][fitting.batch_indices(c.seed, s, 8, 4)]} for c in configs]
+    return jax.vmap(_plain_step)(state, stack(batches), jnp.stack([fitting.step_key(c.seed, s) for c in configs]))
 
   loop.train(runs, stack(states), step, description="two seeds")
   for i, run in enumerate(runs):

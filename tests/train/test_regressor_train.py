@@ -12,6 +12,8 @@ from jaxldm.config import ConfigError, load_config
 from jaxldm.data import phantoms
 from jaxldm.data.defaults import SIZES
 from jaxldm.eval import controllability as ctl
+from jaxldm.eval.regressor_fit import Fitter, example_loss
+from jaxldm.infer.regressor import init_params, load_regressor
 from jaxldm.models.regressor import AttributeRegressor, TargetSpec, attributes_from_dict
 from jaxldm.privacy.ledger import FIXED_SEED, OS_ENTROPY
 from jaxldm.train import regressor
@@ -48,7 +50,7 @@ def test_train_writes_run_and_resumes_and_predicts(phantom_dir, tmp_path):
   assert set(saved["holdout"]["attributes"]) == {"lv_edv_ml", "lv_esv_ml", "age"}
   assert set(saved["holdout"]["categorical"]) == {"sex", "phase"}
   # A finished run is a predictor, and real-data controllability has the phantom layout.
-  predictor = regressor.load_regressor(tmp_path)
+  predictor = load_regressor(tmp_path)
   vols, attrs = phantoms.generate(5, shape=SHAPE, spacing=SPACING, seed=9)
   vols = 2 * (vols - vols.min()) / (vols.max() - vols.min()) - 1
   values, probs = predictor(vols)
@@ -82,7 +84,7 @@ def test_unknown_target_attribute_is_a_config_error(phantom_dir, tmp_path):
 def _tiny_setup():
   spec = TargetSpec(("a", "b", "phase"), ("phase",), (2,), (10.0, 0.0), (2.0, 1.0))
   model = AttributeRegressor(channels=(4,), num_outputs=spec.num_outputs)
-  params = regressor.init_params(model, (2, 8, 8), 0)
+  params = init_params(model, (2, 8, 8), 0)
   return spec, model, params
 
 
@@ -93,9 +95,9 @@ def test_loss_ignores_missing_attributes_and_targetspec_roundtrips():
   values, mask = attributes_from_dict({"a": [12.0], "b": [np.nan], "phase": [1.0]}, spec.names)
   enc = {k: jnp.asarray(v[0]) for k, v in spec.encode(values, mask).items()}
   assert float(enc["cont"][0]) == pytest.approx(1.0)  # (12 - 10) / 2
-  loss, _ = regressor.example_loss(model, spec, params, {"volume": vol, **enc}, None)
+  loss, _ = example_loss(model, spec, params, {"volume": vol, **enc}, None)
   changed = dict(enc, cont=enc["cont"].at[1].set(1e6))  # the value of a MISSING attribute
-  loss2, _ = regressor.example_loss(model, spec, params, {"volume": vol, **changed}, None)
+  loss2, _ = example_loss(model, spec, params, {"volume": vol, **changed}, None)
   assert float(loss) == float(loss2)
   assert TargetSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
   with pytest.raises(ValueError, match="class indices"):
@@ -112,9 +114,9 @@ def test_fitter_learns_and_dp_step_runs():
   spec = TargetSpec.fit(spec.names, values, mask, ("phase",))
   enc = spec.encode(values, mask)
   optim = load_config("regressor:tiny").optim
-  fitter = regressor.Fitter(model, spec, optim, steps=3, batch_size=8)
+  fitter = Fitter(model, spec, optim, steps=3, batch_size=8)
   p0 = fitter.init(vols.shape[1:], 0)
-  loss = lambda p: float(jnp.mean(jax.vmap(lambda v, c, cm, l, lm: regressor.example_loss(
+  loss = lambda p: float(jnp.mean(jax.vmap(lambda v, c, cm, l, lm: example_loss(
       model, spec, p, {"volume": v, "cont": c, "cont_mask": cm, "label": l, "label_mask": lm}, None)[0])(
           vols, *[jnp.asarray(enc[k]) for k in ("cont", "cont_mask", "label", "label_mask")])))
   fitted = fitter.fit(vols, enc, 0, progress=False)

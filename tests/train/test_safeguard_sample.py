@@ -10,7 +10,8 @@ import pytest
 from jaxldm import cli
 from jaxldm.config import load_config
 from jaxldm.eval import safeguard
-from jaxldm.train import autoencoder, generate, ldm
+from jaxldm.infer import generate
+from jaxldm.train import autoencoder, ldm
 
 DATA = {"data.attributes": (), "data.shape": (4, 16, 16), "data.spacing": (20.0, 4.0, 4.0)}
 

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from jaxldm import cli
+from jaxldm import fitting
 from jaxldm.config import ConfigError, load_config
 from jaxldm.data.defaults import build_dataset
 from jaxldm.eval.memorization import pearson_matrix
+from jaxldm.infer.ssl import build_model, params_version
 from jaxldm.models.ssl_encoder import SSLEncoder
 from jaxldm.train import common, ssl
 
@@ -73,12 +75,12 @@ def test_cli_trains_checkpoints_and_versions_the_encoder(tiny_nifti_dir, tmp_pat
   assert ckpt.latest_step() == 3
   restored, _ = ckpt.restore_untyped()
   ckpt.close()
-  model = ssl.build_model(info["model"])
+  model = build_model(info["model"])
   target = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *SHAPE, 1)))
   ema = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target),
                                      jax.tree_util.tree_leaves(restored["ema_params"]))
-  assert info["version"] == f"ssl3d-{ssl.params_version(ema)}"
-  assert info["version"] != f"ssl3d-{ssl.params_version(target)}"
+  assert info["version"] == f"ssl3d-{params_version(ema)}"
+  assert info["version"] != f"ssl3d-{params_version(target)}"
 
 
 def test_only_the_primary_process_writes_the_run_files(tiny_nifti_dir, tmp_path, monkeypatch):
@@ -99,15 +101,15 @@ def test_training_separates_augmented_copies_from_other_volumes(tiny_nifti_dir):
   config = _config(tiny_nifti_dir, **{"train.steps": 30})
   volumes = build_dataset(config.data).arrays()[0]
   assert volumes.shape == (8, *SHAPE)
-  model = ssl.build_model(config.model)
+  model = build_model(config.model)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *SHAPE, 1)))
-  tx = common.make_optimizer(config.optim, 30)
-  state = common.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
+  tx = fitting.make_optimizer(config.optim, 30)
+  state = fitting.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
                             ema_params=params)
   step = jax.jit(ssl.make_train_step(model, tx, config))
   losses = []
   for s in range(30):
-    state, metrics = step(state, jnp.asarray(volumes), common.step_key(0, s))
+    state, metrics = step(state, jnp.asarray(volumes), fitting.step_key(0, s))
     losses.append(float(metrics["loss"]))
   assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
 

@@ -15,34 +15,39 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from rich.progress import track
 
 from jaxldm.config import ConfigError
 from jaxldm.data import nifti
 from jaxldm.data.dataset import read_attributes
+from jaxldm.data.defaults import build_dataset, parse_categories
 from jaxldm.diffusion import make_schedule, sample
-from jaxldm.train import common, ldm
+from jaxldm.eval import safeguard
+from jaxldm.infer import checkpoints
+from jaxldm.infer.autoencoder import latent_decoder, load_autoencoder
+from jaxldm.infer.ldm import build_unet, unet_apply
+from jaxldm.privacy.ledger import LEDGER_FILENAME, PrivacyLedger
 
 
 def load_ldm(workdir: str | pathlib.Path):
   """(unet, EMA params, info, run config dict) of a trained LDM workdir."""
   workdir = pathlib.Path(workdir)
   if not (workdir / "ldm.json").is_file():
-    raise FileNotFoundError(f"{workdir} is not an LDM run (no ldm.json); train one with jaxldm train --config configs/ldm.py")
+    raise FileNotFoundError(f"{workdir} is not an LDM run (no ldm.json); train one with jaxldm train --config ldm")
   info = json.loads((workdir / "ldm.json").read_text())
   run_config = json.loads((workdir / "config.json").read_text())
-  unet = ldm.build_unet(info["model"], len(info["attributes"]), info["latent_shape"][-1])
+  unet = build_unet(info["model"], len(info["attributes"]), info["latent_shape"][-1])
   a = len(info["attributes"])
   target = jax.eval_shape(unet.init, jax.random.PRNGKey(0), jnp.zeros((1, *info["latent_shape"])),
                           jnp.zeros((1,), jnp.int32), jnp.zeros((1, a)), jnp.ones((1, a)))
-  params, _ = common.restore_params(workdir / "checkpoints", target)
+  params, _ = checkpoints.restore_params(workdir / "checkpoints", target)
   return unet, params, info, run_config
 
 
 def run_categories(run_config: dict) -> dict[str, tuple[str, ...]]:
   """The run's data.categories ({"sex": ("F", "M")}): names a user may give instead of indices."""
-  from jaxldm.data.defaults import parse_categories
-
   return parse_categories(run_config.get("data", {}).get("categories") or ())
 
 
@@ -132,7 +137,7 @@ def check_conditioning(workdir, n: int, *, csv_path=None, fixed=None) -> list[st
   loaded; returns the out-of-range warnings."""
   workdir = pathlib.Path(workdir)
   if not (workdir / "ldm.json").is_file():
-    raise FileNotFoundError(f"{workdir} is not an LDM run (no ldm.json); train one with jaxldm train --config configs/ldm.py")
+    raise FileNotFoundError(f"{workdir} is not an LDM run (no ldm.json); train one with jaxldm train --config ldm")
   info = json.loads((workdir / "ldm.json").read_text())
   categories = run_categories(json.loads((workdir / "config.json").read_text()))
   values, mask, _ = conditioning(info, n, csv_path=csv_path, fixed=fixed, categories=categories)
@@ -148,7 +153,6 @@ def synthetic_descrip(workdir) -> str:
   info = json.loads((workdir / "ldm.json").read_text())
   eps = "non-private"
   if info.get("private"):
-    from jaxldm.privacy.ledger import LEDGER_FILENAME, PrivacyLedger
     try:
       eps = f"{PrivacyLedger.load(str(workdir / LEDGER_FILENAME)).composed_epsilon():.3g}"
     except (OSError, ValueError, KeyError):
@@ -170,19 +174,18 @@ def generate(workdir, n: int, *, seed: int = 0, guidance_scale: float = 1.0, met
   as a fifth value (latent-space memorization compares them with the training latents).
   """
   unet, params, info, run_config = load_ldm(workdir)
-  ae_model, ae_params, _ = ldm.load_autoencoder(info["autoencoder_workdir"])
+  ae_model, ae_params, _ = load_autoencoder(info["autoencoder_workdir"])
   d = info["diffusion"]
   schedule = make_schedule(d["schedule"], d["num_timesteps"], d["beta_start"], d["beta_end"])
   values, mask, standardised = conditioning(info, n, csv_path=csv_path, fixed=fixed,
                                             categories=run_categories(run_config))
   has_attrs = len(info["attributes"]) > 0
-  draw = jax.jit(functools.partial(sample, ldm.unet_apply(unet), schedule=schedule, prediction=d["prediction"],
+  draw = jax.jit(functools.partial(sample, unet_apply(unet), schedule=schedule, prediction=d["prediction"],
                                    guidance_scale=guidance_scale, method=method, num_steps=num_steps),
                  static_argnums=(1,))
   scale = info["scale_factor"]
-  decode = ldm.latent_decoder(ae_model, scale)
+  decode = latent_decoder(ae_model, scale)
   out, latents = [], []
-  from rich.progress import track
   for start in track(range(0, n, batch_size), description="sampling", transient=True):
     b = min(batch_size, n - start)
     kw = {}
@@ -244,8 +247,6 @@ DEFAULT_SAFEGUARD_PERCENTILE = 5.0
 
 def run_data_config(workdir):
   """The `data` config group a training run recorded in WORKDIR/config.json."""
-  import ml_collections
-
   path = pathlib.Path(workdir) / "config.json"
   if not path.is_file():
     raise FileNotFoundError(f"{path} not found: --workdir must be an LDM training run")
@@ -259,8 +260,6 @@ def training_volumes(workdir, data_dir=None) -> np.ndarray:
   range); only the root changes when `data_dir` is given (the data may have moved since). Uses the
   same preprocessing cache as training, so a second call is fast.
   """
-  from jaxldm.data.defaults import build_dataset
-
   data = run_data_config(workdir)
   if data_dir is not None:
     if not pathlib.Path(data_dir).is_dir():
@@ -278,18 +277,17 @@ def _candidate_sampler(unet, params, info, standardised, mask, *, seed, guidance
   volumes dropped) so the jitted sampler compiles once however many candidates a round needs. Keys:
   fold_in(fold_in(PRNGKey(seed), round), batch start).
   """
-  ae_model, ae_params, _ = ldm.load_autoencoder(info["autoencoder_workdir"])
+  ae_model, ae_params, _ = load_autoencoder(info["autoencoder_workdir"])
   d = info["diffusion"]
   schedule = make_schedule(d["schedule"], d["num_timesteps"], d["beta_start"], d["beta_end"])
-  draw = jax.jit(functools.partial(sample, ldm.unet_apply(unet), schedule=schedule, prediction=d["prediction"],
+  draw = jax.jit(functools.partial(sample, unet_apply(unet), schedule=schedule, prediction=d["prediction"],
                                    guidance_scale=guidance_scale, method=method, num_steps=num_steps),
                  static_argnums=(1,))
   scale = info["scale_factor"]
-  decode = ldm.latent_decoder(ae_model, scale)
+  decode = latent_decoder(ae_model, scale)
   has_attrs = len(info["attributes"]) > 0
 
   def sample_slots(slots: np.ndarray, round_index: int) -> np.ndarray:
-    from rich.progress import track
     key = jax.random.fold_in(jax.random.PRNGKey(seed), round_index)
     out = []
     for start in track(range(0, len(slots), batch_size), description=f"sampling (round {round_index + 1})",
@@ -306,20 +304,8 @@ def _candidate_sampler(unet, params, info, standardised, mask, *, seed, guidance
   return sample_slots
 
 
-def _extractor(features: str, weights):
-  """The embedding network for --safeguard-metric embedding (`jaxldm.eval.features`).
-
-  Its ConfigError (unknown name, missing weights; ssl3d defaults to the runs/ssl workdir) names
-  what to pass; nothing is downloaded.
-  """
-  from jaxldm.eval import features as features_lib
-
-  return features_lib.get_extractor(features, weights=weights)
-
-
 def generate_safeguarded(workdir, n: int, *, data_dir=None, metric: str = "rmse", threshold: float | None = None,
-                         percentile: float = DEFAULT_SAFEGUARD_PERCENTILE, features: str = "ssl3d", weights=None,
-                         max_rounds: int = 5, seed: int = 0, guidance_scale: float = 1.0, method: str = "ddim",
+                         percentile: float = DEFAULT_SAFEGUARD_PERCENTILE, extractor=None, max_rounds: int = 5, seed: int = 0, guidance_scale: float = 1.0, method: str = "ddim",
                          num_steps: int | None = 50, csv_path=None, fixed=None, batch_size: int = 8):
   """Like `generate`, but releases only volumes farther than a threshold from every training volume.
 
@@ -329,7 +315,9 @@ def generate_safeguarded(workdir, n: int, *, data_dir=None, metric: str = "rmse"
   Args:
     data_dir: the training volumes (default: the run's data.root), preprocessed as in training.
     metric: "rmse" (voxel RMSE on volumes in the training intensity range) or "embedding"
-      (1 - Pearson correlation of embeddings by the `features` extractor loaded from `weights`).
+      (1 - Pearson correlation of embeddings by `extractor`).
+    extractor: for metric "embedding", the embedding network (`jaxldm.eval.features.get_extractor`),
+      built by the caller before any sampling, so a missing weight file fails before any work.
     threshold: explicit distance threshold; None: the `percentile`-th percentile of the training
       set's own nearest-neighbour distances (`safeguard.percentile_threshold`).
 
@@ -337,11 +325,11 @@ def generate_safeguarded(workdir, n: int, *, data_dir=None, metric: str = "rmse"
     (volumes [Nr, D, H, W], values [Nr, A], mask [Nr, A], info, report): only released volumes with
     their conditioning; `report` is what safeguard.json records (aggregates only).
   """
-  from jaxldm.eval import safeguard
-
   if metric not in ("rmse", "embedding"):
     raise ConfigError(f"--safeguard-metric must be rmse or embedding, got {metric!r}")
-  extractor = _extractor(features, weights) if metric == "embedding" else None  # Fail before any work.
+  if metric == "embedding" and extractor is None:
+    raise ConfigError("--safeguard-metric embedding needs an embedding network (an extractor)")
+  extractor = extractor if metric == "embedding" else None
   train = training_volumes(workdir, data_dir)
   unet, params, info, run_config = load_ldm(workdir)
   values, mask, standardised = conditioning(info, n, csv_path=csv_path, fixed=fixed,
@@ -361,7 +349,7 @@ def generate_safeguarded(workdir, n: int, *, data_dir=None, metric: str = "rmse"
     raise ConfigError(f"safeguard: {e}") from e
   report = {
       "metric": metric,
-      "features": None if extractor is None else {"name": getattr(extractor, "name", features),
+      "features": None if extractor is None else {"name": getattr(extractor, "name", None),
                                                    "version": getattr(extractor, "version", None)},
       "threshold": float(threshold),
       "threshold_source": source,

@@ -1,0 +1,71 @@
+"""Reading what a run wrote, on any process and for any consumer (sampling, evaluation, training).
+
+Parameters come back as host-committed arrays in the caller's pytree structure, so one checkpoint
+serves a trainer resuming on a mesh and a sampler on one device alike; `write_json` is atomic, so a
+reader (a later stage, `jaxldm evaluate`) never sees half a record.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxldm.atomic import atomic_open
+
+
+def fetch(tree):
+  """Host (numpy) copy of a replicated tree, on any process; e.g. parameters for local sampling."""
+  return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def untyped_restore() -> ocp.args.StandardRestore:
+  """Restore without a target; arrays land on this process's first device.
+
+  Why the fallback: a checkpoint written by a multi-host run records shardings over devices that
+  do not exist here, and orbax refuses to restore it untyped without one.
+  """
+  return ocp.args.StandardRestore(fallback_sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+
+
+def restore_params(directory: str | pathlib.Path, target_params, *, use_ema: bool = True) -> tuple[Any, dict]:
+  """Loads the (EMA) parameters and metadata of the latest checkpoint of another run."""
+  directory = pathlib.Path(directory).absolute()
+  manager = ocp.CheckpointManager(directory)
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {directory}; train that stage first")
+  restored = manager.restore(step, args=ocp.args.Composite(state=untyped_restore(), meta=ocp.args.JsonRestore()))
+  state = restored.state
+  params = state["ema_params"] if use_ema else state["params"]
+  # Re-shape into the target pytree structure (restored without a target comes back as dicts).
+  params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target_params),
+                                        jax.tree_util.tree_leaves(params))
+  # Uncommitted copies: a checkpoint keeps the devices it was saved from (e.g. replicated over 4),
+  # and jit refuses to mix those with arrays on other devices (e.g. an LDM trained on 1 device).
+  params = jax.tree_util.tree_map(
+      lambda x: jnp.asarray(np.asarray(x)) if getattr(x, "is_fully_addressable", True) else x, params)
+  manager.close()
+  return params, dict(restored.meta or {})
+
+
+def write_json(path: str | pathlib.Path, record: dict) -> None:
+  """Atomic: a reader never sees half a file."""
+  with atomic_open(path) as f:
+    f.write(json.dumps(record, indent=2) + "\n")
+
+
+def iterate_batches(arrays, batch_size: int) -> Iterator[tuple[int, Any]]:
+  """Fixed-size chunks in order (the last one padded by repetition); yields (valid_count, chunk)."""
+  n = len(jax.tree_util.tree_leaves(arrays)[0])
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, start + batch_size)
+    valid = int(min(batch_size, n - start))
+    idx = np.minimum(idx, n - 1)
+    yield valid, jax.tree_util.tree_map(lambda a: a[idx], arrays)
