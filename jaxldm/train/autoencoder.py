@@ -26,11 +26,12 @@ import numpy as np
 from jaxldm import fitting
 from jaxldm.config import ConfigError, to_dict
 from jaxldm.data.defaults import build_dataset
-from jaxldm.models import AutoencoderKL, PatchDiscriminator3D, kl_divergence
 from jaxldm.infer import checkpoints
 from jaxldm.infer.autoencoder import build_model
 from jaxldm.infer.pictures import save_mid_slices
+from jaxldm.models import AutoencoderKL, PatchDiscriminator3D, kl_divergence
 from jaxldm.models.layers import as_triple
+from jaxldm.privacy import clipping
 from jaxldm.train import common, dp, loop
 
 def check_divisible(shape, model: AutoencoderKL) -> None:
@@ -189,7 +190,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   dummy = jnp.zeros((1,) + volumes.shape[1:] + (1,), jnp.float32)
   params = jax.jit(model.init)(init_key, dummy)
   if private:
-    from jaxldm.privacy import clipping
     clipping.check_no_batch_stats(params)  # Batch statistics would couple examples (invariant 1).
   disc = disc_tx = None
   extra = None

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from rich.console import Console
 
 from jaxldm.atomic import atomic_open
 from jaxldm.config import ConfigError
@@ -129,8 +130,6 @@ def prepare_workdir(workdir: str | pathlib.Path):
   The config is not recorded here: `loop.restore` writes config.json once every resume check has
   passed, so a refused resume leaves the run's recorded config as it was.
   """
-  from rich.console import Console
-
   workdir = pathlib.Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise ConfigError(f"--workdir {workdir}: is a file, not a directory; choose a directory")

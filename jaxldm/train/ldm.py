@@ -33,6 +33,7 @@ from jaxldm.infer import checkpoints
 from jaxldm.infer.autoencoder import encode_latents, latent_decoder, load_autoencoder
 from jaxldm.infer.ldm import build_unet, unet_apply
 from jaxldm.infer.pictures import save_mid_slices
+from jaxldm.privacy import clipping
 from jaxldm.train import common, dp, loop, partition
 
 
@@ -230,7 +231,6 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> P
     params, _ = checkpoints.restore_params(pathlib.Path(config.pretrained_workdir) / "checkpoints", params)
     console.print(f"initialised from the pretrained LDM in {config.pretrained_workdir}")
   if private:
-    from jaxldm.privacy import clipping
     clipping.check_no_batch_stats(params)  # Batch statistics would couple examples (invariant 1).
   trainable, frozen = partition.split(params, config.train.trainable)
   console.print(f"latent UNet: {common.count_params(params):,} parameters, "

@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxldm import fitting
 from jaxldm.config import ConfigError, to_dict
+from jaxldm.data.defaults import build_dataset
 from jaxldm.eval.controllability import compare_predictions
 from jaxldm.eval.regressor_fit import make_train_step, new_state
 from jaxldm.infer import checkpoints
@@ -60,8 +61,6 @@ def _target_columns(config, dataset_columns: tuple[str, ...]) -> tuple[tuple[str
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-  from jaxldm.data.defaults import build_dataset
-
   workdir, console = common.prepare_workdir(workdir)
 
   # --- data ---------------------------------------------------------------------------------
