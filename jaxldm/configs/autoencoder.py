@@ -15,7 +15,7 @@ import ml_collections
 
 from jaxldm.config import select_variant
 from jaxldm.data.defaults import data_config
-from jaxldm.train.common import optim_config
+from jaxldm.fitting import optim_config
 from jaxldm.train.dp import dp_config
 
 VARIANTS = ("tiny", "default", "paper")
@@ -51,7 +51,7 @@ def autoencoder_config(variant: str, *, private: bool) -> ml_collections.ConfigD
   c.disc.kernel = (1, 4, 4)  # Critic kernel (D, H, W).
   c.disc.stride = (1, 2, 2)  # Critic stride (D, H, W).
 
-  c.optim = optim_config(lr=1e-3 if tiny else 2e-4)  # Adam(W) and EMA (see jaxldm/train/common.py).
+  c.optim = optim_config(lr=1e-3 if tiny else 2e-4)  # Adam(W) and EMA (see jaxldm/fitting.py).
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 300 if tiny else 20000  # Optimizer steps.

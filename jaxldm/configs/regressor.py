@@ -18,7 +18,7 @@ import ml_collections
 
 from jaxldm.config import select_variant
 from jaxldm.data.defaults import data_config
-from jaxldm.train.common import optim_config
+from jaxldm.fitting import optim_config
 
 VARIANTS = ("tiny", "default", "paper")
 
@@ -43,7 +43,7 @@ def regressor_config(variant: str) -> ml_collections.ConfigDict:
   c.model.stride = (1, 2, 2)  # Down-sampling stride per level (D, H, W).
   c.model.dtype = "bfloat16" if variant == "paper" else "float32"  # Compute dtype (params stay float32).
 
-  c.optim = optim_config(lr=2e-3 if tiny else 5e-4)  # Adam(W) and EMA (see jaxldm/train/common.py).
+  c.optim = optim_config(lr=2e-3 if tiny else 5e-4)  # Adam(W) and EMA (see jaxldm/fitting.py).
   c.optim.ema_decay = 0.9 if tiny else 0.99  # Short runs: a short EMA, or it lags the weights.
 
   c.train = ml_collections.ConfigDict()

@@ -14,7 +14,7 @@ import ml_collections
 
 from jaxldm.config import select_variant
 from jaxldm.data.defaults import data_config
-from jaxldm.train.common import optim_config
+from jaxldm.fitting import optim_config
 
 VARIANTS = ("tiny", "default", "paper")
 
@@ -50,7 +50,7 @@ def ssl_config(variant: str) -> ml_collections.ConfigDict:
   c.augment.brightness = 0.1  # Max offset, in units of half the volume's intensity range.
   c.augment.noise_std = 0.03  # Max Gaussian noise std (drawn uniformly in [0, max]), same units.
 
-  c.optim = optim_config(lr=1e-3 if tiny else 3e-4)  # Adam(W) and EMA (see jaxldm/train/common.py).
+  c.optim = optim_config(lr=1e-3 if tiny else 3e-4)  # Adam(W) and EMA (see jaxldm/fitting.py).
   c.optim.ema_decay = 0.0 if tiny else 0.999  # EMA of the weights (the frozen features use the EMA); 0 = none.
 
   c.train = ml_collections.ConfigDict()

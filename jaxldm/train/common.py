@@ -21,7 +21,6 @@ from rich.console import Console
 from jaxldm.atomic import atomic_open
 from jaxldm.config import ConfigError
 from jaxldm.fitting import TrainState
-from jaxldm.fitting import optim_config  # noqa: F401  The presets (jaxldm/configs) import it from here.
 from jaxldm.infer import checkpoints
 
 

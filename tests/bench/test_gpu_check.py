@@ -83,8 +83,8 @@ def test_results_rows_go_under_the_gpu_heading(tmp_path):
 def test_plan_is_the_issue_grid():
   grid = gpu_check.plan(("unet", "autoencoder"), (8, 32), ("bfloat16", "float32"), ("native", "taps"))
   assert len(grid) == 16 and grid[0] == {"model": "unet", "batch": 8, "dtype": "bfloat16", "conv": "native"}
-  assert gpu_check.SIZES["paper"]["configs"] == {"unet": "configs/ldm.py:paper",
-                                                 "autoencoder": "configs/autoencoder.py:paper"}
+  assert gpu_check.SIZES["paper"]["configs"] == {"unet": "ldm:paper",
+                                                 "autoencoder": "autoencoder:paper"}
   assert gpu_check.SIZES["paper"]["batches"] == (8, 32)
 
 
