@@ -7,7 +7,6 @@ trained in; encode and decode run in fixed-size padded chunks, so each compiles 
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import jax
@@ -35,11 +34,7 @@ def build_model(model_cfg: ml_collections.ConfigDict | dict) -> AutoencoderKL:
 def load_autoencoder(workdir: str | pathlib.Path):
   """(model, EMA params, info) of a trained first stage."""
   workdir = pathlib.Path(workdir)
-  info_path = workdir / "autoencoder.json"
-  if not info_path.is_file():
-    raise ConfigError(f"config key 'autoencoder_workdir': {info_path} does not exist; train the "
-                      f"autoencoder first (jaxldm train --config autoencoder --workdir {workdir})")
-  info = json.loads(info_path.read_text())
+  info = checkpoints.stage_record(workdir, "autoencoder.json", "autoencoder", key="autoencoder_workdir")
   model = build_model(info["model"])
   target = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *info["data_shape"], 1)))
   params, _ = checkpoints.restore_params(workdir / "checkpoints", target)

@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxldm.atomic import atomic_open
+from jaxldm.config import ConfigError
 
 
 def fetch(tree):
@@ -53,6 +54,21 @@ def restore_params(directory: str | pathlib.Path, target_params, *, use_ema: boo
       lambda x: jnp.asarray(np.asarray(x)) if getattr(x, "is_fully_addressable", True) else x, params)
   manager.close()
   return params, dict(restored.meta or {})
+
+
+def stage_record(workdir: str | pathlib.Path, filename: str, preset: str, *, key: str | None = None) -> dict:
+  """The JSON record a finished stage wrote into its workdir (autoencoder.json, regressor.json, ...).
+
+  A missing record names the command that makes it; with `key` (the config key that pointed at the
+  workdir) it is a ConfigError naming that key, else a FileNotFoundError (a CLI path argument).
+  """
+  path = pathlib.Path(workdir) / filename
+  if not path.is_file():
+    hint = f"{path} does not exist; train that stage first (jaxldm train --config {preset} --workdir {workdir})"
+    if key:
+      raise ConfigError(f"config key '{key}': {hint}")
+    raise FileNotFoundError(hint)
+  return json.loads(path.read_text())
 
 
 def write_json(path: str | pathlib.Path, record: dict) -> None:

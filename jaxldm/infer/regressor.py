@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import pathlib
 from collections.abc import Mapping
 from typing import Any
@@ -90,11 +89,7 @@ class Predictor:
 def load_regressor(workdir: str | pathlib.Path, *, batch_size: int = 16) -> Predictor:
   """The EMA parameters of a finished `jaxldm train --config regressor` run."""
   workdir = pathlib.Path(workdir)
-  info_path = workdir / "regressor.json"
-  if not info_path.is_file():
-    raise FileNotFoundError(f"{info_path} does not exist; train the regressor first "
-                            f"(jaxldm train --config regressor --workdir {workdir})")
-  info = json.loads(info_path.read_text())
+  info = checkpoints.stage_record(workdir, "regressor.json", "regressor")
   spec = TargetSpec.from_dict(info["targets"])
   model = build_model(info["model"], spec.num_outputs)
   target = init_params(model, tuple(info["data_shape"]), 0)
