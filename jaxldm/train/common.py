@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from rich.console import Console
@@ -211,7 +210,3 @@ def parameter_overview(params) -> str:
 
 def count_params(params) -> int:
   return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
-
-
-def device_put_batch(batch):
-  return jax.tree_util.tree_map(jnp.asarray, batch)
