@@ -76,6 +76,12 @@ def make_optimizer(c: ml_collections.ConfigDict, total_steps: int, *, private: b
   return optax.chain(*chain)
 
 
+def optimizer_key(c: ml_collections.ConfigDict, total_steps: int) -> dict:
+  """What `make_optimizer(c, total_steps)` builds depends on: the optim group, and the run's length
+  only where the schedule decays over it (a `common.cached_jit` key)."""
+  return {**c.to_dict(), "total_steps": total_steps if c.schedule == "cosine" else None}
+
+
 def ema_update(ema, params, decay: float):
   return jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 

@@ -97,11 +97,11 @@ def test_vmapped_seeds_equal_separate_runs(pipeline, tmp_path):
 def test_grid_end_to_end_and_rerun_does_no_work(pipeline, tmp_path):
   overrides = _overrides(pipeline)
   config = load_config(str(ROOT / "configs/ablation.py:tiny"), overrides)
-  before = set(ldm._STEP_CACHE)
+  before = set(common._JITTED)
   result = ablate.ablate(config, tmp_path)
   assert result["trained"] == 4 and result["evaluated"] == 4
   # Four runs of the same shapes (two epsilons, pretrained or not) share one jitted step.
-  assert len(set(ldm._STEP_CACHE) - before) <= 1
+  assert len(set(common._JITTED) - before) <= 1
   csv_text = (tmp_path / "ablation.csv").read_text()
   lines = csv_text.splitlines()
   assert lines[0].split(",")[:7] == ["name", "target_epsilon", "pretrained", "noise_multiplicity", "l2_clip_norm",

@@ -114,7 +114,7 @@ def run(spec: str, overrides: Sequence[str] = (), *, steps: int = 10, warmup: in
   def private_step(state, step):
     inputs = dp_run.step_inputs(data, step, mesh)
     sizes.append(int(np.asarray(jax.device_get(inputs[1])).sum()))
-    return step_fn(state, *inputs, dp_run.noise_multiplier, dp_run.expected_batch_size)
+    return step_fn(state, *inputs, *dp_run.mechanism())
 
   timings["private"] = _time_loop(private_step, state, steps, warmup, progress, "private")
 

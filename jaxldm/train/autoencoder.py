@@ -123,19 +123,54 @@ def make_private_step(model, tx, config):
                                adv_weight=0.0, adv_loss=loss_cfg.adversarial_loss)
     return loss, {"l1": aux["l1"], "kl": aux["kl"]}  # Scalars only: no per-example reconstruction.
 
-  def private_step(state: fitting.TrainState, batch, mask, num_microbatches, rng, *, noise_multiplier,
-                   expected_batch_size):
+  def private_step(state: fitting.TrainState, batch, mask, num_microbatches, rng, noise_multiplier,
+                   expected_batch_size, l2_clip_norm):
     # RNG: rng = fold_in(noise base key, step); private_grad splits it into per-example keys
     # (posterior sampling, fold_in example index) and the one noise key of this logical batch.
+    # sigma, the expected batch size and C are traced (`dp.PrivateRun.mechanism`).
     grads, metrics = dp.private_gradient(loss_fn, state.params, batch, mask, num_microbatches, rng, dp=config.dp,
-                                         noise_multiplier=noise_multiplier,
-                                         expected_batch_size=expected_batch_size, has_aux=True)
+                                         noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size,
+                                         l2_clip_norm=l2_clip_norm, has_aux=True)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = jax.tree_util.tree_map(lambda p, u: p + u, state.params, updates)
     ema = fitting.ema_update(state.ema_params, params, config.optim.ema_decay)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
 
   return private_step
+
+
+def jitted_step(config: ml_collections.ConfigDict, private: bool):
+  """The jitted train step, built once per process for the settings it closes over
+  (`common.cached_jit`): runs that differ only in seeds, data, length (constant schedule) or the DP
+  mechanism's sigma, expected batch size and C share it.
+
+  Private: step(state, batch, mask, num_microbatches, rng, noise_multiplier, expected_batch_size,
+  l2_clip_norm); non-private: step(state, volumes, rng).
+  """
+  dp_cfg = config.dp.to_dict() if private else {}
+  key = {"trainer": "autoencoder", "private": private, "model": config.model.to_dict(),
+         "loss": config.loss.to_dict(), "optim": fitting.optimizer_key(config.optim, config.train.steps),
+         "disc": config.disc.to_dict() if config.loss.adversarial_weight > 0 else None,
+         "dp": {k: dp_cfg[k] for k in ("per_layer", "microbatch_size", "stats_weight", "stats_bound")} if private else None,
+         "host_dispatch": bool(private and dp.host_dispatch(config.dp))}
+
+  def build():
+    model = build_model(config.model)
+    tx = fitting.make_optimizer(config.optim, config.train.steps, private=private)
+    if private:
+      return make_private_step(model, tx, config)
+    disc = disc_tx = None
+    if config.loss.adversarial_weight > 0:
+      disc = make_critic(config)
+      disc_tx = fitting.make_optimizer(config.optim, config.train.steps)
+    return make_train_step(model, disc, tx, disc_tx, config)
+
+  return common.cached_jit(key, build, donate_argnums=0)
+
+
+def make_critic(config: ml_collections.ConfigDict) -> PatchDiscriminator3D:
+  return PatchDiscriminator3D(channels=tuple(config.disc.channels), kernel=as_triple(config.disc.kernel),
+                              stride=as_triple(config.disc.stride))
 
 
 def check_private(config: ml_collections.ConfigDict) -> None:
@@ -194,8 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   disc = disc_tx = None
   extra = None
   if config.loss.adversarial_weight > 0:
-    disc = PatchDiscriminator3D(channels=tuple(config.disc.channels), kernel=as_triple(config.disc.kernel),
-                                stride=as_triple(config.disc.stride))
+    disc = make_critic(config)
     disc_params = jax.jit(disc.init)(jax.random.fold_in(init_key, 1), dummy)
     disc_tx = fitting.make_optimizer(config.optim, config.train.steps)
     extra = {"disc_params": disc_params, "disc_opt_state": disc_tx.init(disc_params)}
@@ -213,12 +247,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                       pinned=dp.pinned_settings(config.dp, fingerprint))
 
   # --- step ---------------------------------------------------------------------------------
+  step_fn = jitted_step(config, private)
   if private:
-    step_fn = jax.jit(functools.partial(make_private_step(model, tx, config), noise_multiplier=dp_run.noise_multiplier,
-                                        expected_batch_size=dp_run.expected_batch_size), donate_argnums=0)
     step = loop.poisson_step(step_fn, {"volume": volumes}, dp_run, mesh)
   else:
-    step_fn = jax.jit(make_train_step(model, disc, tx, disc_tx, config), donate_argnums=0)
     step = loop.shuffled_step(step_fn, volumes, seed=config.seed, batch_size=bs, mesh=mesh)
   reconstruct = jax.jit(lambda p, x: model.apply(p, x)[0])
 

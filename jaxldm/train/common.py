@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import pathlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -21,6 +22,26 @@ from jaxldm.atomic import atomic_open
 from jaxldm.config import ConfigError
 from jaxldm.fitting import TrainState
 from jaxldm.infer import checkpoints
+
+
+# ---------------------------------------------------------------------------------------------
+# jitted steps shared by the runs of one process (ablations, seed sweeps, tests)
+# ---------------------------------------------------------------------------------------------
+_JITTED: dict[str, Callable] = {}
+
+
+def cached_jit(key: dict, build: Callable[[], Callable], **jit_kwargs) -> Callable:
+  """`jax.jit(build(), **jit_kwargs)`, built once per `key` in this process.
+
+  `key` must hold everything the function closes over (model, loss, optimizer, structural DP
+  settings); what a run passes as arguments (state, batch, keys, the DP mechanism's sigma, expected
+  batch size and C) stays out of it, so runs that differ only there reuse one traced and compiled
+  program. A key that leaves something out would reuse a wrong program: list too much, not too little.
+  """
+  text = json.dumps(key, sort_keys=True, default=str)
+  if text not in _JITTED:
+    _JITTED[text] = jax.jit(build(), **jit_kwargs)
+  return _JITTED[text]
 
 
 # ---------------------------------------------------------------------------------------------

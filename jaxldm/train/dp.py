@@ -108,6 +108,18 @@ class PrivateRun:
   def expected_batch_size(self) -> float:
     return self.batcher.expected_batch_size
 
+  @property
+  def l2_clip_norm(self) -> float:
+    return float(self.ledger.l2_clip_norm)  # The C the ledger accounts for (pinned on resume).
+
+  def mechanism(self) -> tuple[float, float, float]:
+    """(sigma, expected batch size, C): the private step's traced arguments, in that order.
+
+    Traced, not baked into the program: runs that differ only in them (an epsilon, a clip-norm or
+    a batch-size sweep; a resumed run) share one compiled step.
+    """
+    return self.noise_multiplier, self.expected_batch_size, self.l2_clip_norm
+
   def resume_at(self, start: int) -> int:
     """Fixes the step the loop resumes from; returns the last step index the budget allows.
 
@@ -368,7 +380,8 @@ def _allowed_count(ledger, target_epsilon: float | None, steps: int) -> int:
 
 
 def private_gradient(loss_fn, params, batch, mask, num_microbatches, rng, *, dp: ml_collections.ConfigDict,
-                     noise_multiplier: float, expected_batch_size: float, has_aux: bool = False):
+                     noise_multiplier: float, expected_batch_size: float, l2_clip_norm: Any = None,
+                     has_aux: bool = False):
   """The DP-SGD gradient of one Poisson batch and its aggregate metrics (call under jit).
 
   Args:
@@ -376,6 +389,8 @@ def private_gradient(loss_fn, params, batch, mask, num_microbatches, rng, *, dp:
       is a dict of scalars (averaged over the real examples for the metrics).
     rng: fold_in(noise base key, step); `noise.private_grad` splits it into per-example keys and
       the one noise key of this logical batch.
+    noise_multiplier, expected_batch_size, l2_clip_norm: traced scalars (`PrivateRun.mechanism`);
+      l2_clip_norm None takes dp.l2_clip_norm.
 
   Returns:
     (noisy gradient like params, metrics). Only what the mechanism releases (docs/privacy.md,
@@ -391,7 +406,8 @@ def private_gradient(loss_fn, params, batch, mask, num_microbatches, rng, *, dp:
   else:
     microbatch_size = dp.microbatch_size
   grads, aux = noise.private_grad(
-      loss_fn, params, batch, rng, l2_clip_norm=dp.l2_clip_norm, noise_multiplier=noise_multiplier,
+      loss_fn, params, batch, rng, l2_clip_norm=dp.l2_clip_norm if l2_clip_norm is None else l2_clip_norm,
+      noise_multiplier=noise_multiplier,
       expected_batch_size=expected_batch_size, mask=mask, microbatch_size=microbatch_size,
       num_microbatches=num_microbatches, has_aux=has_aux, per_layer=bool(dp.per_layer),
       stats_weight=float(dp.stats_weight), stats_bound=float(dp.stats_bound))

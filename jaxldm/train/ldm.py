@@ -118,14 +118,15 @@ def make_steps(unet, tx, schedule, config, frozen_spec: str):
     return finish(state, trainable, frozen, grads, state.opt_state,
                   {"loss": loss, "grad_norm": fitting.global_norm(grads)})
 
-  def private_step(state, batch, mask, num_microbatches, rng, *, noise_multiplier, expected_batch_size):
+  def private_step(state, batch, mask, num_microbatches, rng, *, noise_multiplier, expected_batch_size,
+                   l2_clip_norm):
     # RNG: rng = fold_in(noise base key, step); private_grad splits it into per-example keys
     # (fold_in example index) and the one noise key of this logical batch.
     trainable, frozen = partition.split(state.params, frozen_spec)
     loss_fn = lambda tr, ex, k: per_example_loss(tr, frozen, ex, k)
     grads, metrics = dp.private_gradient(loss_fn, trainable, batch, mask, num_microbatches, rng, dp=config.dp,
                                          noise_multiplier=noise_multiplier,
-                                         expected_batch_size=expected_batch_size)
+                                         expected_batch_size=expected_batch_size, l2_clip_norm=l2_clip_norm)
     return finish(state, trainable, frozen, grads, state.opt_state, metrics)
 
   return nonprivate_step, private_step
@@ -134,44 +135,43 @@ def make_steps(unet, tx, schedule, config, frozen_spec: str):
 # ---------------------------------------------------------------------------------------------
 # Jitted steps, shared by runs of the same shapes in one process (ablations)
 # ---------------------------------------------------------------------------------------------
-_STEP_CACHE: dict[str, object] = {}
-
-
-def _step_cache_key(config, private: bool, num_attributes: int, latent_channels: int, vmapped: bool) -> str:
-  """What the compiled step depends on. Seeds, paths, sigma and the budget are not in it: sigma and
-  the expected batch size are traced arguments, so runs at different epsilons share one program."""
-  parts = {"model": to_dict(config.model), "diffusion": to_dict(config.diffusion), "optim": to_dict(config.optim),
-           "steps": config.train.steps, "trainable": config.train.trainable, "private": private,
-           "dp": {k: to_dict(config.dp)[k] for k in ("l2_clip_norm", "per_layer", "microbatch_size", "stats_weight", "stats_bound")},
-           "host_dispatch": bool(private and dp.host_dispatch(config.dp)),
-           "num_attributes": num_attributes, "latent_channels": latent_channels, "vmapped": vmapped}
-  return json.dumps(parts, sort_keys=True, default=str)
+def step_key(config, private: bool, num_attributes: int, latent_channels: int, vmapped: bool) -> dict:
+  """What the compiled step depends on (`common.cached_jit`). Seeds, paths, the budget and the DP
+  mechanism's sigma, expected batch size and C are not in it: they are traced arguments, so runs at
+  different epsilons or clip norms share one program."""
+  dp_cfg = to_dict(config.dp)
+  return {"trainer": "ldm", "model": to_dict(config.model), "diffusion": to_dict(config.diffusion),
+          "optim": fitting.optimizer_key(config.optim, config.train.steps), "trainable": config.train.trainable,
+          "private": private,
+          "dp": {k: dp_cfg[k] for k in ("per_layer", "microbatch_size", "stats_weight", "stats_bound")},
+          "host_dispatch": bool(private and dp.host_dispatch(config.dp)),
+          "num_attributes": num_attributes, "latent_channels": latent_channels, "vmapped": vmapped}
 
 
 def jitted_step(config, private: bool, num_attributes: int, latent_channels: int, *, vmapped: bool = False):
-  """The jitted train step, built once per cache key (a second run of the same shapes reuses it).
+  """The jitted train step, built once per `step_key` (a second run of the same shapes reuses it).
 
-  Private: step(state, batch, mask, num_microbatches, rng, noise_multiplier, expected_batch_size);
-  non-private: step(state, batch, rng). vmapped (private only): every argument but the last two has
-  a leading seed axis (`jaxldm.train.ldm_seeds`).
+  Private: step(state, batch, mask, num_microbatches, rng, noise_multiplier, expected_batch_size,
+  l2_clip_norm) (the last three: `dp.PrivateRun.mechanism()`); non-private: step(state, batch, rng).
+  vmapped (private only): every argument but the last three has a leading seed axis
+  (`jaxldm.train.ldm_seeds`).
   """
-  key = _step_cache_key(config, private, num_attributes, latent_channels, vmapped)
-  if key not in _STEP_CACHE:
+  def build():
     unet = build_unet(config.model, num_attributes, latent_channels)
     tx = fitting.make_optimizer(config.optim, config.train.steps, private=private)
     schedule = make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps,
                              config.diffusion.beta_start, config.diffusion.beta_end)
     nonprivate_step, private_step = make_steps(unet, tx, schedule, config, config.train.trainable)
     if not private:
-      _STEP_CACHE[key] = jax.jit(nonprivate_step, donate_argnums=0)
-    else:
-      def step(state, batch, mask, num_microbatches, rng, noise_multiplier, expected_batch_size):
-        return private_step(state, batch, mask, num_microbatches, rng, noise_multiplier=noise_multiplier,
-                            expected_batch_size=expected_batch_size)
-      if vmapped:
-        step = jax.vmap(step, in_axes=(0, 0, 0, 0, 0, None, None))
-      _STEP_CACHE[key] = jax.jit(step, donate_argnums=0)
-  return _STEP_CACHE[key]
+      return nonprivate_step
+
+    def step(state, batch, mask, num_microbatches, rng, noise_multiplier, expected_batch_size, l2_clip_norm):
+      return private_step(state, batch, mask, num_microbatches, rng, noise_multiplier=noise_multiplier,
+                          expected_batch_size=expected_batch_size, l2_clip_norm=l2_clip_norm)
+    return jax.vmap(step, in_axes=(0, 0, 0, 0, 0, None, None, None)) if vmapped else step
+
+  return common.cached_jit(step_key(config, private, num_attributes, latent_channels, vmapped), build,
+                           donate_argnums=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,8 +280,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   # --- step ---------------------------------------------------------------------------------
   step_fn = jitted_step(config, run.dp_run is not None, len(p.columns), p.examples["latent"].shape[-1])
   if run.dp_run is not None:
-    step_fn = functools.partial(step_fn, noise_multiplier=run.dp_run.noise_multiplier,
-                                expected_batch_size=run.dp_run.expected_batch_size)
     step = loop.poisson_step(step_fn, p.examples, run.dp_run, p.mesh)
   else:
     step = loop.shuffled_step(step_fn, p.examples, seed=config.seed, batch_size=config.train.batch_size,

@@ -63,14 +63,14 @@ def train_seeds(configs: list[ml_collections.ConfigDict], workdirs: list[str | p
 
   # --- steps --------------------------------------------------------------------------------
   p0, config = preps[0], configs[0]
-  sigma, ebs = p0.run.dp_run.noise_multiplier, p0.run.dp_run.expected_batch_size
-  assert all(p.run.dp_run.noise_multiplier == sigma for p in preps)  # Same q, steps, target: same calibration.
+  mechanism = p0.run.dp_run.mechanism()
+  assert all(p.run.dp_run.mechanism() == mechanism for p in preps)  # Same q, steps, target, C: same calibration.
   step_fn = ldm.jitted_step(config, True, len(p0.columns), p0.examples["latent"].shape[-1], vmapped=True)
 
   def step(state, s):
     rows = max(p.run.dp_run.rows_needed(s) for p in preps)  # One shape for the stacked seeds.
     inputs = [p.run.dp_run.step_inputs(p.examples, s, p.mesh, rows) for p in preps]
-    return step_fn(state, *(_stack([inp[k] for inp in inputs]) for k in range(4)), sigma, ebs)
+    return step_fn(state, *(_stack([inp[k] for inp in inputs]) for k in range(4)), *mechanism)
 
   # --- loop: run i's state and metrics are row i of the stacked ones -------------------------
   for i, p in enumerate(preps):

@@ -124,12 +124,14 @@ def shuffled_step(step_fn, examples, *, seed: int, batch_size: int, mesh: jax.sh
 
 
 def poisson_step(step_fn, examples, dp_run, mesh: jax.sharding.Mesh):
-  """`step(state, s)` for the loop from a private `step_fn(state, batch, mask, num_microbatches, rng)`.
+  """`step(state, s)` for the loop from a private
+  `step_fn(state, batch, mask, num_microbatches, rng, noise_multiplier, expected_batch_size, l2_clip_norm)`.
 
   The Poisson batch and noise key of step s come from the run's secret seeds and attempt
-  (`dp.PrivateRun.step_inputs`).
+  (`dp.PrivateRun.step_inputs`); sigma, the expected batch size and C are the run's
+  (`dp.PrivateRun.mechanism`), passed as traced arguments.
   """
-  return lambda state, s: step_fn(state, *dp_run.step_inputs(examples, s, mesh))
+  return lambda state, s: step_fn(state, *dp_run.step_inputs(examples, s, mesh), *dp_run.mechanism())
 
 
 def train(runs: Run | Sequence[Run], state, step: Callable[[Any, int], tuple[Any, dict]], *, description: str):

@@ -79,6 +79,27 @@ def test_per_layer_clipping_reaches_the_engine(tiny_nifti_dir, tmp_path):
   assert max(diffs) > 0
 
 
+def test_runs_share_one_compiled_step_and_its_traced_clip_norm_applies(tiny_nifti_dir, tmp_path, monkeypatch):
+  """Runs differing in sigma, C, length and seeds reuse one jitted step; C still reaches it."""
+  from jaxldm.train import dp
+
+  traces = []
+  real = dp.private_gradient
+  monkeypatch.setattr(common, "_JITTED", {})
+  monkeypatch.setattr(dp, "private_gradient", lambda *a, **k: traces.append(1) or real(*a, **k))
+  tiny_noise = {"dp.target_epsilon": 1e9, "optim.optimizer": "sgd", "optim.learning_rate": 0.1}
+  runs = {"loose": {"dp.l2_clip_norm": 1e3, "dp.noise_multiplier": 1e-4, "dp.noise_seed": 7, "train.steps": 2},
+          "tight": {"dp.l2_clip_norm": 1e-3, "dp.noise_multiplier": 2e-4, "dp.noise_seed": 99, "train.steps": 1}}
+  for name, overrides in runs.items():
+    info = autoencoder.train_and_evaluate(_config(tiny_nifti_dir, **tiny_noise, **overrides), tmp_path / name)
+    assert info["privacy"]["l2_clip_norm"] == overrides["dp.l2_clip_norm"]
+  assert len(common._JITTED) == 1 and len(traces) == 1  # One program, traced once.
+  clipped = {name: json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])["clipped_fraction"] * 2
+             for name in runs}  # Noisy clipped count (noise std ~1e-4 here).
+  assert abs(clipped["loose"]) < 0.02  # C = 1000: nothing clipped.
+  assert round(clipped["tight"]) >= 1 and abs(clipped["tight"] - round(clipped["tight"])) < 0.02  # C = 0.001: all.
+
+
 @pytest.mark.parametrize("key, value", [("loss.adversarial_weight", 0.1), ("train.sample_every", 1), ("scale_factor", 0.0)])
 def test_dp_refuses_what_would_leak_private_data(tiny_nifti_dir, tmp_path, key, value):
   with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -146,6 +167,7 @@ def test_the_canary_experiment_catches_an_unnoised_log(tiny_nifti_dir, tmp_path,
     losses = jax.vmap(lambda ex: loss_fn(params, ex, jax.random.PRNGKey(0))[0])(batch)
     return grads, {**metrics, "plain_loss": (losses * mask).sum() / mask.sum()}
 
+  monkeypatch.setattr(common, "_JITTED", {})  # A fresh step cache: the leaky step must be traced (and dropped after).
   monkeypatch.setattr(dp, "private_gradient", leaky)
   run = lambda d, w: autoencoder.train_and_evaluate(_config(d, **CANARY), w)
   deltas = canary_deltas(run, tiny_nifti_dir, _neighbour_dir(tiny_nifti_dir, tmp_path), tmp_path)

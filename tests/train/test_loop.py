@@ -192,10 +192,10 @@ def _private_step(dp_run, mesh):
   dp_cfg = _dp_cfg()
 
   @jax.jit
-  def step_fn(state, batch, mask, num_microbatches, rng):
+  def step_fn(state, batch, mask, num_microbatches, rng, noise_multiplier, expected_batch_size, l2_clip_norm):
     grads, metrics = dp.private_gradient(_loss, state.params, batch, mask, num_microbatches, rng, dp=dp_cfg,
-                                         noise_multiplier=dp_run.noise_multiplier,
-                                         expected_batch_size=dp_run.expected_batch_size)
+                                         noise_multiplier=noise_multiplier,
+                                         expected_batch_size=expected_batch_size, l2_clip_norm=l2_clip_norm)
     params = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, state.params, grads)
     return state.replace(step=state.step + 1, params=params), metrics
 
