@@ -10,8 +10,9 @@ without one resumes through the trainer's own checkpoints, and WORKDIR/ablation.
 run), WORKDIR/summary.md (mean and 95% CI over seeds per setting) and WORKDIR/ablation.png (FID,
 copy rate and controllability vs epsilon) are rebuilt from the reports on every invocation.
 
-Speed: runs of the same shapes share one jitted step in the process (`ldm.jitted_step`; sigma is a
-traced argument, so every epsilon uses the same program), a persistent XLA cache in WORKDIR/.xla_cache
+Speed: runs of the same shapes share one jitted step in the process (`ldm.jitted_step`; sigma, the
+expected batch size and C are traced arguments, so every epsilon and clip norm uses the same
+program), a persistent XLA cache in WORKDIR/.xla_cache
 shares compiled programs across processes, and with `vmap_seeds` the seeds of one setting train
 together in one vmapped program (`jaxldm.train.ldm_seeds`).
 """

@@ -87,7 +87,7 @@ def test_runs_share_one_compiled_step_and_its_traced_clip_norm_applies(tiny_nift
   real = dp.private_gradient
   monkeypatch.setattr(common, "_JITTED", {})
   monkeypatch.setattr(dp, "private_gradient", lambda *a, **k: traces.append(1) or real(*a, **k))
-  tiny_noise = {"dp.target_epsilon": 1e9, "optim.optimizer": "sgd", "optim.learning_rate": 0.1}
+  tiny_noise = {"dp.target_epsilon": 1e9, "optim.optimizer": "sgd", "optim.learning_rate": 1.0}  # As the per-layer test: its program.
   runs = {"loose": {"dp.l2_clip_norm": 1e3, "dp.noise_multiplier": 1e-4, "dp.noise_seed": 7, "train.steps": 2},
           "tight": {"dp.l2_clip_norm": 1e-3, "dp.noise_multiplier": 2e-4, "dp.noise_seed": 99, "train.steps": 1}}
   for name, overrides in runs.items():
