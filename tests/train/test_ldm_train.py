@@ -78,26 +78,26 @@ def test_dp_stops_before_the_budget(tiny_nifti_dir, ae_dir, pretrained_dir, tmp_
 
 def test_dp_per_layer_switch_reaches_the_clipping(tiny_nifti_dir, ae_dir, pretrained_dir, tmp_path):
   # Same keys, batches and noise; a small C clips every example, so only the clipping rule differs.
-  # SGD: the update is linear in the gradient (Adam's first step is sign(g), here the noise's sign).
+  # The flat run is the other DP tests' program (sigma and C are traced arguments); per-layer
+  # clipping is a program of its own.
   runs = {}
   for per_layer in (False, True):
     workdir = tmp_path / str(per_layer)
     runs[per_layer] = ldm.train_and_evaluate(_dp(tiny_nifti_dir, ae_dir, pretrained_dir, **{
-        "train.steps": 1, "dp.noise_multiplier": 1e-4, "dp.target_epsilon": 1e9, "dp.l2_clip_norm": 1e-3,
-        "dp.per_layer": per_layer,
-        "optim.optimizer": "sgd", "optim.learning_rate": 1.0, "train.trainable": "all"}), workdir)
+        "train.steps": 1, "dp.noise_multiplier": 1e-4, "dp.target_epsilon": 1e9, "dp.l2_clip_norm": 1e-6,
+        "dp.per_layer": per_layer}), workdir)
   assert runs[False]["per_layer"] is False and runs[True]["per_layer"] is True
   assert runs[True]["epsilon"] == runs[False]["epsilon"]  # Sensitivity C either way: same accounting.
+  logged = {}
   for per_layer in (False, True):  # Every real example was clipped (flat: norm > C; per layer: a leaf).
-    lines = [json.loads(l) for l in (tmp_path / str(per_layer) / "metrics.jsonl").read_text().splitlines()]
-    count = lines[-1]["clipped_fraction"] * 2  # Noisy count / expected batch size 2; sigma ~0 here.
+    logged[per_layer] = json.loads((tmp_path / str(per_layer) / "metrics.jsonl").read_text().splitlines()[-1])
+    count = logged[per_layer]["clipped_fraction"] * 2  # Noisy count / expected batch size 2; sigma ~0 here.
     assert round(count) >= 1 and abs(count - round(count)) < 0.02  # Noise std 1e-3.
-  params = {}
-  for per_layer in (False, True):
-    ckpt = common.Checkpointer(tmp_path / str(per_layer) / "checkpoints")
-    params[per_layer] = jax.tree_util.tree_leaves(ckpt.restore_untyped()[0]["params"])
-    ckpt.close()
-  assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(params[False], params[True])) > 0
+  # The released (noisy) gradient: flat clipping scales each example's whole gradient to norm C,
+  # per-layer clipping each leaf to C / sqrt(leaves): different sums. The noise (std sigma * C /
+  # expected batch = 5e-11 per coordinate) is far below the difference.
+  norms = [logged[per_layer]["grad_norm"] for per_layer in (False, True)]
+  assert abs(norms[0] - norms[1]) > 0.05 * max(norms), norms
 
 
 def test_dp_refuses_private_attribute_statistics(tiny_nifti_dir, ae_dir, pretrained_dir, tmp_path):
