@@ -38,7 +38,9 @@ def cached_jit(key: dict, build: Callable[[], Callable], **jit_kwargs) -> Callab
   batch size and C) stays out of it, so runs that differ only there reuse one traced and compiled
   program. A key that leaves something out would reuse a wrong program: list too much, not too little.
   """
-  text = json.dumps(key, sort_keys=True, default=str)
+  from jaxldm.models import conv  # The convolution route is read when the model is traced.
+
+  text = json.dumps({**key, "conv_route": conv.resolved_weight_grad()}, sort_keys=True, default=str)
   if text not in _JITTED:
     _JITTED[text] = jax.jit(build(), **jit_kwargs)
   return _JITTED[text]

@@ -289,3 +289,22 @@ def test_a_checkpoint_ahead_of_the_ledger_is_refused_before_any_record(tmp_path)
   with pytest.raises(ConfigError, match="ledger would under-count"):
     _run(tmp_path, _config(steps=3, log_every=2), dp_run=dp_run, mesh=mesh)
   assert (tmp_path / "config.json").read_text() == config_before
+
+
+def test_cached_jit_builds_once_per_key_and_convolution_route(monkeypatch):
+  from jaxldm.models import conv
+
+  monkeypatch.setattr(common, "_JITTED", {})
+  builds = []
+
+  def build():
+    builds.append(1)
+    return lambda x: x + 1
+
+  first = common.cached_jit({"trainer": "t", "model": {"width": 2}}, build)
+  assert common.cached_jit({"model": {"width": 2}, "trainer": "t"}, build) is first and len(builds) == 1
+  assert common.cached_jit({"trainer": "t", "model": {"width": 3}}, build) is not first and len(builds) == 2
+  other = "native" if conv.resolved_weight_grad() == "taps" else "taps"
+  with conv.weight_grad(other):  # Read at trace time: another route is another program.
+    assert common.cached_jit({"trainer": "t", "model": {"width": 2}}, build) is not first and len(builds) == 3
+  assert int(first(jnp.int32(1))) == 2
