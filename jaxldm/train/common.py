@@ -112,6 +112,12 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: TrainState, meta: dict | None = None) -> None:
+    if jax.process_count() == 1:
+      # Host copies: orbax saves them ~4x faster than arrays replicated over several local devices
+      # (the tiny autoencoder's 395 leaves over 4 CPU devices: 0.3 s vs 1.2 s per checkpoint), and
+      # `restore` puts them back into the target's sharding. Several processes save jax arrays
+      # together, each its own shards.
+      state = jax.device_get(state)
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta or {})), force=True)
     self.manager.wait_until_finished()
