@@ -147,12 +147,10 @@ def jitted_step(config: ml_collections.ConfigDict, private: bool):
   Private: step(state, batch, mask, num_microbatches, rng, noise_multiplier, expected_batch_size,
   l2_clip_norm); non-private: step(state, volumes, rng).
   """
-  dp_cfg = config.dp.to_dict() if private else {}
   key = {"trainer": "autoencoder", "private": private, "model": config.model.to_dict(),
          "loss": config.loss.to_dict(), "optim": fitting.optimizer_key(config.optim, config.train.steps),
          "disc": config.disc.to_dict() if config.loss.adversarial_weight > 0 else None,
-         "dp": {k: dp_cfg[k] for k in ("per_layer", "microbatch_size", "stats_weight", "stats_bound")} if private else None,
-         "host_dispatch": bool(private and dp.host_dispatch(config.dp))}
+         "dp": dp.program_key(config.dp, private) if private else None}
 
   def build():
     model = build_model(config.model)

@@ -379,6 +379,16 @@ def _allowed_count(ledger, target_epsilon: float | None, steps: int) -> int:
   return lo
 
 
+def program_key(dp: ml_collections.ConfigDict, private: bool) -> dict | None:
+  """The dp settings `private_gradient` builds into the compiled step (a `common.cached_jit` key
+  part); None for a non-private step. sigma, the expected batch size and C are traced, not here."""
+  if not private:
+    return None
+  return {"per_layer": bool(dp.per_layer), "microbatch_size": dp.microbatch_size,
+          "stats_weight": float(dp.stats_weight), "stats_bound": float(dp.stats_bound),
+          "host_dispatch": host_dispatch(dp)}
+
+
 def private_gradient(loss_fn, params, batch, mask, num_microbatches, rng, *, dp: ml_collections.ConfigDict,
                      noise_multiplier: float, expected_batch_size: float, l2_clip_norm: Any = None,
                      has_aux: bool = False):

@@ -139,12 +139,9 @@ def step_key(config, private: bool, num_attributes: int, latent_channels: int, v
   """What the compiled step depends on (`common.cached_jit`). Seeds, paths, the budget and the DP
   mechanism's sigma, expected batch size and C are not in it: they are traced arguments, so runs at
   different epsilons or clip norms share one program."""
-  dp_cfg = to_dict(config.dp)
   return {"trainer": "ldm", "model": to_dict(config.model), "diffusion": to_dict(config.diffusion),
           "optim": fitting.optimizer_key(config.optim, config.train.steps), "trainable": config.train.trainable,
-          "private": private,
-          "dp": {k: dp_cfg[k] for k in ("per_layer", "microbatch_size", "stats_weight", "stats_bound")},
-          "host_dispatch": bool(private and dp.host_dispatch(config.dp)),
+          "private": private, "dp": dp.program_key(config.dp, private),
           "num_attributes": num_attributes, "latent_channels": latent_channels, "vmapped": vmapped}
 
 
