@@ -61,3 +61,23 @@ def test_installed_models_load_and_sample(installed):
   volumes, values, mask, _ = generate.generate(dirs["ldm"], 2, num_steps=3, batch_size=2,
                                                fixed={"phase": 1.0, "lv_esv_ml": 60.0})
   assert volumes.shape == (2, 6, 32, 32) and np.isfinite(volumes).all()
+
+
+def test_a_checkpoint_is_not_loaded_into_another_model(installed):
+  """Parameters are matched by name: a model configured unlike the run that wrote it is refused."""
+  import jax
+  import jax.numpy as jnp
+
+  from jaxldm.config import ConfigError
+  from jaxldm.infer import checkpoints
+  from jaxldm.infer.ldm import build_unet
+
+  _, dirs = installed
+  info = json.loads((dirs["ldm"] / "ldm.json").read_text())
+  model = dict(info["model"])
+  model["attribute_embedding"] = not model.get("attribute_embedding", False)
+  unet = build_unet(model, len(info["attributes"]), info["latent_shape"][-1])
+  target = jax.eval_shape(unet.init, jax.random.PRNGKey(0), jnp.zeros((1, *info["latent_shape"])),
+                          jnp.zeros((1,), jnp.int32))
+  with pytest.raises(ConfigError, match=r"does not fit the configured model: (missing|unexpected) .*attribute_embedding"):
+    checkpoints.restore_params(dirs["ldm"] / "checkpoints", target)

@@ -212,6 +212,18 @@ class AttributeEmbed(nn.Module):
     return values[..., None] * self.weight + self.bias
 
 
+class AttributeTimeEmbedding(nn.Module):
+  """jaxldm.models.unet.AttributeEmbedding: MLP of (masked values, mask), added to the timestep embedding."""
+
+  def __init__(self, num_attributes: int, dim: int):
+    super().__init__()
+    self.hidden, self.out = nn.Linear(2 * num_attributes, dim), zero_linear(dim, dim)
+
+  def forward(self, values, mask):
+    x = torch.cat([torch.where(mask > 0, values, torch.zeros_like(values)), mask], dim=-1)
+    return self.out(F.silu(self.hidden(x)))
+
+
 class NullToken(nn.Module):
   """Prepends a learned, always-attendable token: (N, A, C) -> (N, 1 + A, C)."""
 
@@ -311,13 +323,15 @@ class LatentUNet(nn.Module):
 
   def __init__(self, *, in_channels: int, base_channels: int, channel_mult, num_res_blocks: int,
                attention_levels, mid_attention: bool, heads: int, kernel, stride,
-               num_attributes: int, context_dim: int):
+               num_attributes: int, context_dim: int, attribute_embedding: bool = False):
     super().__init__()
     self.base_channels, self.num_attributes = base_channels, num_attributes
     temb = 4 * base_channels
     self.time_in, self.time_out = nn.Linear(base_channels, temb), nn.Linear(temb, temb)
     ctx = context_dim if num_attributes > 0 else None
     self.attributes = AttributeEncoder(num_attributes, context_dim, heads=heads) if ctx else None
+    self.attribute_embedding = (AttributeTimeEmbedding(num_attributes, temb)
+                                if ctx and attribute_embedding else None)
     chans = [base_channels * m for m in channel_mult]
     res = lambda cin, cout: ResBlock3D(cin, cout, kernel, temb)
     attn = lambda ch: AttentionBlock3D(ch, heads, ctx)
@@ -363,6 +377,8 @@ class LatentUNet(nn.Module):
       elif attribute_mask is None:
         attribute_mask = torch.ones_like(attributes)
       context, context_mask = self.attributes(attributes, attribute_mask)
+      if self.attribute_embedding is not None:
+        temb = temb + self.attribute_embedding(attributes, attribute_mask)
 
     def block(layer, h):
       if isinstance(layer, ResBlock3D):
@@ -509,7 +525,8 @@ def unet_target(spec: str, overrides: Sequence[str] = ()) -> TorchTarget:
                       channel_mult=tuple(m.channel_mult), num_res_blocks=m.num_res_blocks,
                       attention_levels=tuple(m.attention_levels), mid_attention=m.mid_attention,
                       heads=m.heads, kernel=as_triple(m.kernel), stride=as_triple(m.stride),
-                      num_attributes=num_attributes, context_dim=m.context_dim)
+                      num_attributes=num_attributes, context_dim=m.context_dim,
+                      attribute_embedding=bool(m.get("attribute_embedding", False)))
   schedule = make_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
   abar = torch.tensor(np.asarray(schedule.alphas_cumprod, np.float32))
   k, drop, prediction = int(d.noise_multiplicity), float(d.cond_drop_prob), d.prediction

@@ -45,6 +45,11 @@ def restore_params(directory: str | pathlib.Path, target_params, *, use_ema: boo
   restored = manager.restore(step, args=ocp.args.Composite(state=untyped_restore(), meta=ocp.args.JsonRestore()))
   state = restored.state
   params = state["ema_params"] if use_ema else state["params"]
+  try:
+    check_same_parameters(params, target_params, directory)
+  except ConfigError:
+    manager.close()
+    raise
   # Re-shape into the target pytree structure (restored without a target comes back as dicts).
   params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target_params),
                                         jax.tree_util.tree_leaves(params))
@@ -54,6 +59,30 @@ def restore_params(directory: str | pathlib.Path, target_params, *, use_ema: boo
       lambda x: jnp.asarray(np.asarray(x)) if getattr(x, "is_fully_addressable", True) else x, params)
   manager.close()
   return params, dict(restored.meta or {})
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  return {jax.tree_util.keystr(path): tuple(getattr(x, "shape", np.shape(x)))
+          for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_same_parameters(restored, target, directory) -> None:
+  """Raises ConfigError unless `restored` has exactly `target`'s parameter names and shapes.
+
+  Leaves are matched by name, not by position: a model configured differently from the run that
+  wrote the checkpoint (another width, an attribute embedding more or less) is named, never loaded
+  into the wrong layers.
+  """
+  got, want = _shapes(restored), _shapes(target)
+  if got == want:
+    return
+  missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+  shapes = [f"{k} {got[k]} vs {want[k]}" for k in sorted(set(got) & set(want)) if got[k] != want[k]]
+  parts = [f"{label} {len(items)} (e.g. {', '.join(items[:3])})"
+           for label, items in (("missing", missing), ("unexpected", extra), ("shape differs for", shapes)) if items]
+  raise ConfigError(f"the checkpoint in {directory} does not fit the configured model: {'; '.join(parts)}. "
+                    "Its run's model config (config.json 'model') must match this one's: e.g. "
+                    "model.attribute_embedding, base_channels, channel_mult")
 
 
 def stage_record(workdir: str | pathlib.Path, filename: str, preset: str, *, key: str | None = None) -> dict:

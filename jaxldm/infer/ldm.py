@@ -16,6 +16,8 @@ def build_unet(model_cfg, num_attributes: int, latent_channels: int) -> LatentUN
                     attention_levels=tuple(m["attention_levels"]), mid_attention=m["mid_attention"],
                     heads=m["heads"], kernel=as_triple(m["kernel"]), stride=as_triple(m["stride"]),
                     num_attributes=num_attributes, context_dim=m["context_dim"],
+                    # Runs recorded before the key existed had no attribute embedding.
+                    attribute_embedding=bool(m.get("attribute_embedding", False)),
                     dtype=DTYPES[m["dtype"]])
 
 

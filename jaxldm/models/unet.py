@@ -3,7 +3,10 @@
 At the configured levels each attention block does, in order: spatial self-attention within each
 slice, self-attention across slices (with a slice-index embedding), an MLP, and cross-attention to
 the attribute tokens. Attributes: each one gets its own Linear(1 -> token_dim) + SELU, the tokens are
-mixed by one self-attention layer. A missing attribute is masked out of attention (never encoded as
+mixed by one self-attention layer. With `attribute_embedding`, the attribute vector (values and
+mask) also goes through a two-layer MLP whose output is added to the timestep embedding, so every
+residual block sees the condition (as a class embedding does in ADM-style UNets), not only the
+blocks at the attention levels; its output layer starts at zero. A missing attribute is masked out of attention (never encoded as
 a magic value); a learned null token is always attendable, so an all-missing condition (classifier-
 free guidance's unconditional branch) is well defined.
 """
@@ -47,6 +50,23 @@ class AttributeEncoder(nn.Module):
     return nn.LayerNorm(dtype=self.dtype, name="out_norm")(tokens), mask
 
 
+class AttributeEmbedding(nn.Module):
+  """(B, A) values + (B, A) mask -> (B, dim): added to the timestep embedding.
+
+  The input is the masked values next to the mask, so a missing attribute and a value of 0 differ;
+  the all-missing condition (classifier-free guidance's unconditional branch) maps to a learned
+  constant. The output layer is zero-initialised: at initialisation the UNet is unchanged.
+  """
+  dim: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, values, mask):
+    x = jnp.concatenate([jnp.where(mask > 0, values, 0.0), mask], axis=-1).astype(self.dtype)
+    h = nn.swish(nn.Dense(self.dim, dtype=self.dtype, name="hidden")(x))
+    return nn.Dense(self.dim, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="out")(h)
+
+
 class AttentionBlock3D(nn.Module):
   """Spatial attention, slice attention, MLP, cross-attention: each pre-norm and residual."""
   heads: int = 4
@@ -88,6 +108,7 @@ class LatentUNet(nn.Module):
   stride: Triple = (1, 2, 2)
   num_attributes: int = 0                     # 0: unconditional (no cross-attention).
   context_dim: int = 64
+  attribute_embedding: bool = False           # Attributes also added to the timestep embedding.
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
 
@@ -107,6 +128,9 @@ class LatentUNet(nn.Module):
         attribute_mask = jnp.ones_like(attributes)
       context, context_mask = AttributeEncoder(self.num_attributes, self.context_dim, heads=self.heads,
                                                dtype=self.dtype, name="attributes")(attributes, attribute_mask)
+      if self.attribute_embedding:
+        temb = temb + AttributeEmbedding(temb_dim, dtype=self.dtype, name="attribute_embedding")(
+            attributes, attribute_mask)
 
     res = lambda ch: ResBlock3D(ch, self.kernel, self.dropout, dtype=self.dtype)
     attn = lambda: AttentionBlock3D(self.heads, dtype=self.dtype)

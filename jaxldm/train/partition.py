@@ -16,8 +16,9 @@ from jaxldm.config import ConfigError
 
 PRESETS = {
     "all": r".*",
-    # The UNet's attention blocks (spatial, slice, MLP, cross) and the attribute encoder.
-    "attention+conditioning": r"(^|/)(AttentionBlock3D_\d+|attributes)(/|$)",
+    # The UNet's attention blocks (spatial, slice, MLP, cross), the attribute encoder and the
+    # attribute embedding added to the timestep embedding.
+    "attention+conditioning": r"(^|/)(AttentionBlock3D_\d+|attributes|attribute_embedding)(/|$)",
 }
 
 

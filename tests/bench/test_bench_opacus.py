@@ -22,6 +22,7 @@ TINY_AE = ["--config.data.shape=(2,8,8)", "--config.model.channels=(4,8)"]
 # The latent shape follows from data.shape and configs/autoencoder.py:tiny (one (1, 2, 2) down-sampling).
 # K = 2 draws per example: the Opacus rows of one example must be summed before clipping.
 TINY_UNET = ["--config.data.shape=(2,8,8)", "--config.model.base_channels=4", "--config.model.context_dim=8",
+             "--config.model.attribute_embedding=True",
              "--config.diffusion.noise_multiplicity=2"]
 
 
@@ -257,6 +258,8 @@ def test_same_weights_give_jaxldm_outputs_unet(targets, bench):
   _load(bench, net.attributes.norm, a["LayerNorm_0"])
   _load(bench, net.attributes.mix, a["mix"])
   _load(bench, net.attributes.out_norm, a["out_norm"])
+  _load(bench, net.attribute_embedding.hidden, p["attribute_embedding"]["hidden"])
+  _load(bench, net.attribute_embedding.out, p["attribute_embedding"]["out"])
   _load(bench, net.conv_in, p["conv_in"])
   _load_sequence(bench, [*net.down, *net.mid, *net.up], p, {})
   _load(bench, net.norm_out, p["Norm_0"]["GroupNorm_0"])

@@ -11,7 +11,7 @@ AE = AutoencoderKL(channels=(8, 16), num_res_blocks=1, latent_channels=2, kernel
                    stride=(1, 2, 2), attention=True)
 UNET = LatentUNet(out_channels=2, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                   attention_levels=(1,), heads=2, kernel=(1, 3, 3), stride=(1, 2, 2),
-                  num_attributes=3, context_dim=8)
+                  num_attributes=3, context_dim=8, attribute_embedding=True)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,50 @@ def test_unet_shapes_and_masked_attributes(unet_params):
   uncond = UNET.apply(params, z, t, attrs, jnp.zeros_like(mask))
   assert bool(jnp.all(jnp.isfinite(uncond)))
   assert float(jnp.abs(uncond - out).max()) > 1e-4
+
+
+def _no_attention_unet(attribute_embedding):
+  """Without attention blocks the attribute embedding is the only way attributes reach the output."""
+  return LatentUNet(out_channels=2, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                    attention_levels=(), mid_attention=False, heads=2, kernel=(1, 3, 3), stride=(1, 2, 2),
+                    num_attributes=3, context_dim=8, attribute_embedding=attribute_embedding)
+
+
+def test_attribute_embedding_conditions_every_block():
+  z = jax.random.normal(jax.random.PRNGKey(6), (2, 4, 8, 8, 2))
+  t = jnp.array([3, 90])
+  attrs, mask = jnp.array([[1.0, -2.0, 0.5], [1.0, -2.0, 0.5]]), jnp.array([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]])
+  changed = attrs.at[:, 1].set(9.0)
+  outputs = {}
+  for flag in (False, True):
+    unet = _no_attention_unet(flag)
+    params = unet.init(jax.random.PRNGKey(0), z, t, attrs, mask)
+    if flag:
+      emb = params["params"]["attribute_embedding"]
+      assert emb["hidden"]["kernel"].shape == (6, 32)  # Values next to mask -> the timestep embedding's width.
+      assert not np.any(emb["out"]["kernel"])
+      # Zero-initialised output layer: at initialisation the attributes change nothing.
+      np.testing.assert_array_equal(unet.apply(params, z, t, attrs, mask), unet.apply(params, z, t, changed, mask))
+    params = jax.tree_util.tree_map(lambda p: p + 0.05, params)
+    outputs[flag] = (unet.apply(params, z, t, attrs, mask), unet.apply(params, z, t, changed, mask),
+                     unet.apply(params, z, t, attrs, jnp.zeros_like(mask)))
+  out, out_changed, uncond = outputs[False]
+  np.testing.assert_array_equal(out, out_changed)  # No attention, no embedding: attributes unused.
+  np.testing.assert_array_equal(out, uncond)
+  out, out_changed, uncond = outputs[True]
+  assert float(jnp.abs(out[0] - out_changed[0]).max()) > 1e-4  # A visible attribute moves the output,
+  np.testing.assert_allclose(out[1], out_changed[1], rtol=1e-6, atol=1e-6)  # a masked one does not,
+  assert float(jnp.abs(uncond - out).max()) > 1e-4  # and "all missing" is its own condition.
+
+
+def test_dp_ldm_subset_trains_the_attribute_embedding(unet_params):
+  from jaxldm.train import partition
+
+  trainable, frozen = partition.split(unet_params, "attention+conditioning")
+  assert any(k.startswith("params/attribute_embedding/") for k in trainable)
+  assert any(k.startswith("params/attributes/") for k in trainable)
+  assert not any("attribute_embedding" in k or k.startswith("params/attributes/") for k in frozen)
+  assert any("ResBlock3D" in k for k in frozen) and not any("ResBlock3D" in k for k in trainable)
 
 
 def test_discriminator_patch_logits():
