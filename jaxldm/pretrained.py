@@ -66,8 +66,13 @@ def _sha256(path: pathlib.Path) -> str:
   return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def train(out: str | pathlib.Path, size: str = "tiny", *, recipe: Recipe | None = None, say=print) -> pathlib.Path:
-  """Trains the public stages into OUT/{phantoms/public,autoencoder,ssl,ldm}; resumes like the demo."""
+def train(out: str | pathlib.Path, size: str = "tiny", *, recipe: Recipe | None = None, say=print,
+          keep_shipped: tuple[str, ...] = ()) -> pathlib.Path:
+  """Trains the public stages into OUT/{phantoms/public,autoencoder,ssl,ldm}; resumes like the demo.
+
+  keep_shipped: stages installed from the shipped models instead of trained (e.g. ("autoencoder",
+  "ssl") retrains only the LDM on the shipped first stage); `export` records them as reused.
+  """
   from jaxldm import demo
   from jaxldm.data import phantoms
   from jaxldm.data.defaults import SIZES
@@ -84,6 +89,12 @@ def train(out: str | pathlib.Path, size: str = "tiny", *, recipe: Recipe | None 
   def clock() -> str:
     return f"({(time.perf_counter() - started) / 60:.1f} min)"
 
+  unknown = sorted(set(keep_shipped) - set(STAGES))
+  if unknown:
+    raise ValueError(f"--keep-shipped: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+  if keep_shipped:
+    say(f"shipped {', '.join(keep_shipped)}: installed, not trained")
+    install(out, size, stages=tuple(keep_shipped))
   if not (public / "attributes.csv").is_file():
     say(f"public phantoms: {recipe.n_public} (seed {recipe.phantom_seed}) {clock()}")
     phantoms.write_dataset(public, recipe.n_public, domain="public", shape=shape, spacing=spacing,
@@ -143,6 +154,8 @@ def export(run: str | pathlib.Path, size: str = "tiny", *, dest: str | pathlib.P
     record["stages"][stage] = {
         "step": int(step), "seed": config.get("seed"), "config": config,
         "sha256": {p.name: _sha256(p) for p in sorted(dst.iterdir()) if p.is_file()}}
+    if (src / "shipped.json").is_file():  # Installed by train(keep_shipped=...), not trained in RUN.
+      record["stages"][stage]["reused_shipped"] = json.loads((src / "shipped.json").read_text())["sha256"]
   (dest / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
   return dest
 
@@ -217,6 +230,8 @@ def main(argv=None) -> int:
   p = sub.add_parser("train", help="train the public stages (public phantoms only)")
   p.add_argument("--out", default="runs/pretrain_tiny")
   p.add_argument("--size", default="tiny", choices=sorted(RECIPES))
+  p.add_argument("--keep-shipped", default="", metavar="STAGES",
+                 help="comma-separated stages (autoencoder,ssl) installed from the shipped models, not trained")
   p = sub.add_parser("export", help="copy a trained run's EMA weights and records into the package")
   p.add_argument("--run", default="runs/pretrain_tiny")
   p.add_argument("--size", default="tiny", choices=sorted(RECIPES))
@@ -225,9 +240,12 @@ def main(argv=None) -> int:
   p.add_argument("--size", default="tiny", choices=sorted(RECIPES))
   args = parser.parse_args(argv)
   if args.cmd == "train":
-    train(args.out, args.size)
+    train(args.out, args.size, keep_shipped=tuple(s for s in args.keep_shipped.split(",") if s))
   elif args.cmd == "export":
     cmd = f"python -m jaxldm.pretrained train --out {args.run} --size {args.size}"
+    reused = [s for s in STAGES if (pathlib.Path(args.run) / s / "shipped.json").is_file()]
+    if reused:
+      cmd += f" --keep-shipped {','.join(reused)}"
     print(export(args.run, args.size, dest=args.dest, command=cmd))
   else:
     record = verify(args.size)

@@ -81,3 +81,26 @@ def test_a_checkpoint_is_not_loaded_into_another_model(installed):
                           jnp.zeros((1,), jnp.int32))
   with pytest.raises(ConfigError, match=r"does not fit the configured model: (missing|unexpected) .*attribute_embedding"):
     checkpoints.restore_params(dirs["ldm"] / "checkpoints", target)
+
+
+def test_retraining_the_ldm_over_the_shipped_first_stage(tmp_path):
+  """train(keep_shipped=...) installs those stages instead of training them; export marks them reused
+  and ships them bit for bit, with the newly trained LDM next to them."""
+  import dataclasses
+
+  recipe = dataclasses.replace(pretrained.RECIPES["tiny"], n_public=4, ldm_steps=2,
+                               overrides={"ldm": {"train.sample_every": 0, "train.checkpoint_every": 2,
+                                                  "train.batch_size": 4}})
+  said = []
+  run = pretrained.train(tmp_path / "run", "tiny", recipe=recipe, keep_shipped=("autoencoder", "ssl"),
+                         say=said.append)
+  assert said[0] == "shipped autoencoder, ssl: installed, not trained"
+  assert not any(line.startswith(("autoencoder (", "ssl encoder (")) for line in said)
+  dest = pretrained.export(run, "tiny", dest=tmp_path / "tiny", recipe=recipe)
+  record, shipped = pretrained.verify("tiny", dest), pretrained.verify("tiny")
+  for stage in ("autoencoder", "ssl"):
+    assert record["stages"][stage]["reused_shipped"] == shipped["stages"][stage]["sha256"]
+    assert record["stages"][stage]["sha256"][pretrained.PARAMS_FILE] == shipped["stages"][stage]["sha256"][pretrained.PARAMS_FILE]
+  assert "reused_shipped" not in record["stages"]["ldm"] and record["stages"]["ldm"]["step"] == 2
+  with pytest.raises(ValueError, match="unknown stage"):
+    pretrained.train(tmp_path / "other", "tiny", recipe=recipe, keep_shipped=("vae",))

@@ -14,8 +14,8 @@ from jaxldm.atomic import atomic_open
 
 
 def save_mid_slices(volumes: np.ndarray, path: str | pathlib.Path, *, titles: list[str] | None = None,
-                    columns: int = 8) -> None:
-  """A PNG grid of the middle slice of each (D, H, W) volume."""
+                    columns: int = 8, suptitle: str | None = None) -> None:
+  """A PNG grid of the middle slice of each (D, H, W) volume; `titles` per tile, `suptitle` above."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -32,6 +32,8 @@ def save_mid_slices(volumes: np.ndarray, path: str | pathlib.Path, *, titles: li
     ax.imshow(vol[vol.shape[0] // 2], cmap="gray", vmin=-1, vmax=1)
     if titles:
       ax.set_title(titles[i], fontsize=6)
+  if suptitle:
+    fig.suptitle(suptitle, fontsize=7)
   fig.tight_layout()
   try:
     with atomic_open(path, "wb") as f:

@@ -262,7 +262,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> P
 
   def sample_hook(state, done):  # From the EMA parameters only: nothing private is decoded.
     _sample_grid(sampler, decode, checkpoints.fetch(state.ema_params), ae_params, latents.shape[1:], len(columns),
-                 workdir / "samples" / f"samples_{done:06d}.png", config.seed + done)
+                 workdir / "samples" / f"samples_{done:06d}.png", config.seed + done, step=done,
+                 guidance=config.sampling.guidance_scale)
 
   run = loop.Run(workdir, config, console, dp_run=dp_run, sample=sample_hook)
   state = loop.restore(run, state, mesh, records={"ldm.json": info})
@@ -291,10 +292,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   return record
 
 
-def _sample_grid(sampler, decode, params, ae_params, latent_shape, num_attributes, path, seed):
-  """Samples at the attributes' mean (standardised 0), and unconditionally: nothing private."""
+def _sample_grid(sampler, decode, params, ae_params, latent_shape, num_attributes, path, seed, *, step,
+                 guidance):
+  """Three samples at the attributes' mean (standardised 0) and one unconditional: nothing private.
+
+  The mean is the standardisation's (the pretrained model's or a public CSV's in a DP run), never
+  computed from private data here; tiles and title say what each was conditioned on.
+  """
   n = 4
-  attrs = jnp.zeros((n, num_attributes)) if num_attributes else None
-  z = sampler(params, (n,) + tuple(latent_shape), jax.random.PRNGKey(seed), attributes=attrs)
+  attrs = mask = None
+  titles = ["unconditional"] * n
+  if num_attributes:
+    attrs = jnp.zeros((n, num_attributes))
+    mask = jnp.ones((n, num_attributes)).at[-1].set(0.0)  # Last tile: every attribute missing.
+    titles = ["attributes at mean"] * (n - 1) + ["unconditional"]
+  z = sampler(params, (n,) + tuple(latent_shape), jax.random.PRNGKey(seed), attributes=attrs, attribute_mask=mask)
   vols = np.asarray(decode(ae_params, z))[..., 0]
-  save_mid_slices(np.clip(vols, -1, 1), path, columns=4)
+  save_mid_slices(np.clip(vols, -1, 1), path, columns=4, titles=titles,
+                  suptitle=f"step {step}: EMA model, guidance {guidance:g}, mid slice")

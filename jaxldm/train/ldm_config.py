@@ -35,7 +35,7 @@ def ldm_config(variant: str, *, private: bool) -> ml_collections.ConfigDict:
   c.model.context_dim = 16 if tiny else 128  # Width of the attribute tokens.
   # Attributes also through an MLP added to the timestep embedding (every residual block sees them);
   # the paper's UNet has cross-attention only.
-  c.model.attribute_embedding = False
+  c.model.attribute_embedding = not paper
   c.model.dtype = "bfloat16" if paper else "float32"  # Compute dtype: float32 or bfloat16 (params stay float32).
 
   c.diffusion = ml_collections.ConfigDict()
