@@ -899,7 +899,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--feature-weights", metavar="PATH",
                  help="ssl3d: its workdir (default runs/ssl); medicalnet/slice2d: a PyTorch weight file")
   p.add_argument("--regressor", metavar="WORKDIR", help="attribute regressor run for controllability on real data")
-  p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1)")
+  p.add_argument("--guidance", type=float, default=None,
+                 help="classifier-free guidance scale (default: the run's sampling.guidance_scale, as jaxldm sample)")
   p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
   p.add_argument("--seed", type=int, default=0, help="seed of sampling, bootstraps and KID subsets (default 0)")
   p.add_argument("--batch-size", type=int, default=8, help="volumes per sampler/extractor call (default 8)")

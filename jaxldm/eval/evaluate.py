@@ -74,7 +74,7 @@ class Options:
   samples: str | None = None  # Read samples from here instead of drawing them.
   train: str | None = None  # Training data directory (default: the run's data.root).
   seed: int = 0  # Sampling, bootstrap and KID subset seed.
-  guidance: float = 1.0  # Classifier-free guidance scale.
+  guidance: float | None = None  # Classifier-free guidance scale (None: the run's sampling.guidance_scale).
   steps: int = 50  # DDIM steps.
   batch_size: int = 8  # Volumes per sampler / extractor call.
   regressor: str | None = None  # Attribute-regressor workdir for controllability on real data.
@@ -148,6 +148,14 @@ def _latest_checkpoint(workdir: pathlib.Path) -> int | None:
 # ---------------------------------------------------------------------------------------------
 # The whole evaluation
 # ---------------------------------------------------------------------------------------------
+def with_run_defaults(workdir: pathlib.Path, opts: Options) -> Options:
+  """`opts` with an unset guidance taken from the run's sampling.guidance_scale (as `jaxldm sample`)."""
+  if opts.guidance is not None:
+    return opts
+  run_config = json.loads((pathlib.Path(workdir) / "config.json").read_text())
+  return dataclasses.replace(opts, guidance=generate.sampling_defaults(run_config)["guidance_scale"])
+
+
 def evaluate(workdir, real, out, opts: Options | None = None, *,
              status: Callable[[str], None] = lambda _: None,
              sections: list[sections_lib.Section] | None = None) -> dict:
@@ -157,6 +165,7 @@ def evaluate(workdir, real, out, opts: Options | None = None, *,
   workdir, real, out = pathlib.Path(workdir), pathlib.Path(real), pathlib.Path(out)
   if not (workdir / "ldm.json").is_file():
     raise FileNotFoundError(f"--workdir {workdir}: not an LDM run (no ldm.json)")
+  opts = with_run_defaults(workdir, opts)
   if opts.samples is None and opts.n < 2:
     raise ConfigError(f"--n {opts.n}: FID and KID need at least 2 samples")
   out.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,9 @@ def test_report_has_every_section_and_reruns_identically(run, tmp_path, capsys):
   assert report["epsilon"] == float("inf") and report["rero_bound"] is None  # Non-private run.
   assert np.isfinite(report["fid"]) and report["fid"] >= 0
   assert 0 <= report["copy_rate"] <= 1 and report["samples"]["n"] == 4
+  # No --guidance: drawn as `jaxldm sample --workdir` draws, with the run's sampling.guidance_scale.
+  run_config = json.loads((run / "ldm" / "config.json").read_text())
+  assert report["samples"]["guidance"] == run_config["sampling"]["guidance_scale"]
   # Latent-space memorization reads the sampler's own latents, saved next to the samples.
   latent = report["latent_memorization"]
   assert latent["latents"] == "sampler" and 0 <= report["latent_copy_rate"] <= 1
@@ -144,6 +147,14 @@ def test_copies_of_training_volumes_are_flagged(run, tmp_path):
   # training latents themselves.
   assert report["latent_memorization"]["latents"].startswith("re-encoded")
   assert report["latent_copy_rate"] == 1.0
+
+
+def test_guidance_defaults_to_the_runs(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"sampling": {"guidance_scale": 2.5, "num_steps": 20}}))
+  assert evaluate.with_run_defaults(tmp_path, evaluate.Options()).guidance == 2.5
+  assert evaluate.with_run_defaults(tmp_path, evaluate.Options(guidance=0.0)).guidance == 0.0  # Given: kept.
+  (tmp_path / "config.json").write_text(json.dumps({}))  # A run recorded without a sampling group.
+  assert evaluate.with_run_defaults(tmp_path, evaluate.Options()).guidance == 1.0
 
 
 def test_latent_memorization_flags_copied_latents_only():
