@@ -33,9 +33,7 @@ def ldm_config(variant: str, *, private: bool) -> ml_collections.ConfigDict:
   c.model.kernel = (1, 3, 3) if tiny else (3, 3, 3)  # Conv kernel (D, H, W) on latents.
   c.model.stride = (1, 2, 2)  # Down-sampling stride per level (slices kept).
   c.model.context_dim = 16 if tiny else 128  # Width of the attribute tokens.
-  # Attributes also through an MLP added to the timestep embedding (every residual block sees them);
-  # the paper's UNet has cross-attention only.
-  c.model.attribute_embedding = not paper
+  c.model.attribute_embedding = not paper  # Attributes also added to the timestep embedding (paper: cross-attention only).
   c.model.dtype = "bfloat16" if paper else "float32"  # Compute dtype: float32 or bfloat16 (params stay float32).
 
   c.diffusion = ml_collections.ConfigDict()
