@@ -66,6 +66,13 @@ def _sha256(path: pathlib.Path) -> str:
   return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def check_stages(stages) -> None:
+  """ValueError naming any of `stages` (the --keep-shipped list) that is not a shipped stage."""
+  unknown = sorted(set(stages) - set(STAGES))
+  if unknown:
+    raise ValueError(f"--keep-shipped: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+
+
 def train(out: str | pathlib.Path, size: str = "tiny", *, recipe: Recipe | None = None, say=print,
           keep_shipped: tuple[str, ...] = ()) -> pathlib.Path:
   """Trains the public stages into OUT/{phantoms/public,autoencoder,ssl,ldm}; resumes like the demo.
@@ -89,9 +96,7 @@ def train(out: str | pathlib.Path, size: str = "tiny", *, recipe: Recipe | None 
   def clock() -> str:
     return f"({(time.perf_counter() - started) / 60:.1f} min)"
 
-  unknown = sorted(set(keep_shipped) - set(STAGES))
-  if unknown:
-    raise ValueError(f"--keep-shipped: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+  check_stages(keep_shipped)
   if keep_shipped:
     say(f"shipped {', '.join(keep_shipped)}: installed, not trained")
     install(out, size, stages=tuple(keep_shipped))
@@ -240,7 +245,12 @@ def main(argv=None) -> int:
   p.add_argument("--size", default="tiny", choices=sorted(RECIPES))
   args = parser.parse_args(argv)
   if args.cmd == "train":
-    train(args.out, args.size, keep_shipped=tuple(s for s in args.keep_shipped.split(",") if s))
+    keep = tuple(s for s in args.keep_shipped.split(",") if s)
+    try:
+      check_stages(keep)
+    except ValueError as e:  # An unknown --keep-shipped stage: named, exit 2, nothing written.
+      parser.error(str(e))
+    train(args.out, args.size, keep_shipped=keep)
   elif args.cmd == "export":
     cmd = f"python -m jaxldm.pretrained train --out {args.run} --size {args.size}"
     reused = [s for s in STAGES if (pathlib.Path(args.run) / s / "shipped.json").is_file()]

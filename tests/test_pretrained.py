@@ -104,3 +104,6 @@ def test_retraining_the_ldm_over_the_shipped_first_stage(tmp_path):
   assert "reused_shipped" not in record["stages"]["ldm"] and record["stages"]["ldm"]["step"] == 2
   with pytest.raises(ValueError, match="unknown stage"):
     pretrained.train(tmp_path / "other", "tiny", recipe=recipe, keep_shipped=("vae",))
+  with pytest.raises(SystemExit) as exit_info:
+    pretrained.main(["train", "--out", str(tmp_path / "cli"), "--keep-shipped", "autoencoder,vae"])
+  assert exit_info.value.code == 2 and not (tmp_path / "cli").exists()

@@ -526,7 +526,7 @@ def unet_target(spec: str, overrides: Sequence[str] = ()) -> TorchTarget:
                       attention_levels=tuple(m.attention_levels), mid_attention=m.mid_attention,
                       heads=m.heads, kernel=as_triple(m.kernel), stride=as_triple(m.stride),
                       num_attributes=num_attributes, context_dim=m.context_dim,
-                      attribute_embedding=bool(m.get("attribute_embedding", False)))
+                      attribute_embedding=m.attribute_embedding)
   schedule = make_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
   abar = torch.tensor(np.asarray(schedule.alphas_cumprod, np.float32))
   k, drop, prediction = int(d.noise_multiplicity), float(d.cond_drop_prob), d.prediction

@@ -39,17 +39,16 @@ def restore_params(directory: str | pathlib.Path, target_params, *, use_ema: boo
   """Loads the (EMA) parameters and metadata of the latest checkpoint of another run."""
   directory = pathlib.Path(directory).absolute()
   manager = ocp.CheckpointManager(directory)
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {directory}; train that stage first")
-  restored = manager.restore(step, args=ocp.args.Composite(state=untyped_restore(), meta=ocp.args.JsonRestore()))
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {directory}; train that stage first")
+    restored = manager.restore(step, args=ocp.args.Composite(state=untyped_restore(), meta=ocp.args.JsonRestore()))
+  finally:
+    manager.close()
   state = restored.state
   params = state["ema_params"] if use_ema else state["params"]
-  try:
-    check_same_parameters(params, target_params, directory)
-  except ConfigError:
-    manager.close()
-    raise
+  check_same_parameters(params, target_params, directory)
   # Re-shape into the target pytree structure (restored without a target comes back as dicts).
   params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target_params),
                                         jax.tree_util.tree_leaves(params))
@@ -57,7 +56,6 @@ def restore_params(directory: str | pathlib.Path, target_params, *, use_ema: boo
   # and jit refuses to mix those with arrays on other devices (e.g. an LDM trained on 1 device).
   params = jax.tree_util.tree_map(
       lambda x: jnp.asarray(np.asarray(x)) if getattr(x, "is_fully_addressable", True) else x, params)
-  manager.close()
   return params, dict(restored.meta or {})
 
 

@@ -6,9 +6,9 @@ the attribute tokens. Attributes: each one gets its own Linear(1 -> token_dim) +
 mixed by one self-attention layer. With `attribute_embedding`, the attribute vector (values and
 mask) also goes through a two-layer MLP whose output is added to the timestep embedding, so every
 residual block sees the condition (as a class embedding does in ADM-style UNets), not only the
-blocks at the attention levels; its output layer starts at zero. A missing attribute is masked out of attention (never encoded as
-a magic value); a learned null token is always attendable, so an all-missing condition (classifier-
-free guidance's unconditional branch) is well defined.
+blocks at the attention levels; its output layer starts at zero. A missing attribute is masked out
+of attention (never encoded as a magic value); a learned null token is always attendable, so an
+all-missing condition (classifier-free guidance's unconditional branch) is well defined.
 """
 
 from __future__ import annotations
