@@ -55,7 +55,7 @@ PLANS = {
     # over 300 steps), one noise draw per example (K = 1: the DP step's cost is the real Poisson batch
     # cut to microbatches of 16) and half the pretraining learning rate (the noisy Adam steps should not
     # walk far from the public model). Expected batch 16 (sigma 0.907) gave LV-volume r 0.84 / 0.87 and
-    # MAE 23.4 / 20.6 ml on two noise draws, 32 gave 0.89 / 0.89 and 20.1 / 18.3 ml (guidance 2).
+    # MAE 23.4 / 20.6 ml on two noise draws, 32 gave 0.88 / 0.89 and 20.1 / 18.3 ml (guidance 2).
     # Samples: guidance 1.5 and 50 DDIM steps. On one batch-32 DP model, guidance 2 -> 1.5 took the
     # unmeasurable samples from 6 to 3 of 64 and the LV MAE from 18.3 to 16.2 ml (r 0.89 -> 0.86);
     # on a batch-16 one, 5 -> 2 of 64 (README "What `make demo` does").
