@@ -159,7 +159,7 @@ def cmd_sample(args) -> int:
   # Names, categories and ranges are checked before any model is loaded.
   for warning in generate.check_conditioning(args.workdir, args.n, csv_path=args.attributes_csv, fixed=fixed):
     print(f"jaxldm: warning: {warning}", file=sys.stderr)
-  run_config = json.loads((pathlib.Path(args.workdir) / "config.json").read_text())
+  run_config = generate.run_config(args.workdir)
   defaults = generate.sampling_defaults(run_config)  # The run's sampling.* unless a flag says otherwise.
   guidance = defaults["guidance_scale"] if args.guidance is None else args.guidance
   steps = defaults["num_steps"] if args.steps is None else args.steps

@@ -152,8 +152,8 @@ def with_run_defaults(workdir: pathlib.Path, opts: Options) -> Options:
   """`opts` with an unset guidance taken from the run's sampling.guidance_scale (as `jaxldm sample`)."""
   if opts.guidance is not None:
     return opts
-  run_config = json.loads((pathlib.Path(workdir) / "config.json").read_text())
-  return dataclasses.replace(opts, guidance=generate.sampling_defaults(run_config)["guidance_scale"])
+  defaults = generate.sampling_defaults(generate.run_config(workdir))
+  return dataclasses.replace(opts, guidance=defaults["guidance_scale"])
 
 
 def evaluate(workdir, real, out, opts: Options | None = None, *,

@@ -37,13 +37,13 @@ def load_ldm(workdir: str | pathlib.Path):
   if not (workdir / "ldm.json").is_file():
     raise FileNotFoundError(f"{workdir} is not an LDM run (no ldm.json); train one with jaxldm train --config ldm")
   info = json.loads((workdir / "ldm.json").read_text())
-  run_config = json.loads((workdir / "config.json").read_text())
+  config = run_config(workdir)
   unet = build_unet(info["model"], len(info["attributes"]), info["latent_shape"][-1])
   a = len(info["attributes"])
   target = jax.eval_shape(unet.init, jax.random.PRNGKey(0), jnp.zeros((1, *info["latent_shape"])),
                           jnp.zeros((1,), jnp.int32), jnp.zeros((1, a)), jnp.ones((1, a)))
   params, _ = checkpoints.restore_params(workdir / "checkpoints", target)
-  return unet, params, info, run_config
+  return unet, params, info, config
 
 
 def run_categories(run_config: dict) -> dict[str, tuple[str, ...]]:
@@ -139,7 +139,7 @@ def check_conditioning(workdir, n: int, *, csv_path=None, fixed=None) -> list[st
   if not (workdir / "ldm.json").is_file():
     raise FileNotFoundError(f"{workdir} is not an LDM run (no ldm.json); train one with jaxldm train --config ldm")
   info = json.loads((workdir / "ldm.json").read_text())
-  categories = run_categories(json.loads((workdir / "config.json").read_text()))
+  categories = run_categories(run_config(workdir))
   values, mask, _ = conditioning(info, n, csv_path=csv_path, fixed=fixed, categories=categories)
   return out_of_range(info, values, mask, categorical=categories, fixed=fixed)
 
@@ -173,12 +173,12 @@ def generate(workdir, n: int, *, seed: int = 0, guidance_scale: float = 1.0, met
   return_latents: also return the sampler's latents (n, D', H', W', Z), scaled as the UNet saw them,
   as a fifth value (latent-space memorization compares them with the training latents).
   """
-  unet, params, info, run_config = load_ldm(workdir)
+  unet, params, info, config = load_ldm(workdir)
   ae_model, ae_params, _ = load_autoencoder(info["autoencoder_workdir"])
   d = info["diffusion"]
   schedule = make_schedule(d["schedule"], d["num_timesteps"], d["beta_start"], d["beta_end"])
   values, mask, standardised = conditioning(info, n, csv_path=csv_path, fixed=fixed,
-                                            categories=run_categories(run_config))
+                                            categories=run_categories(config))
   has_attrs = len(info["attributes"]) > 0
   draw = jax.jit(functools.partial(sample, unet_apply(unet), schedule=schedule, prediction=d["prediction"],
                                    guidance_scale=guidance_scale, method=method, num_steps=num_steps),
@@ -245,12 +245,17 @@ SAFEGUARD_FILENAME = "safeguard.json"
 DEFAULT_SAFEGUARD_PERCENTILE = 5.0
 
 
-def run_data_config(workdir):
-  """The `data` config group a training run recorded in WORKDIR/config.json."""
+def run_config(workdir) -> dict:
+  """The config a training run recorded in WORKDIR/config.json, as a dict."""
   path = pathlib.Path(workdir) / "config.json"
   if not path.is_file():
     raise FileNotFoundError(f"{path} not found: --workdir must be an LDM training run")
-  return ml_collections.ConfigDict(json.loads(path.read_text())["data"])
+  return json.loads(path.read_text())
+
+
+def run_data_config(workdir):
+  """The `data` config group a training run recorded in WORKDIR/config.json."""
+  return ml_collections.ConfigDict(run_config(workdir)["data"])
 
 
 def training_volumes(workdir, data_dir=None) -> np.ndarray:
@@ -331,9 +336,9 @@ def generate_safeguarded(workdir, n: int, *, data_dir=None, metric: str = "rmse"
     raise ConfigError("--safeguard-metric embedding needs an embedding network (an extractor)")
   extractor = extractor if metric == "embedding" else None
   train = training_volumes(workdir, data_dir)
-  unet, params, info, run_config = load_ldm(workdir)
+  unet, params, info, config = load_ldm(workdir)
   values, mask, standardised = conditioning(info, n, csv_path=csv_path, fixed=fixed,
-                                            categories=run_categories(run_config))
+                                            categories=run_categories(config))
   sampler = _candidate_sampler(unet, params, info, standardised, mask, seed=seed, guidance_scale=guidance_scale,
                                method=method, num_steps=num_steps, batch_size=batch_size)
   reference = train if extractor is None else np.asarray(extractor(train))
@@ -354,7 +359,7 @@ def generate_safeguarded(workdir, n: int, *, data_dir=None, metric: str = "rmse"
       "threshold": float(threshold),
       "threshold_source": source,
       "percentile": percentile if source.endswith("distances") else None,
-      "training_data": str(data_dir or run_config["data"]["root"]),
+      "training_data": str(data_dir or config["data"]["root"]),
       "training_volumes": int(len(train)),
       "requested": n,
       "released": int(len(outcome.volumes)),
