@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from jaxldm.config import ConfigError, load_config, resolve_spec
+from jaxldm.models import layers
 
 MODES = ("nonprivate", "vmap", "vmap_microbatch", "loop")
 MODELS = ("unet", "autoencoder")
@@ -87,7 +88,7 @@ def unet_target(config: ml_collections.ConfigDict, ae_config: ml_collections.Con
   unet = build_unet(config.model, num_attributes, latent_shape[-1])
   dummy = (jnp.zeros((1,) + latent_shape), jnp.zeros((1,), jnp.int32),
            jnp.zeros((1, num_attributes)), jnp.ones((1, num_attributes)))
-  params = jax.jit(unet.init)(jax.random.PRNGKey(config.seed), *dummy)
+  params = layers.init_params(unet, jax.random.PRNGKey(config.seed), *dummy)
   trainable, frozen = partition.split(params, config.train.trainable)
   d = config.diffusion
   schedule = make_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
@@ -109,7 +110,7 @@ def autoencoder_target(config: ml_collections.ConfigDict) -> Target:
 
   model = autoencoder.build_model(config.model)
   shape = tuple(config.data.shape)
-  params = jax.jit(model.init)(jax.random.PRNGKey(config.seed), jnp.zeros((1, *shape, 1)))
+  params = layers.init_params(model, jax.random.PRNGKey(config.seed), jnp.zeros((1, *shape, 1)))
   loss = config.loss
 
   def loss_fn(p, example, rng):

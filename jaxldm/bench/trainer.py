@@ -36,6 +36,7 @@ import numpy as np
 
 from jaxldm import fitting
 from jaxldm.config import ConfigError, load_config
+from jaxldm.models import layers
 
 
 def _examples(n: int, latent_shape, num_attributes: int, seed: int = 0) -> dict:
@@ -62,7 +63,7 @@ def _state(config, private: bool, latent_shape, num_attributes: int, mesh):
   unet = build_unet(config.model, num_attributes, latent_shape[-1])
   dummy = (jnp.zeros((1,) + tuple(latent_shape)), jnp.zeros((1,), jnp.int32),
            jnp.zeros((1, num_attributes)), jnp.ones((1, num_attributes)))
-  params = jax.jit(unet.init)(jax.random.PRNGKey(config.seed), *dummy)
+  params = layers.init_params(unet, jax.random.PRNGKey(config.seed), *dummy)
   trainable, _ = partition.split(params, config.train.trainable)
   tx = fitting.make_optimizer(config.optim, config.train.steps, private=private)
   state = fitting.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(trainable),

@@ -46,6 +46,7 @@ from jaxldm.eval.controllability import auroc, compare_predictions
 from jaxldm.eval.regressor_fit import Fitter
 from jaxldm.infer import regressor as regressor_lib
 from jaxldm.infer.checkpoints import iterate_batches
+from jaxldm.models.layers import init_params
 from jaxldm.models.regressor import TargetSpec, attributes_from_dict
 from jaxldm.privacy import accounting
 from jaxldm.privacy import ledger as ledger_lib
@@ -406,7 +407,7 @@ def denoising_utility(synthetic_volumes, real_volumes, test_volumes, *, noise_st
     noisy_scores["psnr"].append(psnr(test, noisy, data_range))
     noisy_scores["ssim"].append(ssim(test, noisy, data_range))
     for src, vols in sets.items():
-      params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *vols.shape[1:], 1), jnp.float32))
+      params = init_params(model, jax.random.PRNGKey(seed), jnp.zeros((1, *vols.shape[1:], 1), jnp.float32))
       opt_state = tx.init(params)
       bar, task = fitting.progress_bar(steps, 0, f"denoiser {src} seed {seed}")
       with fitting.maybe_progress(bar, progress):

@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxldm.config import ConfigError
 from jaxldm.infer import checkpoints
+from jaxldm.models import layers
 from jaxldm.models.layers import as_triple
 from jaxldm.models.regressor import AttributeRegressor, TargetSpec
 
@@ -37,14 +38,9 @@ def build_model(model_cfg: ml_collections.ConfigDict | Mapping[str, Any], num_ou
                             stride=as_triple(m["stride"]), dtype=DTYPES[m["dtype"]])
 
 
-@functools.lru_cache(maxsize=16)
-def _init_fn(model: AttributeRegressor):
-  return jax.jit(model.init)
-
-
 def init_params(model: AttributeRegressor, shape, seed: int):
   """Parameters for volumes of `shape` (D, H, W); one compilation per model (cached)."""
-  return _init_fn(model)(jax.random.PRNGKey(seed), jnp.zeros((1, *shape, 1), jnp.float32))
+  return layers.init_params(model, jax.random.PRNGKey(seed), jnp.zeros((1, *shape, 1), jnp.float32))
 
 
 @functools.lru_cache(maxsize=16)
@@ -92,6 +88,6 @@ def load_regressor(workdir: str | pathlib.Path, *, batch_size: int = 16) -> Pred
   info = checkpoints.stage_record(workdir, "regressor.json", "regressor")
   spec = TargetSpec.from_dict(info["targets"])
   model = build_model(info["model"], spec.num_outputs)
-  target = init_params(model, tuple(info["data_shape"]), 0)
+  target = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *info["data_shape"], 1)))  # Shapes only.
   params, _ = checkpoints.restore_params(workdir / "checkpoints", target, use_ema=True)
   return Predictor(model, params, spec, batch_size, info)

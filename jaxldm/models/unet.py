@@ -174,8 +174,3 @@ def check_shape(shape: Sequence[int], stride: Triple, levels: int) -> None:
     if size % factor:
       raise ValueError(f"latent axis {axis} has size {size}, not divisible by the UNet's total "
                        f"down-sampling {factor}; change the data shape or the UNet's channel_mult/stride")
-
-
-def init_params(module: nn.Module, rng: jax.Array, *inputs):
-  """Parameters from a jitted init (one compiled program instead of op-by-op dispatch)."""
-  return jax.jit(module.init)(rng, *inputs)

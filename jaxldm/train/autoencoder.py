@@ -30,6 +30,7 @@ from jaxldm.infer import checkpoints
 from jaxldm.infer.autoencoder import build_model
 from jaxldm.infer.pictures import save_mid_slices
 from jaxldm.models import AutoencoderKL, PatchDiscriminator3D, kl_divergence
+from jaxldm.models import layers
 from jaxldm.models.layers import as_triple
 from jaxldm.privacy import clipping
 from jaxldm.train import common, dp, loop
@@ -221,14 +222,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   check_divisible(volumes.shape[1:], model)
   init_key = jax.random.PRNGKey(config.seed)
   dummy = jnp.zeros((1,) + volumes.shape[1:] + (1,), jnp.float32)
-  params = jax.jit(model.init)(init_key, dummy)
+  params = layers.init_params(model, init_key, dummy)
   if private:
     clipping.check_no_batch_stats(params)  # Batch statistics would couple examples (invariant 1).
   disc = disc_tx = None
   extra = None
   if config.loss.adversarial_weight > 0:
     disc = make_critic(config)
-    disc_params = jax.jit(disc.init)(jax.random.fold_in(init_key, 1), dummy)
+    disc_params = layers.init_params(disc, jax.random.fold_in(init_key, 1), dummy)
     disc_tx = fitting.make_optimizer(config.optim, config.train.steps)
     extra = {"disc_params": disc_params, "disc_opt_state": disc_tx.init(disc_params)}
   tx = fitting.make_optimizer(config.optim, config.train.steps, private=private)

@@ -33,6 +33,7 @@ from jaxldm.infer import checkpoints
 from jaxldm.infer.autoencoder import encode_latents, latent_decoder, load_autoencoder
 from jaxldm.infer.ldm import build_unet, unet_apply
 from jaxldm.infer.pictures import save_mid_slices
+from jaxldm.models import layers
 from jaxldm.privacy import clipping
 from jaxldm.train import common, dp, loop, partition
 
@@ -223,10 +224,12 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> P
   init_key = jax.random.PRNGKey(config.seed)
   dummy = (jnp.zeros((1,) + latents.shape[1:]), jnp.zeros((1,), jnp.int32),
            jnp.zeros((1, len(columns))), jnp.ones((1, len(columns))))
-  params = jax.jit(unet.init)(init_key, *dummy)
-  if config.pretrained_workdir:
-    params, _ = checkpoints.restore_params(pathlib.Path(config.pretrained_workdir) / "checkpoints", params)
+  if config.pretrained_workdir:  # Restored over the init's shapes: no init program to compile.
+    params, _ = checkpoints.restore_params(pathlib.Path(config.pretrained_workdir) / "checkpoints",
+                                           jax.eval_shape(unet.init, init_key, *dummy))
     console.print(f"initialised from the pretrained LDM in {config.pretrained_workdir}")
+  else:
+    params = layers.init_params(unet, init_key, *dummy)
   if private:
     clipping.check_no_batch_stats(params)  # Batch statistics would couple examples (invariant 1).
   trainable, frozen = partition.split(params, config.train.trainable)

@@ -30,6 +30,7 @@ from jaxldm.data.defaults import build_dataset
 from jaxldm.eval.memorization import nearest_neighbours
 from jaxldm.infer import checkpoints
 from jaxldm.infer.ssl import ENCODER_FILE, build_model, embed_volumes, params_version
+from jaxldm.models import layers
 from jaxldm.models.ssl_encoder import SSLEncoder
 from jaxldm.train import common, loop
 
@@ -206,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   model = build_model(config.model)
   Augment.from_config(config.augment)  # Validate before any compile.
   init_key = jax.random.PRNGKey(config.seed)
-  params = jax.jit(model.init)(init_key, jnp.zeros((1,) + volumes.shape[1:] + (1,), jnp.float32))
+  params = layers.init_params(model, init_key, jnp.zeros((1,) + volumes.shape[1:] + (1,), jnp.float32))
   tx = fitting.make_optimizer(config.optim, config.train.steps)
   state = fitting.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
                             ema_params=jax.tree_util.tree_map(jnp.copy, params))

@@ -172,7 +172,7 @@ def test_model_outputs_and_gradients_match_native(name):
   build, args = MODELS[name]
   args = (args[0][:, :, :16, :16],) + args[1:]  # Small: XLA's own 3D gradients are slow on CPU.
   model = build()
-  params = model.init(jax.random.PRNGKey(0), *args)
+  params = layers.init_params(model, jax.random.PRNGKey(0), *args)
   params = jax.tree_util.tree_map(lambda p: p + 0.05, params)  # Leave the zero-initialised identity.
   rng = np.random.default_rng(1)
   args = (jnp.asarray(rng.standard_normal(args[0].shape), jnp.float32),) + args[1:]

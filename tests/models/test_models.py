@@ -1,34 +1,65 @@
 """Shapes, per-example independence and masking of the Flax models, at tiny widths."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxldm.models import AutoencoderKL, LatentUNet, PatchDiscriminator3D, kl_divergence
+from jaxldm.models import AutoencoderKL, LatentUNet, PatchDiscriminator3D, kl_divergence, layers
+from jaxldm.models.layers import ResBlock3D
+from jaxldm.models.unet import AttributeEncoder
 
 AE = AutoencoderKL(channels=(8, 16), num_res_blocks=1, latent_channels=2, kernel=(1, 3, 3),
                    stride=(1, 2, 2), attention=True)
 UNET = LatentUNet(out_channels=2, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                   attention_levels=(1,), heads=2, kernel=(1, 3, 3), stride=(1, 2, 2),
                   num_attributes=3, context_dim=8, attribute_embedding=True)
+UNET_DUMMY = (jnp.zeros((1, 4, 8, 8, 2)), jnp.zeros((1,)), jnp.zeros((1, 3)), jnp.ones((1, 3)))
 
 
 @pytest.fixture(scope="module")
 def ae_params():
-  x = jnp.zeros((1, 4, 16, 16, 1))
-  return AE.init(jax.random.PRNGKey(0), x)
+  return layers.init_params(AE, jax.random.PRNGKey(0), jnp.zeros((1, 4, 16, 16, 1)))
 
 
 @pytest.fixture(scope="module")
 def unet_params():
-  z = jnp.zeros((1, 4, 8, 8, 2))
-  return UNET.init(jax.random.PRNGKey(0), z, jnp.zeros((1,)), jnp.zeros((1, 3)), jnp.ones((1, 3)))
+  return layers.init_params(UNET, jax.random.PRNGKey(0), *UNET_DUMMY)
+
+
+# Jitted applies: op-by-op (eager) dispatch of a UNet costs a small compile per distinct op.
+ae_apply, unet_apply = jax.jit(AE.apply), jax.jit(UNET.apply)
+
+
+class _Initializers(nn.Module):
+  """One of each kind of initialiser the models use: convolution and dense kernels (variance scaling),
+  normal(1) and normal(0.02) embeddings, attention projections, zeros, GroupNorm/LayerNorm scales."""
+
+  @nn.compact
+  def __call__(self, x, emb, values, mask):
+    tokens, _ = AttributeEncoder(3, context_dim=4, token_dim=4, heads=1)(values, mask)
+    return ResBlock3D(4, kernel=(1, 3, 3))(x, emb), tokens
+
+
+def test_init_compiler_options_keep_the_parameters_bitwise():
+  """Inits are compiled at a lower LLVM level for compile speed (layers.INIT_COMPILER_OPTIONS); they
+  give bitwise the parameters of the default level, so a seed gives the same model either way."""
+  module, key = _Initializers(), jax.random.PRNGKey(0)
+  args = (jnp.zeros((1, 2, 4, 4, 4)), jnp.zeros((1, 8)), jnp.zeros((1, 3)), jnp.ones((1, 3)))
+  ours = layers.init_params(module, key, *args)
+  default = jax.jit(module.init)(key, *args)
+  assert jax.tree_util.tree_structure(default) == jax.tree_util.tree_structure(ours)
+  assert len(jax.tree_util.tree_leaves(ours)) >= 15
+  jax.tree_util.tree_map(np.testing.assert_array_equal, ours, default)
+  other = layers.init_params(module, jax.random.PRNGKey(1), *args)  # The check can fail: keys matter.
+  assert not np.array_equal(other["params"]["ResBlock3D_0"]["conv1"]["kernel"],
+                            ours["params"]["ResBlock3D_0"]["conv1"]["kernel"])
 
 
 def test_autoencoder_shapes_and_kl(ae_params):
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 16, 16, 1))
-  recon, post = AE.apply(ae_params, x, jax.random.PRNGKey(2))
+  recon, post = ae_apply(ae_params, x, jax.random.PRNGKey(2))
   assert recon.shape == x.shape
   assert post.mean.shape == (2, 4, 8, 8, 2)  # In-plane 2x, slices kept.
   assert AE.downsampling == (1, 2, 2)
@@ -42,13 +73,13 @@ def test_examples_do_not_interact(ae_params, unet_params):
   key = jax.random.PRNGKey(3)
   x = jax.random.normal(key, (3, 4, 16, 16, 1))
   x2 = x.at[1:].set(100.0 * jax.random.normal(jax.random.PRNGKey(4), (2, 4, 16, 16, 1)))
-  np.testing.assert_allclose(AE.apply(ae_params, x)[0][0], AE.apply(ae_params, x2)[0][0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ae_apply(ae_params, x)[0][0], ae_apply(ae_params, x2)[0][0], rtol=1e-5, atol=1e-5)
   z = jax.random.normal(key, (3, 4, 8, 8, 2))
   z2 = z.at[1:].set(50.0)
   t = jnp.array([5, 10, 20])
   a = jnp.ones((3, 3))
-  out1 = UNET.apply(unet_params, z, t, a, jnp.ones((3, 3)))
-  out2 = UNET.apply(unet_params, z2, t, a * 7, jnp.ones((3, 3)))
+  out1 = unet_apply(unet_params, z, t, a, jnp.ones((3, 3)))
+  out2 = unet_apply(unet_params, z2, t, a * 7, jnp.ones((3, 3)))
   np.testing.assert_allclose(out1[0], out2[0], rtol=1e-5, atol=1e-5)
 
 
@@ -58,15 +89,15 @@ def test_unet_shapes_and_masked_attributes(unet_params):
   t = jnp.array([1, 100])
   attrs = jnp.array([[1.0, -2.0, 0.5], [1.0, -2.0, 0.5]])
   mask = jnp.array([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]])
-  out = UNET.apply(params, z, t, attrs, mask)
+  out = unet_apply(params, z, t, attrs, mask)
   assert out.shape == z.shape and bool(jnp.all(jnp.isfinite(out)))
   # A masked attribute's value is ignored; a visible one is not.
   changed = attrs.at[:, 1].set(9.0)
-  out2 = UNET.apply(params, z, t, changed, mask)
+  out2 = unet_apply(params, z, t, changed, mask)
   np.testing.assert_allclose(out[1], out2[1], rtol=1e-5, atol=1e-5)
   assert float(jnp.abs(out[0] - out2[0]).max()) > 1e-4
   # All attributes missing (the unconditional branch) is finite and differs from conditional.
-  uncond = UNET.apply(params, z, t, attrs, jnp.zeros_like(mask))
+  uncond = unet_apply(params, z, t, attrs, jnp.zeros_like(mask))
   assert bool(jnp.all(jnp.isfinite(uncond)))
   assert float(jnp.abs(uncond - out).max()) > 1e-4
 
@@ -86,16 +117,17 @@ def test_attribute_embedding_conditions_every_block():
   outputs = {}
   for flag in (False, True):
     unet = _no_attention_unet(flag)
-    params = unet.init(jax.random.PRNGKey(0), z, t, attrs, mask)
+    params = layers.init_params(unet, jax.random.PRNGKey(0), z, t, attrs, mask)
+    apply = jax.jit(unet.apply)
     if flag:
       emb = params["params"]["attribute_embedding"]
       assert emb["hidden"]["kernel"].shape == (6, 32)  # Values next to mask -> the timestep embedding's width.
       assert not np.any(emb["out"]["kernel"])
       # Zero-initialised output layer: at initialisation the attributes change nothing.
-      np.testing.assert_array_equal(unet.apply(params, z, t, attrs, mask), unet.apply(params, z, t, changed, mask))
+      np.testing.assert_array_equal(apply(params, z, t, attrs, mask), apply(params, z, t, changed, mask))
     params = jax.tree_util.tree_map(lambda p: p + 0.05, params)
-    outputs[flag] = (unet.apply(params, z, t, attrs, mask), unet.apply(params, z, t, changed, mask),
-                     unet.apply(params, z, t, attrs, jnp.zeros_like(mask)))
+    outputs[flag] = (apply(params, z, t, attrs, mask), apply(params, z, t, changed, mask),
+                     apply(params, z, t, attrs, jnp.zeros_like(mask)))
   out, out_changed, uncond = outputs[False]
   np.testing.assert_array_equal(out, out_changed)  # No attention, no embedding: attributes unused.
   np.testing.assert_array_equal(out, uncond)
@@ -118,5 +150,5 @@ def test_dp_ldm_subset_trains_the_attribute_embedding(unet_params):
 def test_discriminator_patch_logits():
   d = PatchDiscriminator3D(channels=(4, 8))
   x = jnp.zeros((2, 4, 16, 16, 1))
-  params = d.init(jax.random.PRNGKey(0), x)
-  assert d.apply(params, x).shape == (2, 4, 4, 4, 1)
+  params = layers.init_params(d, jax.random.PRNGKey(0), x)
+  assert jax.jit(d.apply)(params, x).shape == (2, 4, 4, 4, 1)
