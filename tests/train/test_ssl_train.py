@@ -13,6 +13,7 @@ from jaxldm.config import ConfigError, load_config
 from jaxldm.data.defaults import build_dataset
 from jaxldm.eval.memorization import pearson_matrix
 from jaxldm.infer.ssl import build_model, params_version
+from jaxldm.models import layers
 from jaxldm.models.ssl_encoder import SSLEncoder
 from jaxldm.train import common, ssl
 
@@ -76,7 +77,7 @@ def test_cli_trains_checkpoints_and_versions_the_encoder(tiny_nifti_dir, tmp_pat
   restored, _ = ckpt.restore_untyped()
   ckpt.close()
   model = build_model(info["model"])
-  target = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *SHAPE, 1)))
+  target = layers.init_params(model, jax.random.PRNGKey(0), jnp.zeros((1, *SHAPE, 1)))
   ema = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target),
                                      jax.tree_util.tree_leaves(restored["ema_params"]))
   assert info["version"] == f"ssl3d-{params_version(ema)}"
@@ -102,7 +103,7 @@ def test_training_separates_augmented_copies_from_other_volumes(tiny_nifti_dir):
   volumes = build_dataset(config.data).arrays()[0]
   assert volumes.shape == (8, *SHAPE)
   model = build_model(config.model)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *SHAPE, 1)))
+  params = layers.init_params(model, jax.random.PRNGKey(0), jnp.zeros((1, *SHAPE, 1)))
   tx = fitting.make_optimizer(config.optim, 30)
   state = fitting.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
                             ema_params=params)
