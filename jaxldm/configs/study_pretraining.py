@@ -36,7 +36,7 @@ def get_config(arg=None):
     c.base.scratch_stats_from = "runs/demo/phantoms/public/attributes.csv"  # Public attribute mean/std for scratch runs.
     c.base.overrides = ("dp.expected_batch_size=4", "dp.microbatch_size=4", "train.sample_every=0")  # q = 4/16.
     c.base.nonprivate_overrides = ("train.steps=600",)  # ~300 epochs of the 16 volumes (a CPU budget: see README Results).
-    c.eval.real = "runs/demo/phantoms/heldout"  # The demo's 64 held-out private volumes.
+    c.eval.real = "runs/demo/phantoms/heldout"  # The demo's 256 held-out private volumes.
     c.eval.feature_weights = "runs/demo/ssl"  # The demo's contrastive encoder (ssl3d features).
     c.eval.n = 32  # Copy rate resolution 1/32.
   return c

@@ -132,14 +132,14 @@ INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
 @functools.lru_cache(maxsize=32)
-def jitted_init(module: nn.Module):
+def _jitted_init(module: nn.Module):
   """`module.init` as one jitted program (cached per module), compiled for speed of compilation."""
   return jax.jit(module.init, compiler_options=INIT_COMPILER_OPTIONS)
 
 
 def init_params(module: nn.Module, rng: jax.Array, *inputs):
   """`module.init(rng, *inputs)`: one compiled program, not op-by-op dispatch."""
-  return jitted_init(module)(rng, *inputs)
+  return _jitted_init(module)(rng, *inputs)
 
 
 def sinusoidal_embedding(values: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:

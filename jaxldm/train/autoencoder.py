@@ -29,8 +29,7 @@ from jaxldm.data.defaults import build_dataset
 from jaxldm.infer import checkpoints
 from jaxldm.infer.autoencoder import build_model
 from jaxldm.infer.pictures import save_mid_slices
-from jaxldm.models import AutoencoderKL, PatchDiscriminator3D, kl_divergence
-from jaxldm.models import layers
+from jaxldm.models import AutoencoderKL, PatchDiscriminator3D, kl_divergence, layers
 from jaxldm.models.layers import as_triple
 from jaxldm.privacy import clipping
 from jaxldm.train import common, dp, loop
