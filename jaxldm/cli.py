@@ -738,9 +738,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--per-layer", action="store_true", help="per-layer clipping (dp.per_layer)")
   p.add_argument("--microbatch-size", type=int, default=2, help="dp.microbatch_size (default 2)")
   p.add_argument("--k", type=int, default=1, help="noise multiplicity K: random draws the loss averages (default 1)")
-  p.add_argument("--microbatch-loop", choices=("traced", "host"), default="traced",
-                 help="dp.microbatch_loop audited: traced (the loop accelerators run; default) or host "
-                      "(CPU trainers: the batch vmapped whole)")
+  p.add_argument("--microbatch-loop", choices=("traced", "accumulate", "host"), default="traced",
+                 help="dp.microbatch_loop audited: traced (the loop accelerators run; default), accumulate "
+                      "(what CPU trainers run: microbatch sums added, then one noise draw) or host (the batch "
+                      "vmapped whole)")
   p.add_argument("--devices", type=int, default=0, help="devices the batch is sharded over (default 0 = all)")
   p.add_argument("--trials", type=int, default=4000,
                  help="steps for the noise and sensitivity checks (default 4000: ~1%% standard error)")

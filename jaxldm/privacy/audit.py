@@ -430,7 +430,7 @@ def _scorer(engine_fn, model: _Model, l2_clip_norm: float, microbatch_size: int,
   cfg.l2_clip_norm = float(l2_clip_norm)
   cfg.microbatch_size = int(microbatch_size)
   cfg.per_layer = bool(per_layer)
-  cfg.microbatch_loop = microbatch_loop  # 'traced': the accelerator loop; 'host': one masked vmap (CPU).
+  cfg.microbatch_loop = microbatch_loop  # 'traced': the accelerator loop; 'accumulate' (CPU) or 'host': cut on the host.
   u = model.u
 
   def score(batch, mask, num_microbatches, rng, sigma):
@@ -487,8 +487,9 @@ def audit_private_step(engine: str | audit_engines.Engine = 'trainer', *,
     trials: steps for the noise and sensitivity checks (each run on D and on D').
     eps_trials: steps for the epsilon lower bound (canary included or excluded at random); 0 skips.
     microbatch_loop: dp.microbatch_loop of the audited step: 'traced' (the loop over microbatches
-      accelerators run) or 'host' (CPU trainers: the batch vmapped whole; here uncut, so the
-      padding rows are audited too).
+      accelerators run), 'accumulate' (CPU trainers: `dp.chunk_sums` of every m x devices rows
+      added, then `dp.release_sums`) or 'host' (the batch vmapped whole); the last two here uncut,
+      so the padding rows are audited too.
     delta, confidence: of the claim and of the lower bound.
     tolerance: largest relative deviation of the measured noise and sensitivity from the claim.
     noise_scale: multiplies the noise actually added (simulates a bug; 1 = none).
@@ -518,8 +519,8 @@ def audit_private_step(engine: str | audit_engines.Engine = 'trainer', *,
   devices = mesh.devices.size
   sigma = float(noise_multiplier)
   model, examples = _model(int(k), float(canary_norm)), _examples(n)
-  if microbatch_loop not in ('traced', 'host'):
-    raise ValueError(f"microbatch_loop must be 'traced' or 'host', got {microbatch_loop!r}")
+  if microbatch_loop not in ('traced', 'accumulate', 'host'):
+    raise ValueError(f"microbatch_loop must be 'traced', 'accumulate' or 'host', got {microbatch_loop!r}")
   scorer = _scorer(engine.fn, model, float(l2_clip_norm), int(microbatch_size), bool(per_layer),
                    float(expected_batch_size), mesh, microbatch_loop)
   used_sigma = sigma * engine.noise_scale * noise_scale

@@ -50,10 +50,18 @@ class Engine:
 
 def _trainer(loss_fn, params, batch, mask, num_microbatches, rng, *, dp, noise_multiplier,
              expected_batch_size, mesh):
-  """The trainers' step: `dp.private_gradient`, of which only the gradient is used."""
-  del mesh  # The trainers shard the batch over the mesh and let jit partition the step.
+  """The trainers' step: `dp.private_gradient`, of which only the gradient is used; with
+  dp.microbatch_loop "accumulate" (CPU trainers) the same two halves the host-accumulated step
+  compiles (`dp.chunk_sums` per chunk of m x devices rows, then `dp.release_sums`)."""
   from jaxldm.train import dp as dp_lib
 
+  if dp_lib.microbatch_loop(dp) == 'accumulate':
+    grads, _ = dp_lib.accumulated_gradient(loss_fn, params, batch, mask, rng, dp=dp,
+                                           noise_multiplier=noise_multiplier,
+                                           expected_batch_size=expected_batch_size,
+                                           chunk_rows=dp.microbatch_size * mesh.devices.size)
+    return grads
+  # The trainers shard the batch over the mesh and let jit partition the step.
   grads, _ = dp_lib.private_gradient(loss_fn, params, batch, mask, num_microbatches, rng, dp=dp,
                                      noise_multiplier=noise_multiplier,
                                      expected_batch_size=expected_batch_size)

@@ -207,10 +207,11 @@ def clipped_grad_sum(loss_fn: LossFn,
                      microbatch_size: int | None = None,
                      num_microbatches: Any = None,
                      has_aux: bool = False,
-                     per_layer: bool = False) -> tuple[PyTree, dict[str, Any]]:
+                     per_layer: bool = False,
+                     index_offset: Any = 0) -> tuple[PyTree, dict[str, Any]]:
   """Sum over real examples of the clipped per-example gradients.
 
-  grad_sum = sum_i mask_i * clip(grad loss_fn(params, example_i, fold_in(rng, i)), C)
+  grad_sum = sum_i mask_i * clip(grad loss_fn(params, example_i, fold_in(rng, offset + i)), C)
 
   Why microbatching: vmap materializes one gradient per example, so memory grows with B. With
   `microbatch_size=m` the batch is reshaped to (B // m, m) and a loop accumulates the sums of
@@ -238,6 +239,9 @@ def clipped_grad_sum(loss_fn: LossFn,
       requires microbatch_size.
     has_aux: loss_fn returns (loss, aux); aux is returned per example in aux["aux"].
     per_layer: clip each of the k parameter leaves to C / sqrt(k) (sensitivity still C).
+    index_offset: the global index of row 0 (may be traced): a chunk of rows [o, o + B) of a
+      larger batch gets the keys those rows get in the whole batch, so chunk sums add up to the
+      batch's sum (`jaxldm.train.dp`'s host-accumulated step).
 
   Returns:
     grad_sum: pytree like params (float32 or wider).
@@ -260,7 +264,7 @@ def clipped_grad_sum(loss_fn: LossFn,
                        f'{jnp.shape(mask)}.')
     mask = jnp.asarray(mask) != 0
   value_and_grad = jax.value_and_grad(_scalar_loss_fn(loss_fn, has_aux), has_aux=True)
-  index = jnp.arange(batch_size, dtype=jnp.uint32)
+  index = jnp.arange(batch_size, dtype=jnp.uint32) + jnp.asarray(index_offset, jnp.uint32)
   kwargs = dict(l2_clip_norm=l2_clip_norm, per_layer=per_layer)
 
   if microbatch_size is None:

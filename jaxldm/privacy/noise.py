@@ -49,18 +49,18 @@ def split_step_rng(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jax.random.fold_in(rng, EXAMPLE_STREAM), jax.random.fold_in(rng, NOISE_STREAM)
 
 
-def _stat_coordinates(aux: dict[str, Any], *, stats_bound: Any, weight: Any) -> dict[str, Any]:
-  """Per-statistic sums of the per-example coordinates, each example's bounded by `weight`.
+def stat_sums(aux: dict[str, Any], *, stats_bound: Any) -> dict[str, Any]:
+  """Per-statistic sums over a batch (or a chunk of it) of the BOUNDED per-example values.
 
-  loss and every scalar aux value: clip(x, -B, B) * weight / B; was-clipped indicator: * weight.
-  Masked (padding) rows are already zero in `aux` (clipping masks them with `where`).
+  loss and every scalar aux value: sum of clip(x, -B, B); was-clipped indicator: sum of 0/1.
+  Masked (padding) rows are already zero in `aux` (clipping masks them with `where`). Sums of
+  chunks add up to the sum of the batch; `release` scales them to the mechanism's coordinates.
   """
-  scale = weight / stats_bound
-  sums = {'loss': jnp.sum(jnp.clip(aux['loss'], -stats_bound, stats_bound)) * scale,
-          'clipped_fraction': jnp.sum(aux['clipped'].astype(jnp.float32)) * weight}
+  sums = {'loss': jnp.sum(jnp.clip(aux['loss'], -stats_bound, stats_bound)),
+          'clipped_fraction': jnp.sum(aux['clipped'].astype(jnp.float32))}
   for name, value in (aux.get('aux') or {}).items():
     if jnp.ndim(value) == 1:  # Scalars per example only.
-      sums[name] = jnp.sum(jnp.clip(value, -stats_bound, stats_bound)) * scale
+      sums[name] = jnp.sum(jnp.clip(value, -stats_bound, stats_bound))
   return sums
 
 
@@ -134,29 +134,60 @@ def private_grad(loss_fn: Callable[..., Any],
     sigma * C_joint / expected_batch_size, and with stats_weight > 0 "released": {name: noisy mean
     over the expected batch size} and "released_noise_std": {name: its noise std}).
   """
-  _check_nonnegative_if_concrete('noise_multiplier', noise_multiplier)
-  _check_nonnegative_if_concrete('expected_batch_size', expected_batch_size, strict=True)
   example_rng, noise_rng = split_step_rng(rng)
   grad_sum, aux = clipping.clipped_grad_sum(
       loss_fn, params, batch, example_rng, l2_clip_norm=l2_clip_norm, mask=mask,
       microbatch_size=microbatch_size, num_microbatches=num_microbatches, has_aux=has_aux,
       per_layer=per_layer)
+  sums = stat_sums(aux, stats_bound=stats_bound) if stats_weight > 0 else {}
+  grad, released = release(grad_sum, sums, noise_rng, l2_clip_norm=l2_clip_norm,
+                           noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size,
+                           per_layer=per_layer, stats_weight=stats_weight, stats_bound=stats_bound)
+  aux.update(released)
+  return grad, aux
+
+
+def release(grad_sum: PyTree,
+            sums: dict[str, Any],
+            noise_rng: jax.Array,
+            *,
+            l2_clip_norm: Any,
+            noise_multiplier: Any,
+            expected_batch_size: Any,
+            per_layer: bool = False,
+            stats_weight: float = 0.0,
+            stats_bound: float = 1.0) -> tuple[PyTree, dict[str, Any]]:
+  """The Gaussian mechanism of ONE logical batch: noise on the clipped sums, then / q N.
+
+  `grad_sum` is the clipped gradient sum of the WHOLE logical batch (every microbatch or chunk of it
+  already added: noise is added once), `sums` its `stat_sums` ({} or ignored when stats_weight is
+  0), `noise_rng` the batch's noise key (`split_step_rng(rng)[1]`). `private_grad` is clipping then
+  this; the trainers' host-accumulated step (`jaxldm.train.dp`) calls the same two halves.
+
+  Returns:
+    (noisy averaged gradient like grad_sum, {"noise_std": std after division, and with
+    stats_weight > 0 "released": {name: noisy mean over the expected batch size},
+    "released_noise_std": {name: its noise std}}).
+  """
+  _check_nonnegative_if_concrete('noise_multiplier', noise_multiplier)
+  _check_nonnegative_if_concrete('expected_batch_size', expected_batch_size, strict=True)
   num_leaves = len(jax.tree_util.tree_leaves(grad_sum))
   sens = clipping.sensitivity(l2_clip_norm, per_layer, num_leaves)
   check_arg('stats_weight', stats_weight, '[0, inf)')
+  out = {}
   if stats_weight > 0:
     check_arg('stats_bound', stats_bound, '(0, inf]')
     weight = stats_weight * l2_clip_norm
-    stats = _stat_coordinates(aux, stats_bound=stats_bound, weight=weight)
+    unit = {name: (weight if name == 'clipped_fraction' else weight / stats_bound) for name in sums}
+    stats = {name: sums[name] * unit[name] for name in sums}  # Each example's coordinate <= w C.
     joint = jnp.sqrt(sens**2 + len(stats) * weight**2)  # Add/remove-one L2 sensitivity of the vector.
     std = noise_multiplier * joint
     noisy_sum, noisy_stats = add_noise((grad_sum, stats), noise_rng, std=std)  # ONE mechanism.
-    unit = {name: (weight if name == 'clipped_fraction' else weight / stats_bound) for name in stats}
-    aux['released'] = {name: noisy_stats[name] / unit[name] / expected_batch_size for name in stats}
-    aux['released_noise_std'] = {name: std / unit[name] / expected_batch_size for name in stats}
+    out['released'] = {name: noisy_stats[name] / unit[name] / expected_batch_size for name in stats}
+    out['released_noise_std'] = {name: std / unit[name] / expected_batch_size for name in stats}
   else:
     std = noise_multiplier * sens
     noisy_sum = add_noise(grad_sum, noise_rng, std=std)
   grad = jax.tree_util.tree_map(lambda x: x / jnp.asarray(expected_batch_size, x.dtype), noisy_sum)
-  aux['noise_std'] = std / expected_batch_size
-  return grad, aux
+  out['noise_std'] = std / expected_batch_size
+  return grad, out

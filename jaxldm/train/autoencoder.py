@@ -123,20 +123,19 @@ def make_private_step(model, tx, config):
                                adv_weight=0.0, adv_loss=loss_cfg.adversarial_loss)
     return loss, {"l1": aux["l1"], "kl": aux["kl"]}  # Scalars only: no per-example reconstruction.
 
-  def private_step(state: fitting.TrainState, batch, mask, num_microbatches, rng, noise_multiplier,
-                   expected_batch_size, l2_clip_norm):
-    # RNG: rng = fold_in(noise base key, step); private_grad splits it into per-example keys
-    # (posterior sampling, fold_in example index) and the one noise key of this logical batch.
-    # sigma, the expected batch size and C are traced (`dp.PrivateRun.mechanism`).
-    grads, metrics = dp.private_gradient(loss_fn, state.params, batch, mask, num_microbatches, rng, dp=config.dp,
-                                         noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size,
-                                         l2_clip_norm=l2_clip_norm, has_aux=True)
+  def loss_of(state: fitting.TrainState):
+    # RNG: the privacy engine gives example i fold_in(fold_in(rng, EXAMPLE_STREAM), i) (posterior
+    # sampling); the noise key of the logical batch is separate. sigma, the expected batch size and C
+    # are traced (`dp.PrivateRun.mechanism`).
+    return state.params, loss_fn
+
+  def finish(state: fitting.TrainState, grads, metrics):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = jax.tree_util.tree_map(lambda p, u: p + u, state.params, updates)
     ema = fitting.ema_update(state.ema_params, params, config.optim.ema_decay)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
 
-  return private_step
+  return dp.private_step(loss_of, finish, config.dp, has_aux=True)  # Compiled (dp.private_step).
 
 
 def jitted_step(config: ml_collections.ConfigDict, private: bool):
@@ -161,9 +160,9 @@ def jitted_step(config: ml_collections.ConfigDict, private: bool):
     if config.loss.adversarial_weight > 0:
       disc = make_critic(config)
       disc_tx = fitting.make_optimizer(config.optim, config.train.steps)
-    return make_train_step(model, disc, tx, disc_tx, config)
+    return jax.jit(make_train_step(model, disc, tx, disc_tx, config), donate_argnums=0)
 
-  return common.cached_jit(key, build, donate_argnums=0)
+  return common.cached(key, build)
 
 
 def make_critic(config: ml_collections.ConfigDict) -> PatchDiscriminator3D:

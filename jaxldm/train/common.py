@@ -38,11 +38,17 @@ def cached_jit(key: dict, build: Callable[[], Callable], **jit_kwargs) -> Callab
   batch size and C) stays out of it, so runs that differ only there reuse one traced and compiled
   program. A key that leaves something out would reuse a wrong program: list too much, not too little.
   """
+  return cached(key, lambda: jax.jit(build(), **jit_kwargs))
+
+
+def cached(key: dict, build: Callable[[], Callable]) -> Callable:
+  """`build()`, an already compiled step (e.g. `jaxldm.train.dp.private_step`), once per `key`
+  (the same rules as `cached_jit`)."""
   from jaxldm.models import conv  # The convolution route is read when the model is traced.
 
   text = json.dumps({**key, "conv_route": conv.resolved_weight_grad()}, sort_keys=True, default=str)
   if text not in _JITTED:
-    _JITTED[text] = jax.jit(build(), **jit_kwargs)
+    _JITTED[text] = build()
   return _JITTED[text]
 
 

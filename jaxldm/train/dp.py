@@ -55,7 +55,7 @@ def dp_config(*, private: bool, tiny: bool) -> ml_collections.ConfigDict:
   c.microbatch_size = 8 if tiny else 32  # Examples per vmapped chunk (memory bound; same result).
   c.accountant = "rdp" if tiny else "pld"  # "pld" (tighter) or "rdp".
   c.noise_seed = config_dict.placeholder(int)  # Fixed noise/sampling seed: TESTS ONLY (flagged insecure).
-  c.microbatch_loop = "auto"  # "host": batch cut to its real microbatches, no loop (CPU); "traced": one program, a loop (accelerators); "auto".
+  c.microbatch_loop = "auto"  # "accumulate": the host adds one program's microbatch sums (CPU); "host": the cut batch in one vmap; "traced": one program, a loop (accelerators); "auto".
   c.stats_weight = 0.1  # Sensitivity of each logged statistic (loss, clipped fraction) as a fraction of C; 0 logs none.
   c.stats_bound = 1.0  # Per-example losses are clipped to [-B, B] before their noisy mean is logged.
   return c
@@ -68,23 +68,34 @@ def _memory_ledger(ledger_cls, **fields):
   return ledger
 
 
-MICROBATCH_LOOPS = ("auto", "host", "traced")
+MICROBATCH_LOOPS = ("auto", "accumulate", "host", "traced")
 
 
-def host_dispatch(dp: ml_collections.ConfigDict) -> bool:
-  """Whether the padded Poisson batch is cut on the host to the microbatches holding real examples.
+def microbatch_loop(dp: ml_collections.ConfigDict) -> str:
+  """dp.microbatch_loop resolved: "auto" is "accumulate" on CPU and "traced" on accelerators.
 
-  Why: XLA:CPU runs a loop or conditional body about 2x slower than the same computation outside
-  control flow (measured on the tiny UNet: 1,846 ms with a traced loop over ONE microbatch of 8 vs
-  846 ms for the same 8 examples vmapped; benchmarks/NOTES.md). On CPU the batch is therefore cut to
-  ceil(real / (m x devices)) x m x devices rows (only padding is cut) and vmapped whole: one program
-  per distinct size (a few: Poisson sizes concentrate around the expected one). On accelerators the
-  traced loop keeps ONE program and bounds memory by the microbatch.
+  Why (benchmarks/NOTES.md): XLA:CPU runs a loop or conditional body about 2x slower than the same
+  computation outside control flow (tiny UNet: 1,846 ms with a traced loop over ONE microbatch of 8
+  vs 846 ms for the same 8 examples vmapped), so on CPU the Poisson batch is cut on the host to
+  the microbatches holding real examples (only padding is cut). "host" then vmaps the cut batch
+  whole: one program per distinct size, each a full compile (43-45 s for the demo's UNet; the demo
+  met two or three sizes). "accumulate" runs ONE program per microbatch and adds the clipped sums
+  on the device, then one small program adds the noise and updates: two programs in all, and the
+  same per-example cost (16 rows 0.74 s, 32 rows 1.50 s). On accelerators the traced loop keeps
+  ONE program and bounds memory by the microbatch.
   """
   mode = dp.get("microbatch_loop", "auto")
   if mode not in MICROBATCH_LOOPS:
     raise ConfigError(f"config key 'dp.microbatch_loop': {mode!r}; choose one of {', '.join(MICROBATCH_LOOPS)}")
-  return mode == "host" or (mode == "auto" and jax.default_backend() == "cpu")
+  if mode == "auto":
+    return "accumulate" if jax.default_backend() == "cpu" else "traced"
+  return mode
+
+
+def host_dispatch(dp: ml_collections.ConfigDict) -> bool:
+  """Whether the padded Poisson batch is cut on the host to the microbatches holding real examples
+  (to ceil(real / (m x devices)) x m x devices rows: "host" and "accumulate"; `microbatch_loop`)."""
+  return microbatch_loop(dp) in ("host", "accumulate")
 
 
 @dataclasses.dataclass
@@ -386,7 +397,7 @@ def program_key(dp: ml_collections.ConfigDict, private: bool) -> dict | None:
     return None
   return {"per_layer": bool(dp.per_layer), "microbatch_size": dp.microbatch_size,
           "stats_weight": float(dp.stats_weight), "stats_bound": float(dp.stats_bound),
-          "host_dispatch": host_dispatch(dp)}
+          "microbatch_loop": microbatch_loop(dp)}
 
 
 def private_gradient(loss_fn, params, batch, mask, num_microbatches, rng, *, dp: ml_collections.ConfigDict,
@@ -412,6 +423,7 @@ def private_gradient(loss_fn, params, batch, mask, num_microbatches, rng, *, dp:
   from jaxldm.privacy import noise
 
   if host_dispatch(dp):  # The batch was cut to its real microbatches on the host: one vmap, no loop.
+    # ("accumulate" steps call chunk_sums/release_sums; here, e.g. in the audit, the cut batch is one vmap.)
     microbatch_size, num_microbatches = None, None
   else:
     microbatch_size = dp.microbatch_size
@@ -424,3 +436,155 @@ def private_gradient(loss_fn, params, batch, mask, num_microbatches, rng, *, dp:
   metrics = {"grad_norm": fitting.global_norm(grads)}  # Of the noisy gradient: post-processing.
   metrics.update(aux.get("released", {}))
   return grads, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainers' private step
+# ---------------------------------------------------------------------------------------------
+def private_step(loss_of, finish, dp: ml_collections.ConfigDict, *, has_aux: bool = False, vmapped: bool = False):
+  """The trainers' private train step, compiled:
+
+    step(state, batch, mask, num_microbatches, rng, noise_multiplier, expected_batch_size, l2_clip_norm)
+      -> (state, metrics)
+
+  with the arguments of `PrivateRun.step_inputs` and `PrivateRun.mechanism`. The trainer supplies
+
+    loss_of(state) -> (params, loss_fn)     the parameters to differentiate and the loss of ONE
+                                            example, loss_fn(params, example, rng)
+    finish(state, grads, metrics) -> (state, metrics)   the optimizer update with the noisy gradient
+
+  "traced" and "host" (`microbatch_loop`): ONE jitted function, `private_gradient` then `finish`.
+  "accumulate": `AccumulatedStep`, the same mechanism in two programs with the host adding the
+  microbatches. vmapped: every argument but the last three has a leading axis (stacked seeds).
+  The state (argument 0) is donated.
+  """
+  if microbatch_loop(dp) == "accumulate":
+    return AccumulatedStep(loss_of, finish, dp, has_aux=has_aux, vmapped=vmapped)
+
+  def step(state, batch, mask, num_microbatches, rng, noise_multiplier, expected_batch_size, l2_clip_norm):
+    params, loss_fn = loss_of(state)
+    grads, metrics = private_gradient(loss_fn, params, batch, mask, num_microbatches, rng, dp=dp,
+                                      noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size,
+                                      l2_clip_norm=l2_clip_norm, has_aux=has_aux)
+    return finish(state, grads, metrics)
+
+  return jax.jit(jax.vmap(step, in_axes=(0, 0, 0, 0, 0, None, None, None)) if vmapped else step, donate_argnums=0)
+
+
+def chunk_sums(loss_fn, params, chunk, mask, index_offset, rng, *, dp: ml_collections.ConfigDict,
+               l2_clip_norm: Any, has_aux: bool = False):
+  """The clipped gradient sum and statistic sums of rows [offset, offset + m) of a step's batch.
+
+  rng is the STEP's key (fold_in(noise base key, step)); each row gets the key it gets in the whole
+  batch (`clipping.clipped_grad_sum`, index_offset), so the chunks' sums add up to the batch's.
+  Nothing here is released: the sums go to `release_sums` (once per logical batch) and nowhere else.
+  """
+  from jaxldm.privacy import clipping, noise
+
+  example_rng, _ = noise.split_step_rng(rng)
+  grad_sum, aux = clipping.clipped_grad_sum(loss_fn, params, chunk, example_rng, l2_clip_norm=l2_clip_norm,
+                                            mask=mask, has_aux=has_aux, per_layer=bool(dp.per_layer),
+                                            index_offset=index_offset)
+  sums = noise.stat_sums(aux, stats_bound=float(dp.stats_bound)) if dp.stats_weight > 0 else {}
+  return grad_sum, sums
+
+
+def release_sums(sums, rng, *, dp: ml_collections.ConfigDict, noise_multiplier: Any, expected_batch_size: Any,
+                 l2_clip_norm: Any):
+  """The Gaussian mechanism on the clipped sums of a WHOLE logical batch (`chunk_sums` added over
+  every chunk): (noisy gradient, metrics) exactly as `private_gradient` returns them."""
+  from jaxldm.privacy import noise
+
+  grad_sum, stats = sums
+  _, noise_rng = noise.split_step_rng(rng)
+  grads, out = noise.release(grad_sum, stats, noise_rng, l2_clip_norm=l2_clip_norm,
+                             noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size,
+                             per_layer=bool(dp.per_layer), stats_weight=float(dp.stats_weight),
+                             stats_bound=float(dp.stats_bound))
+  metrics = {"grad_norm": fitting.global_norm(grads)}  # Of the noisy gradient: post-processing.
+  metrics.update(out.get("released", {}))
+  return grads, metrics
+
+
+def accumulated_gradient(loss_fn, params, batch, mask, rng, *, dp: ml_collections.ConfigDict, noise_multiplier: Any,
+                         expected_batch_size: Any, l2_clip_norm: Any = None, chunk_rows: int, has_aux: bool = False):
+  """`AccumulatedStep`'s mechanism as one traced function (the privacy audit jits it over trials):
+  `chunk_sums` of every chunk of `chunk_rows` rows added, then `release_sums`."""
+  c = dp.l2_clip_norm if l2_clip_norm is None else l2_clip_norm
+  rows = mask.shape[0]
+  total = None
+  for lo in range(0, rows, chunk_rows):
+    chunk = jax.tree_util.tree_map(lambda a: a[lo:lo + chunk_rows], batch)
+    sums = chunk_sums(loss_fn, params, chunk, mask[lo:lo + chunk_rows], lo, rng, dp=dp, l2_clip_norm=c,
+                      has_aux=has_aux)
+    total = sums if total is None else jax.tree_util.tree_map(jnp.add, total, sums)
+  return release_sums(total, rng, dp=dp, noise_multiplier=noise_multiplier,
+                      expected_batch_size=expected_batch_size, l2_clip_norm=c)
+
+
+class AccumulatedStep:
+  """The private step as the host runs it on CPU (dp.microbatch_loop "accumulate"): per step, ONE
+  compiled program per chunk of m x devices rows adds that chunk's clipped sums (`chunk_sums`) to an
+  accumulator on the device (donated), then ONE program adds the noise (`release_sums`) and applies
+  `finish`. Every batch size runs the same two programs: a Poisson size never compiles anything new.
+
+  The privacy invariants are those of `private_gradient`: every row of the (cut) batch is summed
+  (the host loop covers all of them; padding is masked to zero), each example keeps its key, and the
+  noise is drawn once per logical batch, after the last chunk. Nothing but the noisy gradient and
+  the released statistics leaves the release program.
+  """
+
+  def __init__(self, loss_of, finish, dp: ml_collections.ConfigDict, *, has_aux: bool = False, vmapped: bool = False):
+    self.microbatch_size, self.vmapped = int(dp.microbatch_size), vmapped
+
+    def sums_fn(state, chunk, mask, index_offset, rng, l2_clip_norm):
+      params, loss_fn = loss_of(state)
+      return chunk_sums(loss_fn, params, chunk, mask, index_offset, rng, dp=dp, l2_clip_norm=l2_clip_norm,
+                        has_aux=has_aux)
+
+    def release_fn(state, sums, rng, noise_multiplier, expected_batch_size, l2_clip_norm):
+      grads, metrics = release_sums(sums, rng, dp=dp, noise_multiplier=noise_multiplier,
+                                    expected_batch_size=expected_batch_size, l2_clip_norm=l2_clip_norm)
+      return finish(state, grads, metrics)
+
+    if vmapped:
+      sums_fn = jax.vmap(sums_fn, in_axes=(0, 0, 0, None, 0, None))
+      release_fn = jax.vmap(release_fn, in_axes=(0, 0, 0, None, None, None))
+    self._sums = jax.jit(sums_fn)  # Traced once: `_zeros` and `_add` reuse its trace.
+    self._add = jax.jit(lambda acc, *args: jax.tree_util.tree_map(jnp.add, acc, self._sums(*args)),
+                        donate_argnums=0)
+    self._release = jax.jit(release_fn, donate_argnums=0)  # The state (the sums have no output to reuse them).
+    self._shapes = {}
+
+  def chunk_rows(self, mask) -> int:
+    """m x the devices the batch is sharded over: the batch's rows are a multiple of it."""
+    return self.microbatch_size * len(mask.sharding.device_set)
+
+  def __call__(self, state, batch, mask, num_microbatches, rng, noise_multiplier, expected_batch_size,
+               l2_clip_norm):
+    del num_microbatches  # The host covers every row of the cut batch.
+    axis = 1 if self.vmapped else 0
+    rows, c = mask.shape[axis], self.chunk_rows(mask)
+    if rows % c:
+      raise ValueError(f"the batch's {rows} rows are not a multiple of microbatch x devices = {c}")
+    sharding = getattr(mask, "sharding", None)
+    take = lambda a, lo: jax.lax.slice_in_dim(a, lo, lo + c, axis=axis)
+    acc = None
+    for lo in range(0, rows, c):
+      chunk, chunk_mask = jax.tree_util.tree_map(lambda a: take(a, lo), (batch, mask))
+      if not self.vmapped and isinstance(sharding, jax.sharding.NamedSharding):
+        chunk, chunk_mask = jax.device_put((chunk, chunk_mask), sharding)  # Rows over `data` again.
+      args = (state, chunk, chunk_mask, np.uint32(lo), rng, l2_clip_norm)
+      if acc is None:  # Replicated as `_add` returns it: one compiled `_add`, not one per input sharding.
+        where = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+                 if isinstance(sharding, jax.sharding.NamedSharding) else None)
+        acc = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype, device=where), self._shape(*args))
+      acc = self._add(acc, *args)
+    return self._release(state, acc, rng, noise_multiplier, expected_batch_size, l2_clip_norm)
+
+  def _shape(self, *args):
+    key = jax.tree_util.tree_structure(args), tuple((jnp.shape(a), str(getattr(a, "dtype", type(a))))
+                                                     for a in jax.tree_util.tree_leaves(args))
+    if key not in self._shapes:
+      self._shapes[key] = jax.eval_shape(self._sums, *args)
+    return self._shapes[key]

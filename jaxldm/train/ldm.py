@@ -119,18 +119,17 @@ def make_steps(unet, tx, schedule, config, frozen_spec: str):
     return finish(state, trainable, frozen, grads, state.opt_state,
                   {"loss": loss, "grad_norm": fitting.global_norm(grads)})
 
-  def private_step(state, batch, mask, num_microbatches, rng, *, noise_multiplier, expected_batch_size,
-                   l2_clip_norm):
-    # RNG: rng = fold_in(noise base key, step); private_grad splits it into per-example keys
-    # (fold_in example index) and the one noise key of this logical batch.
+  def loss_of(state):  # What the private step differentiates, and the loss of ONE example.
     trainable, frozen = partition.split(state.params, frozen_spec)
-    loss_fn = lambda tr, ex, k: per_example_loss(tr, frozen, ex, k)
-    grads, metrics = dp.private_gradient(loss_fn, trainable, batch, mask, num_microbatches, rng, dp=config.dp,
-                                         noise_multiplier=noise_multiplier,
-                                         expected_batch_size=expected_batch_size, l2_clip_norm=l2_clip_norm)
+    return trainable, lambda tr, ex, k: per_example_loss(tr, frozen, ex, k)
+
+  def finish_private(state, grads, metrics):
+    trainable, frozen = partition.split(state.params, frozen_spec)
     return finish(state, trainable, frozen, grads, state.opt_state, metrics)
 
-  return nonprivate_step, private_step
+  # RNG of the private step: rng = fold_in(noise base key, step); the privacy engine splits it into
+  # per-example keys (fold_in example index) and the one noise key of this logical batch.
+  return nonprivate_step, (loss_of, finish_private)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,17 +158,15 @@ def jitted_step(config, private: bool, num_attributes: int, latent_channels: int
     tx = fitting.make_optimizer(config.optim, config.train.steps, private=private)
     schedule = make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps,
                              config.diffusion.beta_start, config.diffusion.beta_end)
-    nonprivate_step, private_step = make_steps(unet, tx, schedule, config, config.train.trainable)
+    nonprivate_step, (loss_of, finish) = make_steps(unet, tx, schedule, config, config.train.trainable)
     if not private:
       return nonprivate_step
+    return dp.private_step(loss_of, finish, config.dp, vmapped=vmapped)  # Compiled (dp.private_step).
 
-    def step(state, batch, mask, num_microbatches, rng, noise_multiplier, expected_batch_size, l2_clip_norm):
-      return private_step(state, batch, mask, num_microbatches, rng, noise_multiplier=noise_multiplier,
-                          expected_batch_size=expected_batch_size, l2_clip_norm=l2_clip_norm)
-    return jax.vmap(step, in_axes=(0, 0, 0, 0, 0, None, None, None)) if vmapped else step
-
-  return common.cached_jit(step_key(config, private, num_attributes, latent_channels, vmapped), build,
-                           donate_argnums=0)
+  key = step_key(config, private, num_attributes, latent_channels, vmapped)
+  if private:
+    return common.cached(key, build)
+  return common.cached_jit(key, build, donate_argnums=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,9 +110,10 @@ def test_cli_rejects_bad_settings_in_one_line(capsys):
   assert err.count('jaxldm: error:') == 3 and 'unknown engine' in err
 
 
-def test_the_cpu_trainers_host_dispatch_passes_and_half_sigma_is_caught_there_too():
-  # dp.microbatch_loop = 'host' (what the trainers run on CPU): the whole batch in one masked vmap.
-  assert cli.main(["privacy", "audit", "--microbatch-loop", "host", "--trials", "2000",
+def test_the_cpu_trainers_accumulated_step_passes_and_half_sigma_is_caught_there_too():
+  # dp.microbatch_loop = 'accumulate' (what the trainers run on CPU): the clipped sums of every
+  # microbatch x devices rows added (dp.chunk_sums), then ONE noise draw (dp.release_sums).
+  assert cli.main(["privacy", "audit", "--microbatch-loop", "accumulate", "--trials", "2000",
                    "--eps-trials", "20000"]) == 0
-  assert cli.main(["privacy", "audit", "--microbatch-loop", "host", "--trials", "2000", "--eps-trials", "20000",
-                   "--noise-scale", "0.5"]) == 1
+  assert cli.main(["privacy", "audit", "--microbatch-loop", "accumulate", "--trials", "2000", "--eps-trials",
+                   "20000", "--noise-scale", "0.5"]) == 1

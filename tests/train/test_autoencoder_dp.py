@@ -84,9 +84,9 @@ def test_runs_share_one_compiled_step_and_its_traced_clip_norm_applies(tiny_nift
   from jaxldm.train import dp
 
   traces = []
-  real = dp.private_gradient
+  real = dp.chunk_sums  # The CPU trainers' path (dp.microbatch_loop "accumulate"): the model's gradient.
   monkeypatch.setattr(common, "_JITTED", {})
-  monkeypatch.setattr(dp, "private_gradient", lambda *a, **k: traces.append(1) or real(*a, **k))
+  monkeypatch.setattr(dp, "chunk_sums", lambda *a, **k: traces.append(1) or real(*a, **k))
   tiny_noise = {"dp.target_epsilon": 1e9, "optim.optimizer": "sgd", "optim.learning_rate": 1.0}  # As the per-layer test: its program.
   runs = {"loose": {"dp.l2_clip_norm": 1e3, "dp.noise_multiplier": 1e-4, "dp.noise_seed": 7, "train.steps": 2},
           "tight": {"dp.l2_clip_norm": 1e-3, "dp.noise_multiplier": 2e-4, "dp.noise_seed": 99, "train.steps": 1}}
@@ -156,20 +156,30 @@ def test_logs_of_a_dp_run_carry_no_unnoised_signal(tiny_nifti_dir, tmp_path):
   assert max(deltas.values()) < 1e-3, deltas
 
 
-def test_the_canary_experiment_catches_an_unnoised_log(tiny_nifti_dir, tmp_path, monkeypatch):
-  """A deliberately broken trainer that logs the plain mean loss of the private batch is caught."""
+@pytest.mark.parametrize("loop", ["accumulate", "host"])
+def test_the_canary_experiment_catches_an_unnoised_log(tiny_nifti_dir, tmp_path, monkeypatch, loop):
+  """A deliberately broken trainer that logs the plain mean loss of the private batch is caught,
+  on either CPU path (dp.microbatch_loop): the host-accumulated step leaks its un-noised loss sum."""
   from jaxldm.train import dp
 
-  real = dp.private_gradient
+  if loop == "host":
+    real = dp.private_gradient
 
-  def leaky(loss_fn, params, batch, mask, *args, **kwargs):
-    grads, metrics = real(loss_fn, params, batch, mask, *args, **kwargs)
-    losses = jax.vmap(lambda ex: loss_fn(params, ex, jax.random.PRNGKey(0))[0])(batch)
-    return grads, {**metrics, "plain_loss": (losses * mask).sum() / mask.sum()}
+    def leaky(loss_fn, params, batch, mask, *args, **kwargs):
+      grads, metrics = real(loss_fn, params, batch, mask, *args, **kwargs)
+      losses = jax.vmap(lambda ex: loss_fn(params, ex, jax.random.PRNGKey(0))[0])(batch)
+      return grads, {**metrics, "plain_loss": (losses * mask).sum() / mask.sum()}
+    monkeypatch.setattr(dp, "private_gradient", leaky)
+  else:
+    real = dp.release_sums
+
+    def leaky(sums, rng, **kwargs):
+      grads, metrics = real(sums, rng, **kwargs)
+      return grads, {**metrics, "plain_loss": sums[1]["loss"] / kwargs["expected_batch_size"]}
+    monkeypatch.setattr(dp, "release_sums", leaky)
 
   monkeypatch.setattr(common, "_JITTED", {})  # A fresh step cache: the leaky step must be traced (and dropped after).
-  monkeypatch.setattr(dp, "private_gradient", leaky)
-  run = lambda d, w: autoencoder.train_and_evaluate(_config(d, **CANARY), w)
+  run = lambda d, w: autoencoder.train_and_evaluate(_config(d, **CANARY, **{"dp.microbatch_loop": loop}), w)
   deltas = canary_deltas(run, tiny_nifti_dir, _neighbour_dir(tiny_nifti_dir, tmp_path), tmp_path)
   assert deltas["plain_loss"] > 1e-3 and max(v for k, v in deltas.items() if k != "plain_loss") < 1e-3
 
