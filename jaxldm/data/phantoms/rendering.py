@@ -27,7 +27,11 @@ cbrt/cos/exp may differ in the last ulp across CPU families.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import contextlib
 import math
+import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -317,17 +321,30 @@ def _check_args(n: int, domain: str, shape: Sequence[int], spacing: Sequence[flo
 def _iter_subjects(n: int, domain: str, shape, spacing, seed: int, phase: str,
                    with_labels: bool, progress: bool, what: str
                    ) -> Iterator[tuple[int, np.ndarray, dict[str, float], np.ndarray | None]]:
-  """Yields (i, volume, row, labels) for i in range(n), with an optional progress bar."""
-  if not progress:
+  """Yields (i, volume, row, labels) for i in range(n), in order, with an optional progress bar.
+
+  Subjects are rendered by a thread per CPU core (each has its own random streams, so the output
+  does not depend on the threads; numpy releases the GIL in the array work), a few ahead of the
+  consumer.
+  """
+  make = lambda i: _make_subject(seed, domain, i, shape, spacing, phase, with_labels)
+  workers = max(1, min(os.cpu_count() or 1, 8))
+  with contextlib.ExitStack() as stack:
+    bar = task = None
+    if progress:
+      from rich.progress import Progress  # Lazy: only needed for interactive use.
+      bar = stack.enter_context(Progress(transient=True))
+      task = bar.add_task(what, total=n)
+    pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(workers))
+    ahead = 2 * workers
+    pending = collections.deque(pool.submit(make, i) for i in range(min(n, ahead)))
     for i in range(n):
-      yield (i, *_make_subject(seed, domain, i, shape, spacing, phase, with_labels))
-    return
-  from rich.progress import Progress  # Lazy: only needed for interactive use.
-  with Progress(transient=True) as bar:
-    task = bar.add_task(what, total=n)
-    for i in range(n):
-      yield (i, *_make_subject(seed, domain, i, shape, spacing, phase, with_labels))
-      bar.advance(task)
+      result = pending.popleft().result()
+      if i + ahead < n:
+        pending.append(pool.submit(make, i + ahead))
+      yield (i, *result)
+      if bar is not None:
+        bar.advance(task)
 
 
 def generate(n: int, *, domain: str = "private",
