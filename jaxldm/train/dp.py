@@ -576,9 +576,10 @@ class AccumulatedStep:
         chunk, chunk_mask = jax.device_put((chunk, chunk_mask), sharding)  # Rows over `data` again.
       args = (state, chunk, chunk_mask, np.uint32(lo), rng, l2_clip_norm)
       if acc is None:  # Replicated as `_add` returns it: one compiled `_add`, not one per input sharding.
+        # Host zeros in ONE device_put: a jnp.zeros per leaf is a dispatch each (hundreds per step).
         where = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-                 if isinstance(sharding, jax.sharding.NamedSharding) else None)
-        acc = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype, device=where), self._shape(*args))
+                 if isinstance(sharding, jax.sharding.NamedSharding) else None)  # None: uncommitted.
+        acc = jax.device_put(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), self._shape(*args)), where)
       acc = self._add(acc, *args)
     return self._release(state, acc, rng, noise_multiplier, expected_batch_size, l2_clip_norm)
 
