@@ -433,9 +433,13 @@ def private_gradient(loss_fn, params, batch, mask, num_microbatches, rng, *, dp:
       expected_batch_size=expected_batch_size, mask=mask, microbatch_size=microbatch_size,
       num_microbatches=num_microbatches, has_aux=has_aux, per_layer=bool(dp.per_layer),
       stats_weight=float(dp.stats_weight), stats_bound=float(dp.stats_bound))
-  metrics = {"grad_norm": fitting.global_norm(grads)}  # Of the noisy gradient: post-processing.
-  metrics.update(aux.get("released", {}))
-  return grads, metrics
+  return grads, _step_metrics(grads, aux)
+
+
+def _step_metrics(grads, out: dict) -> dict:
+  """What a private step logs: the norm of the noisy gradient (post-processing) and the released
+  statistics (`noise.release`); nothing else of `out` (per-example values) leaves the step."""
+  return {"grad_norm": fitting.global_norm(grads), **out.get("released", {})}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,9 +505,7 @@ def release_sums(sums, rng, *, dp: ml_collections.ConfigDict, noise_multiplier: 
                              noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size,
                              per_layer=bool(dp.per_layer), stats_weight=float(dp.stats_weight),
                              stats_bound=float(dp.stats_bound))
-  metrics = {"grad_norm": fitting.global_norm(grads)}  # Of the noisy gradient: post-processing.
-  metrics.update(out.get("released", {}))
-  return grads, metrics
+  return grads, _step_metrics(grads, out)
 
 
 def accumulated_gradient(loss_fn, params, batch, mask, rng, *, dp: ml_collections.ConfigDict, noise_multiplier: Any,
@@ -550,7 +552,7 @@ class AccumulatedStep:
     if vmapped:
       sums_fn = jax.vmap(sums_fn, in_axes=(0, 0, 0, None, 0, None))
       release_fn = jax.vmap(release_fn, in_axes=(0, 0, 0, None, None, None))
-    self._sums = jax.jit(sums_fn)  # Traced once: `_zeros` and `_add` reuse its trace.
+    self._sums = jax.jit(sums_fn)  # Traced once: `_shape` (eval_shape) and `_add` reuse its trace.
     self._add = jax.jit(lambda acc, *args: jax.tree_util.tree_map(jnp.add, acc, self._sums(*args)),
                         donate_argnums=0)
     self._release = jax.jit(release_fn, donate_argnums=0)  # The state (the sums have no output to reuse them).
