@@ -839,9 +839,10 @@ def build_parser() -> argparse.ArgumentParser:
                   "padding, microbatches, sharding) on random latents (no autoencoder or data files), times "
                   "the private step and the non-private step at the expected batch size, and reports "
                   "DP step / (K x non-private step), K = diffusion.noise_multiplicity. "
-                  "Example: jaxldm bench trainer --config ldm_dp:tiny --steps 10")
+                  "Example: jaxldm bench trainer --config ldm_dp:tiny")
   p.add_argument("--config", required=True, help="a DP LDM config[:variant], e.g. ldm_dp:tiny")
-  p.add_argument("--steps", type=int, default=10, help="timed steps of each kind (default 10; medians)")
+  p.add_argument("--steps", type=int, default=30,
+                 help="timed steps of each kind (default 30; means: a Poisson step's time varies with its size)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first call (default 2)")
   p.add_argument("--examples", type=int, default=0,
                  help="synthetic training set size N (default max(64, 8 x expected batch)); q = expected batch / N")

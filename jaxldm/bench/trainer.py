@@ -1,6 +1,6 @@
 """`jaxldm bench trainer`: the LDM trainer's OWN jitted steps, private and not, on synthetic latents.
 
-  jaxldm bench trainer --config ldm_dp:tiny --steps 6 --json trainer.json
+  jaxldm bench trainer --config ldm_dp:tiny --steps 30 --json trainer.json
 
 What is timed is one iteration of `jaxldm.train.ldm.train_and_evaluate`'s loop, minus logging:
 
@@ -14,12 +14,17 @@ What is timed is one iteration of `jaxldm.train.ldm.train_and_evaluate`'s loop, 
 
 `dp.setup` runs as in training (sigma given by --sigma so nothing is calibrated; ledger and secrets
 go to a temporary directory that is removed). Latents, attributes and masks are random; no
-autoencoder or data files are read. Reported: the medians and
+autoencoder or data files are read. Reported: the MEAN step times (a Poisson step's cost varies with
+its sampled size: the chunks of microbatch x devices rows it runs, so the run's time is steps x the
+mean; the median of such a mixture says nothing about it), the medians next to them, and
 
-  dp_over_k_nonprivate = private step / (K x non-private step at K = 1)
+  dp_over_k_nonprivate = mean private step / (K x mean non-private step at K = 1)
 
 (K = diffusion.noise_multiplicity: the DP step does K forward/backward passes per example, the
-non-private step one), and private / nonprivate_same_k (the DP cost at equal work).
+non-private step one), and private / nonprivate_same_k (the DP cost at equal work). `rows_computed`
+lists the rows each timed private step ran (its sampled size padded up to a multiple of microbatch x
+devices): padding is part of the private step's price. The Poisson batches come from a fixed noise
+seed, so two records (e.g. two microbatch sizes) time the same sampled sizes.
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ def _block(tree):
   jax.tree_util.tree_map(lambda x: x.block_until_ready(), tree)
 
 
-def run(spec: str, overrides: Sequence[str] = (), *, steps: int = 10, warmup: int = 2,
+def run(spec: str, overrides: Sequence[str] = (), *, steps: int = 30, warmup: int = 2,
         examples: int = 0, sigma: float = 1.0, same_k: bool = True, progress=None) -> dict:
   """Times the trainer's private and non-private steps; returns one record (see the module docstring)."""
   from rich.console import Console
@@ -110,11 +115,12 @@ def run(spec: str, overrides: Sequence[str] = (), *, steps: int = 10, warmup: in
       dp_run.resume_at(0)
   step_fn = ldm.jitted_step(config, True, num_attributes, latent_shape[-1])
   state, n_params = _state(config, True, latent_shape, num_attributes, mesh)
-  sizes = []
+  sizes, rows = {}, {}
 
   def private_step(state, step):
     inputs = dp_run.step_inputs(data, step, mesh)
-    sizes.append(int(np.asarray(jax.device_get(inputs[1])).sum()))
+    mask = np.asarray(jax.device_get(inputs[1]))
+    sizes[step], rows[step] = int(mask.sum()), int(mask.size)
     return step_fn(state, *inputs, *dp_run.mechanism())
 
   timings["private"] = _time_loop(private_step, state, steps, warmup, progress, "private")
@@ -138,19 +144,23 @@ def run(spec: str, overrides: Sequence[str] = (), *, steps: int = 10, warmup: in
 
     timings[name] = _time_loop(nonprivate_step, np_state, steps, warmup, progress, name)
 
+  mean = {name: statistics.fmean(t["times_s"]) for name, t in timings.items()}
   med = {name: statistics.median(t["times_s"]) for name, t in timings.items()}
+  timed = timings["private"]["steps"]
   record = {
       "kind": "jaxldm_bench_trainer", "config": spec, "overrides": list(overrides), "params": n_params,
       "latent_shape": list(latent_shape), "num_attributes": num_attributes, "noise_multiplicity": k,
       "examples": n, "expected_batch_size": expected, "padded_batch": dp_run.batcher.max_size,
-      "microbatch_size": int(config.dp.microbatch_size), "sampled_batch_sizes": sizes[warmup:],
+      "microbatch_size": int(config.dp.microbatch_size), "microbatch_loop": dp.microbatch_loop(config.dp),
+      "sampled_batch_sizes": [sizes[s] for s in timed], "rows_computed": [rows[s] for s in timed],
       "nonprivate_batch": batch_size, "noise_multiplier": sigma, "steps": steps, "warmup": warmup,
-      "num_devices": num_devices, "dtype": config.model.dtype,
-      "private_step_s": med["private"], "nonprivate_step_s": med["nonprivate"],
-      "nonprivate_same_k_step_s": med.get("nonprivate_same_k"),
-      "dp_over_k_nonprivate": med["private"] / (k * med["nonprivate"]),
-      "dp_over_nonprivate_same_k": med["private"] / med["nonprivate_same_k"] if "nonprivate_same_k" in med else (
-          med["private"] / med["nonprivate"] if k == 1 else None),
+      "num_devices": num_devices, "dtype": config.model.dtype, "statistic": "mean",
+      "private_step_s": mean["private"], "nonprivate_step_s": mean["nonprivate"],
+      "nonprivate_same_k_step_s": mean.get("nonprivate_same_k"),
+      "median_step_s": med,
+      "dp_over_k_nonprivate": mean["private"] / (k * mean["nonprivate"]),
+      "dp_over_nonprivate_same_k": mean["private"] / mean["nonprivate_same_k"] if "nonprivate_same_k" in mean else (
+          mean["private"] / mean["nonprivate"] if k == 1 else None),
       "first_call_s": {name: t["first_call_s"] for name, t in timings.items()},
       "times_s": {name: t["times_s"] for name, t in timings.items()},
       "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
@@ -170,16 +180,16 @@ def _time_loop(step, state, steps: int, warmup: int, progress, name: str) -> dic
   for s in range(1, 1 + warmup):
     state, metrics = step(state, s)
   _block((state, metrics))
-  times = []
-  for s in range(1 + warmup, 1 + warmup + steps):
+  times, timed = [], list(range(1 + warmup, 1 + warmup + steps))
+  for s in timed:
     t0 = time.perf_counter()
     state, metrics = step(state, s)
     _block(metrics)
     _block(state.step)
     times.append(time.perf_counter() - t0)
   if progress:
-    progress(f"{name}: {statistics.median(times) * 1e3:.1f} ms/step")
-  return {"first_call_s": first, "times_s": times}
+    progress(f"{name}: {statistics.fmean(times) * 1e3:.1f} ms/step (mean)")
+  return {"first_call_s": first, "times_s": times, "steps": timed}
 
 
 def table(record: dict):
@@ -189,13 +199,18 @@ def table(record: dict):
   t = Table(title=f"trainer steps, {record['config']} on {record['device_kind']} ({record['num_devices']} devices)",
             caption=f"expected batch {record['expected_batch_size']:g} (padded {record['padded_batch']}, "
                     f"microbatch {record['microbatch_size']}), K = {k}, {record['params']:,} parameters")
-  for col in ("step", "median ms", "first call s"):
+  for col in ("step", "mean ms", "median ms", "first call s"):
     t.add_column(col, justify="left" if col == "step" else "right")
   for name, key in (("private (DP, batcher included)", "private"), ("nonprivate, K = 1", "nonprivate"),
                     (f"nonprivate, K = {k}", "nonprivate_same_k")):
     if key in record["times_s"]:
-      t.add_row(name, f"{statistics.median(record['times_s'][key]) * 1e3:,.1f}", f"{record['first_call_s'][key]:.1f}")
-  t.add_row(f"DP / ({k} x nonprivate)", f"{record['dp_over_k_nonprivate']:.3f}", "")
+      times = record["times_s"][key]
+      t.add_row(name, f"{statistics.fmean(times) * 1e3:,.1f}", f"{statistics.median(times) * 1e3:,.1f}",
+                f"{record['first_call_s'][key]:.1f}")
+  t.add_row(f"DP / ({k} x nonprivate), means", f"{record['dp_over_k_nonprivate']:.3f}", "", "")
   if record.get("dp_over_nonprivate_same_k") is not None:
-    t.add_row(f"DP / nonprivate at K = {k}", f"{record['dp_over_nonprivate_same_k']:.3f}", "")
+    t.add_row(f"DP / nonprivate at K = {k}, means", f"{record['dp_over_nonprivate_same_k']:.3f}", "", "")
+  if record.get("rows_computed"):
+    t.caption += (f"; private rows computed per step {statistics.fmean(record['rows_computed']):.1f} for "
+                  f"{statistics.fmean(record['sampled_batch_sizes']):.1f} sampled")
   return t

@@ -31,6 +31,16 @@ def test_trainer_steps_are_timed(tmp_path, capsys):
   # The batcher's static padded size is a multiple of microbatch x devices; real sizes vary.
   assert r["padded_batch"] % (r["microbatch_size"] * r["num_devices"]) == 0
   assert all(0 <= s <= r["padded_batch"] for s in r["sampled_batch_sizes"])
+  # One size per TIMED step, and the rows each ran: its size padded up to a multiple of m x devices.
+  m = r["microbatch_size"] * r["num_devices"]
+  assert len(r["sampled_batch_sizes"]) == len(r["rows_computed"]) == 2
+  assert all(rows % m == 0 and s <= rows < s + m or (s == 0 and rows == m)
+             for s, rows in zip(r["sampled_batch_sizes"], r["rows_computed"]))
+  # The ratio is of MEANS (a Poisson step's cost is a mixture over its sizes); medians ride along.
+  assert r["statistic"] == "mean"
+  assert r["private_step_s"] == pytest.approx(sum(r["times_s"]["private"]) / 2)
+  assert r["median_step_s"]["private"] == pytest.approx(sorted(r["times_s"]["private"])[0] / 2
+                                                        + sorted(r["times_s"]["private"])[1] / 2)
   assert r["nonprivate_batch"] % r["num_devices"] == 0
   assert set(pathlib.Path(tempfile.gettempdir()).glob("jaxldm_bench_trainer_*")) == before  # Temp workdir gone.
   assert "DP / (2 x nonprivate)" in capsys.readouterr().out
