@@ -55,7 +55,7 @@ RECIPES = {
     # Measured on a 2-core CPU (README "What `make demo` does"). Seed 10: the demo's phantoms use
     # seeds 0 (public), 1 (private) and 2 (held-out). EMA 0.995 for the autoencoder: with the
     # default 0.999 the EMA still weighs the initial parameters by 0.999^steps (0.3 at 1,200).
-    "tiny": Recipe(n_public=256, phantom_seed=10, autoencoder_steps=1200, ssl_steps=300, ldm_steps=3000,
+    "tiny": Recipe(n_public=256, phantom_seed=10, autoencoder_steps=1200, ssl_steps=300, ldm_steps=6000,
                    overrides={"autoencoder": {"optim.ema_decay": 0.995},
                               "ldm": {"optim.warmup_steps": 100,
                                       "train.sample_every": 500, "train.checkpoint_every": 250}}),
