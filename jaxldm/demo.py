@@ -56,8 +56,9 @@ PLANS = {
     # cut to microbatches of 8: 36.7 rows per step on average vs 40.0 with 16, same cost per row) and
     # a quarter of the pretraining learning rate (the noisy Adam steps should not walk far from the
     # public model; with the 6,000-step shipped LDM, 5e-4 -> 2.5e-4 gave, one draw each, LV r 0.83 ->
-    # 0.85, MAE 18.0 -> 16.6 ml, unmeasurable 4 -> 2 of 64: benchmarks/NOTES.md, session 9). Expected batch 16 (sigma 0.907) gave LV-volume r 0.84 / 0.87 and MAE 23.4 / 20.6 ml on
-    # two noise draws, 32 gave 0.88 / 0.89 and 20.1 / 18.3 ml (guidance 2).
+    # 0.85, MAE 18.0 -> 16.6 ml, unmeasurable 4 -> 2 of 64: benchmarks/NOTES.md, session 9).
+    # Expected batch 16 (sigma 0.907) gave LV-volume r 0.84 / 0.87 and MAE 23.4 / 20.6 ml on two
+    # noise draws, 32 gave 0.88 / 0.89 and 20.1 / 18.3 ml (guidance 2, learning rate 5e-4).
     # Samples: guidance 1.5 and 25 DDIM steps. On one batch-32 DP model, guidance 2 -> 1.5 took the
     # unmeasurable samples from 6 to 3 of 64 and the LV MAE from 18.3 to 16.2 ml (r 0.89 -> 0.86);
     # on a batch-16 one, 5 -> 2 of 64. 50 -> 25 DDIM steps on one DP model (draw 6): LV r 0.83 -> 0.82,

@@ -63,5 +63,6 @@ def ldm_config(variant: str, *, private: bool) -> ml_collections.ConfigDict:
   c.train.num_devices = 0  # Data-parallel devices (batch sharded, state replicated); 0 = all.
 
   c.dp = dp_config(private=private, tiny=tiny)  # DP-SGD settings (see jaxldm/train/dp.py).
-  c.dp.microbatch_size = 4 if tiny else c.dp.microbatch_size  # Tiny: 4 examples x K = 2 draws per chunk; a Poisson batch pads to a multiple of 4, not 8 (benchmarks/NOTES.md, 2026-12-04).
+  if tiny:
+    c.dp.microbatch_size = 4  # 4 examples x K = 2 draws per chunk: a Poisson batch pads to a multiple of 4, not 8 (benchmarks/NOTES.md, 2026-12-04).
   return c
