@@ -17,8 +17,8 @@ a loop body once, so the microbatched program's own count is a lower bound).
 A configuration that runs out of memory (or fails otherwise) is recorded with `status` "oom"
 (or "error") and the check goes on. A time budget (`--budget-s`, default 450 s with the twin's
 share) bounds the run: configurations not started in time are recorded as "skipped". The grid is
-ordered by priority (UNet first; batch 8 before 32; native before taps) so what runs first matters
-most. Then the PyTorch/Opacus twin (float32; `jaxldm.bench.torch_twin`) times plain PyTorch and
+ordered by priority (native kernel gradient before taps, bfloat16 before float32, batch 8 before
+32, then UNet and autoencoder) so both models' most wanted rows run first. Then the PyTorch/Opacus twin (float32; `jaxldm.bench.torch_twin`) times plain PyTorch and
 Opacus on the same device, in a subprocess, when torch and opacus are installed (and see CUDA, on
 a GPU).
 
@@ -76,9 +76,9 @@ def device_slug(name: str) -> str:
 
 
 def plan(models: Sequence[str], batches: Sequence[int], dtypes: Sequence[str], convs: Sequence[str]) -> list[dict]:
-  """The grid in priority order: model, then batch, then dtype, then conv."""
+  """The grid in priority order: conv, then dtype, then batch, then model (the order each is given in)."""
   return [{"model": m, "batch": b, "dtype": d, "conv": c}
-          for m in models for b in batches for d in dtypes for c in convs]
+          for c in convs for d in dtypes for b in batches for m in models]
 
 
 def run(out_dir: str | pathlib.Path, *, size: str = "paper", models: Sequence[str] = ("unet", "autoencoder"),

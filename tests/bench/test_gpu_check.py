@@ -83,6 +83,11 @@ def test_results_rows_go_under_the_gpu_heading(tmp_path):
 def test_plan_is_the_issue_grid():
   grid = gpu_check.plan(("unet", "autoencoder"), (8, 32), ("bfloat16", "float32"), ("native", "taps"))
   assert len(grid) == 16 and grid[0] == {"model": "unet", "batch": 8, "dtype": "bfloat16", "conv": "native"}
+  # Both models' bfloat16 native rows at both batches before any float32 or taps row.
+  assert [(g["model"], g["batch"]) for g in grid[:4]] == [("unet", 8), ("autoencoder", 8), ("unet", 32),
+                                                          ("autoencoder", 32)]
+  assert {(g["dtype"], g["conv"]) for g in grid[:4]} == {("bfloat16", "native")}
+  assert {g["conv"] for g in grid[8:]} == {"taps"}
   assert gpu_check.SIZES["paper"]["configs"] == {"unet": "ldm:paper",
                                                  "autoencoder": "autoencoder:paper"}
   assert gpu_check.SIZES["paper"]["batches"] == (8, 32)
