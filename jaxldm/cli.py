@@ -858,7 +858,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "gradient native and taps, modes nonprivate/vmap/vmap_microbatch: step times, XLA memory "
                   "plan, device peak memory, achieved TFLOP/s; then the PyTorch/Opacus twin on the same "
                   "device. Out-of-memory configurations are recorded, not fatal; a time budget bounds the "
-                  "run (< 8 min on one H100/H200). Writes <out>/<device>_<size>_*.json and appends rows to "
+                  "run (--budget-s, default 450 s: paper-size programs compile in 50-210 s each on an H200, so "
+                  "the most wanted configurations run first and the rest are recorded as skipped). Writes <out>/<device>_<size>_*.json and appends rows to "
                   "the results file under '## GPU check'. --tiny: the same run on small models (CPU). "
                   "Example: bash scripts/gpu_check.sh, or jaxldm bench gpu-check --tiny --out /tmp/gc")
   p.add_argument("--tiny", action="store_true", help="small :tiny models, batch 2,4, 2 repeats (a CPU run)")

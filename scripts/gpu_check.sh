@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-call GPU check of jaxldm's DP gradient modes (docs: jaxldm/bench/gpu_check.py).
 #
-#   bash scripts/gpu_check.sh                          # paper-size models on the GPU (< 8 min, H100/H200)
+#   bash scripts/gpu_check.sh                          # paper-size models on the GPU (--budget-s 450)
 #   bash scripts/gpu_check.sh --tiny --out /tmp/gc     # the same run end to end on a CPU, small models
 #   bash scripts/gpu_check.sh --models unet --batch 8  # any `jaxldm bench gpu-check` option
 #

@@ -99,3 +99,45 @@ def test_script_reaches_the_cli():
   proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--help"], capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert "--tiny" in proc.stdout and "--budget-s" in proc.stdout
+
+
+def test_hlo_flops_count_a_convolution():
+  """`useful_flops` counts convolutions (the GPU's compiled count leaves out cuDNN's): 2 x MACs."""
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+
+  from jaxldm.bench import grads
+
+  x, w = jnp.ones((2, 4, 8, 8, 3)), jnp.ones((3, 3, 3, 3, 5))
+  conv = jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (1, 1, 1), "VALID",
+                                                       dimension_numbers=("NDHWC", "DHWIO", "NDHWC")))
+  out_voxels = 2 * 6 * 6  # (4-2) x (8-2) x (8-2) per example.
+  assert grads.hlo_flops(conv.lower(x, w)) == 2 * 2 * out_voxels * 3 * 5 * 27
+  assert grads.hlo_flops(object()) is None  # No cost analysis: None, not an error.
+
+
+def test_budget_does_not_wait_for_slow_compiles(tmp_path, monkeypatch):
+  """At the budget's end a configuration still compiling is recorded "skipped", without waiting."""
+  import threading
+  import time
+
+  from jaxldm.bench import grads
+
+  release = threading.Event()
+
+  def slow_compile(lowered):
+    release.wait(60)  # A paper-size compile: far longer than the budget.
+    return lowered.compile(), 0.0
+  monkeypatch.setattr(grads, "compile_timed", slow_compile)
+  t0 = time.perf_counter()
+  try:
+    summary = gpu_check.run(tmp_path, size="tiny", models=("autoencoder",), batches=(2,), dtypes=("float32",),
+                            convs=("native",), modes=("nonprivate",), opacus=False, budget_s=3.0,
+                            results=tmp_path / "R.md")
+    waited = time.perf_counter() - t0
+  finally:
+    release.set()
+  assert [r["status"] for r in summary["jaxldm"]] == ["skipped"]
+  assert "still compiling" in summary["jaxldm"][0]["error"]
+  assert waited < 30  # Returned at the deadline, not after the 60 s compile.
