@@ -435,6 +435,28 @@ def cmd_bench_grads(args, overrides) -> int:
   return 0
 
 
+def cmd_bench_convs(args, overrides) -> int:
+  from rich.console import Console
+
+  from jaxldm.bench import convs, grads, report
+
+  console = Console(stderr=True)
+  target = grads.build_target(args.model, args.config, overrides)
+  with console.status("timing convolutions") as status:
+    records = convs.run(target, args.batch, variants=args.variants, repeats=args.repeats, warmup=args.warmup,
+                        max_layers=args.max_layers, progress=lambda msg: status.update(f"timing: {msg}"))
+  device = records[0]["device_kind"] if records else jax_device_kind()
+  report.console().print(convs.table(records, title=f"{args.model} {args.config}, batch {args.batch}, on {device}"))
+  if args.json:
+    report.save(args.json, records)
+  return 0
+
+
+def jax_device_kind() -> str:
+  import jax
+  return jax.local_devices()[0].device_kind
+
+
 def cmd_bench_compare(args, overrides) -> int:
   from jaxldm.bench import compare, report
 
@@ -498,7 +520,7 @@ def cmd_bench_gpu_check(args) -> int:
   summary = gpu_check.run(out, size=size, models=args.models, batches=args.batch, dtypes=args.dtypes,
                           convs=args.conv, modes=args.modes, repeats=args.repeats, warmup=args.warmup,
                           budget_s=args.budget_s, opacus=not args.no_opacus, results=args.results,
-                          compile_workers=args.compile_workers,
+                          compile_workers=args.compile_workers, conv_layers=args.convs,
                           progress=lambda msg: console.print(f"[dim]gpu-check:[/] {msg}"))
   print(gpu_check.rows_markdown(summary))
   bad = sum(r["status"] != "ok" for r in summary["jaxldm"])
@@ -808,6 +830,26 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--png", metavar="OUT.png", help="plot path (default: next to --json)")
   p.set_defaults(func=cmd_bench_grads, takes_overrides=True)
   p = bench_sub.add_parser(
+      "convs", help="per convolution layer: batched vs per-example (native, taps) backward time",
+      description="Collects every convolution of the model's loss (shapes per example, counted once per "
+                  "distinct layer) and times each layer's backward work (forward, input and kernel "
+                  "gradient) three ways on the same inputs: batched (the non-private step), per example "
+                  "with XLA's convolution (native, the GPU/TPU default) and per example with the per-tap "
+                  "GEMM kernel gradient (taps, the CPU route). The count-weighted totals say how much of "
+                  "the private step's overhead the convolutions explain. Example: jaxldm bench convs "
+                  "--model unet --config ldm:paper --batch 8 --json convs.json")
+  p.add_argument("--model", choices=("unet", "autoencoder"), required=True, help="which network")
+  p.add_argument("--config", required=True, help="its training config[:variant], e.g. ldm:tiny or autoencoder:paper")
+  p.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
+  p.add_argument("--variants", type=lambda t: tuple(m.strip() for m in t.split(",") if m.strip()),
+                 default=("batched", "native", "taps"), help="comma-separated subset of batched,native,taps (default all)")
+  p.add_argument("--max-layers", type=int, default=0,
+                 help="time only the N distinct layers with the most flops x count (default 0: all)")
+  p.add_argument("--repeats", type=int, default=10, help="timed repeats (default 10; the median is reported)")
+  p.add_argument("--warmup", type=int, default=2, help="untimed calls after compiling (default 2)")
+  p.add_argument("--json", metavar="OUT.json", help="write the records here")
+  p.set_defaults(func=cmd_bench_convs, takes_overrides=True)
+  p = bench_sub.add_parser(
       "compare", help="jaxldm vs its PyTorch/Opacus twin, same model and batch, one command",
       description="Runs the PyTorch/Opacus twin (jaxldm/bench/torch_twin.py, in a subprocess) and jaxldm's "
                   "gradient modes on the same model, batch and inputs back to back, and prints the ratios "
@@ -880,6 +922,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--budget-s", type=float, default=None,
                  help="time budget in seconds, the twin included (default 450; --tiny none)")
   p.add_argument("--compile-workers", type=int, default=0, help="parallel XLA compiles (default cores/2, at most 8)")
+  p.add_argument("--convs", type=int, default=0, metavar="N",
+                 help="first, each model's N largest convolution layers batched vs per-example, native and "
+                      "taps kernel gradients (jaxldm bench convs; default 0: off)")
   p.add_argument("--no-opacus", action="store_true", help="skip the PyTorch/Opacus twin")
   p.set_defaults(func=cmd_bench_gpu_check)
 

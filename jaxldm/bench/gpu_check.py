@@ -25,6 +25,10 @@ ordered by priority (native kernel gradient before taps, bfloat16 before float32
 Opacus on the same device, in a subprocess, when torch and opacus are installed (and see CUDA, on
 a GPU).
 
+With `--convs N`, first (before the grid, inside the budget): each model's N largest distinct
+convolution layers timed batched vs per-example with the native and the per-tap kernel gradient
+(`jaxldm.bench.convs`, first dtype and batch), into `<out>/<device>_<size>_convs.json`.
+
 Outputs: `<out>/<device>_<size>_jaxldm.json` (records, rewritten after every configuration),
 `<out>/<device>_<size>_opacus.json`, `<out>/<device>_<size>_summary.json` (the whole check), and rows
 appended to the results file (default benchmarks/RESULTS.md for paper size, <out>/RESULTS.md with
@@ -88,7 +92,8 @@ def run(out_dir: str | pathlib.Path, *, size: str = "paper", models: Sequence[st
         batches: Sequence[int] | None = None, dtypes: Sequence[str] = ("bfloat16", "float32"),
         convs: Sequence[str] = ("native", "taps"), modes: Sequence[str] = MODES, repeats: int | None = None,
         warmup: int | None = None, budget_s: float | None = None, opacus: bool = True,
-        results: str | pathlib.Path | None = None, compile_workers: int = 0, progress=None) -> dict:
+        results: str | pathlib.Path | None = None, compile_workers: int = 0, conv_layers: int = 0,
+        progress=None) -> dict:
   """Runs the check; returns the summary (also written to `<out>/<device>_<size>_summary.json`)."""
   import jax
 
@@ -129,6 +134,19 @@ def run(out_dir: str | pathlib.Path, *, size: str = "paper", models: Sequence[st
       overrides = list(spec["overrides"].get(model, ())) + [f"--config.model.dtype={item['dtype']}"]
       targets[key] = grads.build_target(model, spec["configs"][model], overrides)
     return targets[key]
+
+  conv_records: list[dict] = []
+  if conv_layers > 0:  # Per-layer breakdown first (`jaxldm bench convs`): where the private step's cost sits.
+    from jaxldm.bench import convs as conv_bench  # (`convs` is this function's kernel-gradient list.)
+    for model in models:
+      say(f"{model}: the {conv_layers} largest convolution layers, batched vs per-example (native, taps)")
+      try:
+        conv_records += conv_bench.run(target_for({"model": model, "dtype": dtypes[0]}), batches[0],
+                                  max_layers=conv_layers, repeats=repeats, warmup=warmup)
+      except Exception as e:  # Recorded, not fatal: the grid still runs.
+        conv_records.append({"model": model, "status": "oom" if is_oom(e) else "error",
+                             "error": f"{type(e).__name__}: {str(e)[:300]}"})
+      _save(pathlib.Path(f"{prefix}_convs.json"), conv_records)
 
   records: list[dict] = []
   jax_path = pathlib.Path(f"{prefix}_jaxldm.json")
@@ -188,7 +206,8 @@ def run(out_dir: str | pathlib.Path, *, size: str = "paper", models: Sequence[st
              "date": datetime.date.today().isoformat(), "jax": jax.__version__, "models": list(models),
              "batches": list(batches), "dtypes": list(dtypes), "convs": list(convs), "modes": list(modes),
              "repeats": repeats, "warmup": warmup, "budget_s": budget_s, "compile_workers": workers,
-             "wall_s": time.perf_counter() - start, "jaxldm": records, "opacus": twin_records,
+             "wall_s": time.perf_counter() - start, "jaxldm": records, "convs": conv_records,
+             "opacus": twin_records,
              "opacus_note": twin_note, "files": {"jaxldm": str(jax_path), "results": str(results)}}
   _save(pathlib.Path(f"{prefix}_summary.json"), summary)
   append_results(results, summary)
@@ -280,6 +299,18 @@ def rows_markdown(summary: dict) -> str:
                  f"{f(r.get('useful_tflops_per_s'), '{:.3g}')} | {f(r.get('tflops_per_s'), '{:.3g}')} | "
                  f"{_mib(mem.get('temp_bytes')) if ok else '-'} | {_mib(r.get('peak_bytes')) if ok else '-'} | "
                  f"{f(r.get('compile_s'), '{:.0f}')} | {r.get('status', 'ok')} |")
+  conv_ok = [r for r in summary.get("convs", []) if "step_s" in r]
+  if conv_ok:
+    lines += ["", f"Convolution layers (`jaxldm bench convs`, {conv_ok[0]['dtype']}, batch {conv_ok[0]['batch']}; "
+              "backward of one layer, ms; native/taps: per-example kernel gradients):", "",
+              "| model | layer | count | batched | native | taps | native / batched | taps / batched |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in conv_ok:
+      ms = {v: f"{r['step_s'][v] * 1e3:,.2f}" if v in r["step_s"] else "-" for v in ("batched", "native", "taps")}
+      ratio = {v: f"{r['ratio_to_batched'][v]:.2f}" if v in r.get("ratio_to_batched", {}) else "-"
+               for v in ("native", "taps")}
+      lines.append(f"| {r['model']} | {r['layer']} | {r['count']} | {ms['batched']} | {ms['native']} | {ms['taps']} | "
+                   f"{ratio['native']} | {ratio['taps']} |")
   if summary["opacus"]:
     lines += ["", "PyTorch/Opacus twin (float32, same device):", "",
               "| model | B | mode | step ms | x plain | peak MiB | status |", "|---|---|---|---|---|---|---|"]

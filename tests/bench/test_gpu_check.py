@@ -19,7 +19,7 @@ def test_tiny_check_end_to_end(tmp_path, capsys):
   out = tmp_path / "gc"
   code = cli.main(["bench", "gpu-check", "--tiny", "--out", str(out), "--results", str(results),
                    "--models", "autoencoder", "--batch", "2", "--modes", "nonprivate,vmap",
-                   "--repeats", "1", "--warmup", "0", "--no-opacus", "--compile-workers", "2"])
+                   "--repeats", "1", "--warmup", "0", "--no-opacus", "--compile-workers", "2", "--convs", "1"])
   assert code == 0
   summary = json.loads((out / "cpu_tiny_summary.json").read_text())
   records = json.loads((out / "cpu_tiny_jaxldm.json").read_text())
@@ -38,6 +38,11 @@ def test_tiny_check_end_to_end(tmp_path, capsys):
   ratios = {(r["dtype"], r["conv_weight_grad"]): r["ratio_to_nonprivate"] for r in records if r["mode"] == "nonprivate"}
   assert set(ratios.values()) == {1.0}
   assert summary["opacus"] == [] and "not asked" in summary["opacus_note"]
+  # --convs 1: the autoencoder's largest convolution, batched vs per-example (first dtype, first batch).
+  conv = json.loads((out / "cpu_tiny_convs.json").read_text())
+  assert conv == summary["convs"] and len(conv) == 1
+  assert conv[0]["model"] == "autoencoder" and conv[0]["batch"] == 2 and conv[0]["dtype"] == "bfloat16"
+  assert set(conv[0]["step_s"]) == {"batched", "native", "taps"}
 
   text = results.read_text()
   assert text.startswith(before.rstrip("\n")[:200])
@@ -45,6 +50,7 @@ def test_tiny_check_end_to_end(tmp_path, capsys):
   rows = [line for line in section.splitlines() if line.startswith("| autoencoder | 2 |")]
   assert len(rows) == 8 and all(line.endswith("| ok |") for line in rows)
   assert "x nonprivate" in section and "useful TFLOP/s" in section
+  assert f"| autoencoder | {conv[0]['layer']} | {conv[0]['count']} |" in section
   assert "autoencoder" in capsys.readouterr().out
 
 

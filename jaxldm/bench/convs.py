@@ -1,0 +1,231 @@
+"""`jaxldm bench convs`: where a model's private-gradient cost sits, one convolution layer at a time.
+
+  jaxldm bench convs --model unet --config ldm:paper --batch 8 --json convs.json
+
+The model's loss is traced once with XLA's native convolution (`jax.make_jaxpr`) and every
+convolution in it is collected with its shapes (per example), strides, padding and dilation;
+identical layers are counted once with their multiplicity. For each distinct layer, on the same
+random inputs, three programs are timed, each the layer's whole backward work (forward, input
+gradient and kernel gradient of `sum(conv(x, w) * dy)`):
+
+  batched   one kernel gradient for the batch (what the non-private step computes);
+  native    `jax.vmap` over the examples with XLA's convolution: per-example kernel gradients
+            (what the private step computes with `--conv native`, the default on GPUs/TPUs);
+  taps      the same with jaxldm's per-tap GEMM kernel gradient (`jaxldm.models.conv`, the CPU route).
+
+Each record gives the three medians, the ratios to `batched`, and the layer's count, so the sums
+weighted by count say how much of the model's private-step overhead (`jaxldm bench grads`) the
+convolutions explain, and which kernel gradient to pick per backend. Measured on an H200
+(2026-12-04) the paper models' private step cost 3-6x the non-private one (`benchmarks/RESULTS.md`,
+"GPU"); this is the measurement that locates it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import statistics
+import time
+from collections.abc import Sequence
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+VARIANTS = ("batched", "native", "taps")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """One convolution as the model calls it, per example (no batch axis in `input_shape`)."""
+  input_shape: tuple[int, ...]  # Spatial..., in channels (channels-last).
+  kernel_shape: tuple[int, ...]  # Spatial..., in, out.
+  strides: tuple[int, ...]
+  padding: tuple[tuple[int, int], ...]
+  rhs_dilation: tuple[int, ...]
+  lhs_dilation: tuple[int, ...]
+  feature_group_count: int
+  dtype: str
+
+  def flops(self) -> float:
+    """Forward multiply-adds x 2 for one example (output positions x kernel taps x in x out / groups)."""
+    spatial = [((n - 1) * ld + 1 + lo + hi - ((k - 1) * rd + 1)) // s + 1
+               for n, k, s, (lo, hi), rd, ld in zip(self.input_shape[:-1], self.kernel_shape[:-2], self.strides,
+                                                     self.padding, self.rhs_dilation, self.lhs_dilation)]
+    return 2.0 * float(np.prod(spatial)) * float(np.prod(self.kernel_shape[:-2])) * self.kernel_shape[-2] * \
+        self.kernel_shape[-1]
+
+  def describe(self) -> str:
+    spatial = "x".join(map(str, self.input_shape[:-1]))
+    k = "x".join(map(str, self.kernel_shape[:-2]))
+    extra = "" if set(self.strides) == {1} else f" stride {'x'.join(map(str, self.strides))}"
+    extra += "" if set(self.lhs_dilation) == {1} else f" lhs-dilation {'x'.join(map(str, self.lhs_dilation))}"
+    return f"{spatial} {self.kernel_shape[-2]}->{self.kernel_shape[-1]} k{k}{extra}"
+
+
+def _sub_jaxprs(eqn):
+  for v in eqn.params.values():
+    for item in (v if isinstance(v, (list, tuple)) else (v,)):
+      if isinstance(item, jax.extend.core.ClosedJaxpr):
+        yield item.jaxpr
+      elif isinstance(item, jax.extend.core.Jaxpr):
+        yield item
+
+
+def collect(jaxpr, out: collections.Counter) -> None:
+  """Counts every `conv_general_dilated` in a jaxpr and its sub-jaxprs (jit, remat, scan, ...)."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      p = eqn.params
+      lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+      dn = p["dimension_numbers"]
+      channels_last = (tuple(dn.lhs_spec) == (0, lhs.ndim - 1) + tuple(range(1, lhs.ndim - 1))
+                       and tuple(dn.rhs_spec) == (rhs.ndim - 1, rhs.ndim - 2) + tuple(range(rhs.ndim - 2)))
+      if not channels_last:  # Every model here is channels-last; anything else is skipped, not guessed.
+        continue
+      out[Layer(tuple(lhs.shape[1:]), tuple(rhs.shape), tuple(p["window_strides"]),
+                tuple(tuple(int(a) for a in pad) for pad in p["padding"]),
+                tuple(p["rhs_dilation"] or (1,) * (lhs.ndim - 2)), tuple(p["lhs_dilation"] or (1,) * (lhs.ndim - 2)),
+                int(p["feature_group_count"]), str(lhs.dtype))] += 1
+    for sub in _sub_jaxprs(eqn):
+      collect(sub, out)
+
+
+def model_layers(target) -> collections.Counter:
+  """The distinct convolutions of one example's loss, with their counts (traced with XLA's convs)."""
+  from jaxldm.models import conv as conv_lib
+
+  example = jax.tree_util.tree_map(lambda a: a[0], target.make_batch(1))
+  with conv_lib.weight_grad("native"):
+    closed = jax.make_jaxpr(target.loss_fn)(target.params, example, jax.random.PRNGKey(0))
+  layers: collections.Counter = collections.Counter()
+  collect(closed.jaxpr, layers)
+  return layers
+
+
+def _layer_fn(layer: Layer, variant: str):
+  """fn(x (B, ...), w, dy (B, ...)) -> (dx, dw): the layer's backward work in one variant."""
+  from jaxldm.models import conv as conv_lib
+
+  def conv(x, w):
+    if variant == "taps":  # The route is chosen at trace time, inside this context.
+      with conv_lib.weight_grad("taps"):
+        return conv_lib.conv_general_dilated(x, w, layer.strides, layer.padding, lhs_dilation=layer.lhs_dilation,
+                                             rhs_dilation=layer.rhs_dilation,
+                                             feature_group_count=layer.feature_group_count)
+    return _native(layer, x, w)
+
+  def backward(x, w, dy):
+    _, vjp = jax.vjp(conv, x, w)
+    return vjp(dy)
+
+  if variant == "batched":
+    return backward
+
+  def per_example(x1, w, dy1):  # One example as a batch of one; the kernel gradient is its own.
+    dx, dw = backward(x1[None], w, dy1[None])
+    return dx[0], dw
+  return jax.vmap(per_example, in_axes=(0, None, 0))
+
+
+def _native(layer: Layer, x, w):
+  from jaxldm.models import conv as conv_lib
+  return lax.conv_general_dilated(x, w, layer.strides, layer.padding, lhs_dilation=layer.lhs_dilation,
+                                  rhs_dilation=layer.rhs_dilation,
+                                  dimension_numbers=conv_lib._dimension_numbers(x.ndim),
+                                  feature_group_count=layer.feature_group_count)
+
+
+def _block(tree) -> None:
+  jax.tree_util.tree_map(lambda a: a.block_until_ready(), tree)
+
+
+def time_layer(layer: Layer, batch: int, *, variants: Sequence[str] = VARIANTS, repeats: int = 10,
+               warmup: int = 2, seed: int = 0) -> dict:
+  """Median seconds per variant (the variants alternate in every repeat), and compile seconds."""
+  dtype = jnp.dtype(layer.dtype)
+  kx, kw, kd = jax.random.split(jax.random.PRNGKey(seed), 3)
+  x = jax.random.normal(kx, (batch,) + layer.input_shape, dtype)
+  w = (jax.random.normal(kw, layer.kernel_shape, jnp.float32) * 0.05).astype(dtype)
+  y = jax.eval_shape(lambda a, b: _native(layer, a, b), x, w)
+  dy = jax.random.normal(kd, y.shape, dtype)
+  compiled, compile_s = {}, {}
+  for v in variants:
+    t0 = time.perf_counter()
+    compiled[v] = jax.jit(_layer_fn(layer, v)).lower(x, w, dy).compile()
+    compile_s[v] = time.perf_counter() - t0
+  for v in variants:
+    for _ in range(warmup):
+      _block(compiled[v](x, w, dy))
+  times = {v: [] for v in variants}
+  for _ in range(repeats):
+    for v in variants:  # Alternate: load drift hits every variant alike.
+      t0 = time.perf_counter()
+      _block(compiled[v](x, w, dy))
+      times[v].append(time.perf_counter() - t0)
+  return {"step_s": {v: statistics.median(t) for v, t in times.items()}, "compile_s": compile_s,
+          "times_s": times}
+
+
+def run(target, batch: int, *, variants: Sequence[str] = VARIANTS, repeats: int = 10, warmup: int = 2,
+        max_layers: int = 0, progress=None) -> list[dict]:
+  """One record per distinct convolution of `target`'s model, largest first.
+
+  `max_layers` > 0 times only that many, those with the most flops x count (the rest are listed in
+  no record; `totals` then covers the timed layers only).
+  """
+  for v in variants:
+    if v not in VARIANTS:
+      from jaxldm.config import ConfigError
+      raise ConfigError(f"--variants: unknown {v!r}; choose from {', '.join(VARIANTS)}")
+  layers = sorted(model_layers(target).items(), key=lambda lc: -lc[0].flops() * lc[1])
+  if max_layers > 0:
+    layers = layers[:max_layers]
+  device = jax.local_devices()[0]
+  records = []
+  for i, (layer, count) in enumerate(layers):
+    if progress:
+      progress(f"layer {i + 1}/{len(layers)}: {layer.describe()} (x{count})")
+    t = time_layer(layer, batch, variants=variants, repeats=repeats, warmup=warmup)
+    rec = {"model": target.model, "batch": batch, "layer": layer.describe(), "count": count,
+           "flops_per_example": layer.flops(),
+           **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(layer).items()},
+           "step_s": t["step_s"], "compile_s": t["compile_s"], "times_s": t["times_s"],
+           "backend": jax.default_backend(), "device_kind": device.device_kind,
+           "date": datetime.date.today().isoformat(), "jax": jax.__version__}
+    if "batched" in t["step_s"]:
+      rec["ratio_to_batched"] = {v: s / t["step_s"]["batched"] for v, s in t["step_s"].items()}
+    records.append(rec)
+  return records
+
+
+def totals(records: list[dict]) -> dict:
+  """Per variant: the count-weighted sum of the layers' times (seconds per step of the model)."""
+  out: dict = {}
+  for r in records:
+    for v, s in r["step_s"].items():
+      out[v] = out.get(v, 0.0) + s * r["count"]
+  return out
+
+
+def table(records: list[dict], title: str = ""):
+  from rich.table import Table
+
+  variants = list(records[0]["step_s"]) if records else []
+  t = Table(title=title)
+  for col in ["layer", "count"] + [f"{v} ms" for v in variants] + [f"{v} / batched" for v in variants if v != "batched"]:
+    t.add_column(col, justify="left" if col == "layer" else "right", no_wrap=col == "layer")
+  for r in records:
+    cells = [r["layer"], str(r["count"])] + [f"{r['step_s'][v] * 1e3:,.2f}" for v in variants]
+    if "ratio_to_batched" in r:
+      cells += [f"{r['ratio_to_batched'][v]:.2f}" for v in variants if v != "batched"]
+    t.add_row(*cells)
+  tot = totals(records)
+  if tot:
+    cells = ["all layers (x count)", str(sum(r["count"] for r in records))] + [f"{tot[v] * 1e3:,.1f}" for v in variants]
+    if "batched" in tot:
+      cells += [f"{tot[v] / tot['batched']:.2f}" for v in variants if v != "batched"]
+    t.add_row(*cells, style="bold")
+  return t
