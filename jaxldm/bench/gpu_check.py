@@ -21,13 +21,13 @@ A configuration that runs out of memory (or fails otherwise) is recorded with `s
 (or "error") and the check goes on. A time budget (`--budget-s`, default 450 s with the twin's
 share) bounds the run: configurations not compiled in time are recorded as "skipped". The grid is
 ordered by priority (native kernel gradient before taps, bfloat16 before float32, batch 8 before
-32, then UNet and autoencoder) so both models' most wanted rows run first. Then the PyTorch/Opacus twin (float32; `jaxldm.bench.torch_twin`) times plain PyTorch and
-Opacus on the same device, in a subprocess, when torch and opacus are installed (and see CUDA, on
-a GPU).
+32, then UNet and autoencoder) so both models' most wanted rows run first. Then the PyTorch/Opacus
+twin (float32; `jaxldm.bench.torch_twin`) times plain PyTorch and Opacus on the same device, in a
+subprocess, when torch and opacus are installed (and see CUDA, on a GPU).
 
 With `--convs N`, first (before the grid, inside the budget): each model's N largest distinct
 convolution layers timed batched vs per-example with the native and the per-tap kernel gradient
-(`jaxldm.bench.convs`, first dtype and batch), into `<out>/<device>_<size>_convs.json`.
+(`jaxldm.bench.convs`, first dtype and batch), into `<out>/<device>_<size>_convs.json` (and the summary's `conv_layers`).
 
 Outputs: `<out>/<device>_<size>_jaxldm.json` (records, rewritten after every configuration),
 `<out>/<device>_<size>_opacus.json`, `<out>/<device>_<size>_summary.json` (the whole check), and rows
@@ -142,7 +142,7 @@ def run(out_dir: str | pathlib.Path, *, size: str = "paper", models: Sequence[st
       say(f"{model}: the {conv_layers} largest convolution layers, batched vs per-example (native, taps)")
       try:
         conv_records += conv_bench.run(target_for({"model": model, "dtype": dtypes[0]}), batches[0],
-                                  max_layers=conv_layers, repeats=repeats, warmup=warmup)
+                                       max_layers=conv_layers, repeats=repeats, warmup=warmup)
       except Exception as e:  # Recorded, not fatal: the grid still runs.
         conv_records.append({"model": model, "status": "oom" if is_oom(e) else "error",
                              "error": f"{type(e).__name__}: {str(e)[:300]}"})
@@ -206,7 +206,7 @@ def run(out_dir: str | pathlib.Path, *, size: str = "paper", models: Sequence[st
              "date": datetime.date.today().isoformat(), "jax": jax.__version__, "models": list(models),
              "batches": list(batches), "dtypes": list(dtypes), "convs": list(convs), "modes": list(modes),
              "repeats": repeats, "warmup": warmup, "budget_s": budget_s, "compile_workers": workers,
-             "wall_s": time.perf_counter() - start, "jaxldm": records, "convs": conv_records,
+             "wall_s": time.perf_counter() - start, "jaxldm": records, "conv_layers": conv_records,
              "opacus": twin_records,
              "opacus_note": twin_note, "files": {"jaxldm": str(jax_path), "results": str(results)}}
   _save(pathlib.Path(f"{prefix}_summary.json"), summary)
@@ -299,7 +299,7 @@ def rows_markdown(summary: dict) -> str:
                  f"{f(r.get('useful_tflops_per_s'), '{:.3g}')} | {f(r.get('tflops_per_s'), '{:.3g}')} | "
                  f"{_mib(mem.get('temp_bytes')) if ok else '-'} | {_mib(r.get('peak_bytes')) if ok else '-'} | "
                  f"{f(r.get('compile_s'), '{:.0f}')} | {r.get('status', 'ok')} |")
-  conv_ok = [r for r in summary.get("convs", []) if "step_s" in r]
+  conv_ok = [r for r in summary.get("conv_layers", []) if "step_s" in r]
   if conv_ok:
     lines += ["", f"Convolution layers (`jaxldm bench convs`, {conv_ok[0]['dtype']}, batch {conv_ok[0]['batch']}; "
               "backward of one layer, ms; native/taps: per-example kernel gradients):", "",

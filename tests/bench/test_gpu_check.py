@@ -40,7 +40,8 @@ def test_tiny_check_end_to_end(tmp_path, capsys):
   assert summary["opacus"] == [] and "not asked" in summary["opacus_note"]
   # --convs 1: the autoencoder's largest convolution, batched vs per-example (first dtype, first batch).
   conv = json.loads((out / "cpu_tiny_convs.json").read_text())
-  assert conv == summary["convs"] and len(conv) == 1
+  assert conv == summary["conv_layers"] and len(conv) == 1
+  assert summary["convs"] == ["native", "taps"]  # The grid's kernel gradients, not the layer records.
   assert conv[0]["model"] == "autoencoder" and conv[0]["batch"] == 2 and conv[0]["dtype"] == "bfloat16"
   assert set(conv[0]["step_s"]) == {"batched", "native", "taps"}
 
