@@ -31,6 +31,7 @@ from collections.abc import Sequence
 
 import jax
 from jax import lax
+from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 
@@ -50,7 +51,7 @@ class Layer:
   dtype: str
 
   def flops(self) -> float:
-    """Forward multiply-adds x 2 for one example (output positions x kernel taps x in x out / groups)."""
+    """Forward flops for one example: 2 x output positions x kernel taps x kernel in x out channels."""
     spatial = [((n - 1) * ld + 1 + lo + hi - ((k - 1) * rd + 1)) // s + 1
                for n, k, s, (lo, hi), rd, ld in zip(self.input_shape[:-1], self.kernel_shape[:-2], self.strides,
                                                      self.padding, self.rhs_dilation, self.lhs_dilation)]
@@ -68,9 +69,9 @@ class Layer:
 def _sub_jaxprs(eqn):
   for v in eqn.params.values():
     for item in (v if isinstance(v, (list, tuple)) else (v,)):
-      if isinstance(item, jax.extend.core.ClosedJaxpr):
+      if isinstance(item, jax_core.ClosedJaxpr):
         yield item.jaxpr
-      elif isinstance(item, jax.extend.core.Jaxpr):
+      elif isinstance(item, jax_core.Jaxpr):
         yield item
 
 
