@@ -276,9 +276,10 @@ def conditioned_figure(out: pathlib.Path, heldout: pathlib.Path, *, columns: int
 def conditioning_sweep(workdir: pathlib.Path, heldout: pathlib.Path, out: pathlib.Path, spacing, *,
                        steps: int, guidance: float = 1.0, n: int = 6, seed: int = 0) -> str:
   """OUT/conditioning_sweep.png: one row at ED, one at ES; left to right the conditioned LV volume
-  rises (10th..90th percentile of the held-out set), everything else at the held-out median and the
-  same noise in every column. Titles: conditioned vs measured LV volume. Also sweep/attributes.csv
-  (the conditioning) and sweep.json (the measurements)."""
+  rises (10th..90th percentile of the held-out set), everything else at the held-out median, and
+  every tile drawn from the same noise (`generate(shared_noise=True)`), so the tiles differ only by
+  their conditioning. Titles: conditioned vs measured LV volume. Also sweep/attributes.csv (the
+  conditioning) and sweep.json (the measurements, and the seed of the shared noise)."""
   import csv
 
   import numpy as np
@@ -308,13 +309,13 @@ def conditioning_sweep(workdir: pathlib.Path, heldout: pathlib.Path, out: pathli
     for i, r in enumerate(rows):
       w.writerow([f"sweep-{i:03d}", *(r[c] for c in names)])
   volumes = []
-  for start in range(0, len(rows), n):  # Every row drawn from the same seed: the same noise per column.
+  for start in range(0, len(rows), n):  # One noise for every tile of both rows.
     sub = target / f"rows_{start:03d}.csv"
     with open(csv_path) as f:
       lines = f.read().splitlines()
     sub.write_text("\n".join([lines[0], *lines[1 + start:1 + start + n]]) + "\n")
     v, _, _, _ = generate.generate(workdir, n, seed=seed, guidance_scale=guidance, num_steps=steps, csv_path=sub,
-                                   batch_size=n)
+                                   batch_size=n, shared_noise=True)
     volumes.append(v)
     sub.unlink()
   volumes = np.concatenate(volumes)
@@ -325,7 +326,7 @@ def conditioning_sweep(workdir: pathlib.Path, heldout: pathlib.Path, out: pathli
     titles.append(f"{'ES' if r['phase'] else 'ED'} cond {cond:.0f} ml\nmeasured {meas}")
   save_mid_slices(volumes, out / "conditioning_sweep.png", titles=titles, columns=n)
   (target / "sweep.json").write_text(json.dumps(
-      {"workdir": str(workdir), "seed": seed, "steps": steps, "guidance": guidance,
+      {"workdir": str(workdir), "seed": seed, "noise": "shared by every tile", "steps": steps, "guidance": guidance,
        "rows": [{"phase": int(r["phase"]),
                  "conditioned_lv_ml": float(r["lv_esv_ml"] if r["phase"] else r["lv_edv_ml"]),
                  "measured_lv_ml": None if not np.isfinite(m) else float(m)} for r, m in zip(rows, measured)]},

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from jaxldm import demo
@@ -44,6 +45,17 @@ def test_conditioning_sweep_figure(mini_demo):
   assert [r["phase"] for r in rows] == [0, 0, 0, 1, 1, 1]
   lv = [r["conditioned_lv_ml"] for r in rows]
   assert lv[0] < lv[1] < lv[2] and lv[3] < lv[4] < lv[5]
+  # The tiles share one noise: the same conditioning drawn across batches gives the same volume.
+  from jaxldm.infer import generate
+
+  sweep_csv = (out / "sweep/attributes.csv").read_text().splitlines()
+  same = out / "same_rows.csv"
+  same.write_text("\n".join([sweep_csv[0]] + [sweep_csv[1].replace("sweep-000", f"s{i}") for i in range(4)]) + "\n")
+  v, _, _, _ = generate.generate(out / "ldm_dp", 4, num_steps=plan.sample_steps, csv_path=same, batch_size=2,
+                                 shared_noise=True)
+  np.testing.assert_array_equal(v[0], v[3])
+  v_own, _, _, _ = generate.generate(out / "ldm_dp", 4, num_steps=plan.sample_steps, csv_path=same, batch_size=2)
+  assert not np.allclose(v_own[0], v_own[1])  # Without it, each example its own noise.
 
 
 def test_demo_refuses_another_mode_in_the_same_out(mini_demo):

@@ -44,11 +44,13 @@ def _guided(apply_fn, params, x, t, attributes, mask, guidance_scale):
 def sample(apply_fn: ApplyFn, params: Any, shape: tuple[int, ...], rng: jax.Array, *, schedule: Schedule,
            prediction: str = "epsilon", attributes=None, attribute_mask=None, guidance_scale: float = 1.0,
            method: str = "ddim", num_steps: int | None = 50, eta: float = 0.0,
-           clip_x0: float | None = None) -> jax.Array:
+           clip_x0: float | None = None, shared_noise: bool = False) -> jax.Array:
   """Draws latents of `shape` = (B, D, H, W, Z). Jittable with the keyword arguments static.
 
   guidance_scale: 1 = plain conditional sampling, 0 = unconditional, > 1 = classifier-free guidance.
   method: "ddpm" (ancestral, all T steps) or "ddim" (num_steps steps; eta = 0 deterministic).
+  shared_noise: every example of the batch starts from (and, for DDPM/eta > 0, is perturbed by) the
+    same noise, so the batch differs only by its conditioning (conditioning sweeps).
   """
   if method not in METHODS:
     raise ValueError(f"unknown sampler {method!r}; choose one of {', '.join(METHODS)}")
@@ -58,7 +60,12 @@ def sample(apply_fn: ApplyFn, params: Any, shape: tuple[int, ...], rng: jax.Arra
   t_prev = np.concatenate([ts[1:], [-1]])
   ab = schedule.alphas_cumprod
   init_key, rng = jax.random.split(rng)
-  x = jax.random.normal(init_key, shape, jnp.float32)
+  noise_shape = (1, *shape[1:]) if shared_noise else shape
+
+  def normal(key):
+    return jnp.broadcast_to(jax.random.normal(key, noise_shape, jnp.float32), shape)
+
+  x = normal(init_key)
 
   def step(x, inputs):
     i, t, tp = inputs
@@ -68,7 +75,7 @@ def sample(apply_fn: ApplyFn, params: Any, shape: tuple[int, ...], rng: jax.Arra
       x0 = jnp.clip(x0, -clip_x0, clip_x0)
     ab_t = ab[t]
     ab_prev = jnp.where(tp >= 0, ab[jnp.maximum(tp, 0)], 1.0)
-    z = jax.random.normal(jax.random.fold_in(rng, i), shape, jnp.float32)
+    z = normal(jax.random.fold_in(rng, i))
     if method == "ddpm":
       # Posterior q(x_{t-1} | x_t, x0): mean from x0 and x_t, variance beta~_t.
       beta_t = 1.0 - ab_t / ab_prev

@@ -167,8 +167,11 @@ def synthetic_descrip(workdir) -> str:
 
 def generate(workdir, n: int, *, seed: int = 0, guidance_scale: float = 1.0, method: str = "ddim",
              num_steps: int | None = 50, csv_path=None, fixed=None, batch_size: int = 8,
-             return_latents: bool = False):
+             return_latents: bool = False, shared_noise: bool = False):
   """Volumes (n, D, H, W) in the training intensity range, plus the conditioning used.
+
+  shared_noise: every volume is drawn from the same noise (that of the first batch's first example),
+  so they differ only by their conditioning (the demo's conditioning sweep).
 
   return_latents: also return the sampler's latents (n, D', H', W', Z), scaled as the UNet saw them,
   as a fifth value (latent-space memorization compares them with the training latents).
@@ -181,7 +184,8 @@ def generate(workdir, n: int, *, seed: int = 0, guidance_scale: float = 1.0, met
                                             categories=run_categories(config))
   has_attrs = len(info["attributes"]) > 0
   draw = jax.jit(functools.partial(sample, unet_apply(unet), schedule=schedule, prediction=d["prediction"],
-                                   guidance_scale=guidance_scale, method=method, num_steps=num_steps),
+                                   guidance_scale=guidance_scale, method=method, num_steps=num_steps,
+                                   shared_noise=shared_noise),
                  static_argnums=(1,))
   scale = info["scale_factor"]
   decode = latent_decoder(ae_model, scale)
@@ -191,7 +195,8 @@ def generate(workdir, n: int, *, seed: int = 0, guidance_scale: float = 1.0, met
     kw = {}
     if has_attrs:
       kw = {"attributes": jnp.asarray(standardised[start:start + b]), "attribute_mask": jnp.asarray(mask[start:start + b])}
-    z = draw(params, (b, *info["latent_shape"]), jax.random.fold_in(jax.random.PRNGKey(seed), start), **kw)
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 0 if shared_noise else start)
+    z = draw(params, (b, *info["latent_shape"]), key, **kw)
     out.append(np.asarray(decode(ae_params, z))[..., 0])
     if return_latents:
       latents.append(np.asarray(z))

@@ -96,3 +96,24 @@ def test_classifier_free_guidance_extrapolates():
     out = sample(fn, None, (2,) + SHAPE, jax.random.PRNGKey(6), schedule=s, attributes=attrs,
                  guidance_scale=scale, method="ddim", num_steps=10)
     np.testing.assert_allclose(out, expected, atol=2e-3)
+
+
+@pytest.mark.parametrize("method, steps", [("ddim", 10), ("ddpm", None)])
+def test_shared_noise_leaves_only_the_conditioning(method, steps):
+  """shared_noise: a batch with equal conditioning gives equal samples; different conditioning, different ones."""
+  s = make_schedule("linear", 60, 1e-4, 7e-2)
+
+  def fn(params, x, t, attributes, mask):  # A denoiser whose output depends on x and the attribute.
+    return 0.5 * x + attributes[:, :1, None, None, None] * mask[:, :1, None, None, None]
+
+  def draw(attrs, shared):
+    return sample(fn, None, (3,) + SHAPE, jax.random.PRNGKey(7), schedule=s, attributes=attrs,
+                  method=method, num_steps=steps, shared_noise=shared)
+  same = jnp.ones((3, 2))
+  out = draw(same, True)
+  np.testing.assert_array_equal(out[0], out[1])
+  np.testing.assert_array_equal(out[0], out[2])
+  assert not np.allclose(draw(same, False)[0], draw(same, False)[1])  # Without it: a noise per example.
+  rising = jnp.array([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
+  varied = draw(rising, True)
+  assert not np.allclose(varied[0], varied[2])
