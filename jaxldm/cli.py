@@ -833,16 +833,18 @@ def build_parser() -> argparse.ArgumentParser:
       "convs", help="per convolution layer: batched vs per-example (native, taps) backward time",
       description="Collects every convolution of the model's loss (shapes per example, counted once per "
                   "distinct layer) and times each layer's backward work (forward, input and kernel "
-                  "gradient) three ways on the same inputs: batched (the non-private step), per example "
-                  "with XLA's convolution (native, the GPU/TPU default) and per example with the per-tap "
-                  "GEMM kernel gradient (taps, the CPU route). The count-weighted totals say how much of "
+                  "gradient) four ways on the same inputs: batched with XLA's convolution and on the CPU route "
+                  "(batched, batched_taps: the non-private step), per example with XLA's convolution "
+                  "(native, the GPU/TPU default) and on the CPU route (taps: 2D convolutions over slices, "
+                  "per-tap GEMM kernel gradient). The count-weighted totals say how much of "
                   "the private step's overhead the convolutions explain. Example: jaxldm bench convs "
                   "--model unet --config ldm:paper --batch 8 --json convs.json")
   p.add_argument("--model", choices=("unet", "autoencoder"), required=True, help="which network")
   p.add_argument("--config", required=True, help="its training config[:variant], e.g. ldm:tiny or autoencoder:paper")
   p.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
   p.add_argument("--variants", type=lambda t: tuple(m.strip() for m in t.split(",") if m.strip()),
-                 default=("batched", "native", "taps"), help="comma-separated subset of batched,native,taps (default all)")
+                 default=("batched", "batched_taps", "native", "taps"),
+                 help="comma-separated subset of batched,batched_taps,native,taps (default all)")
   p.add_argument("--max-layers", type=int, default=0,
                  help="time only the N distinct layers with the most flops x count (default 0: all)")
   p.add_argument("--repeats", type=int, default=10, help="timed repeats (default 10; the median is reported)")

@@ -5,15 +5,17 @@
 The model's loss is traced once with XLA's native convolution (`jax.make_jaxpr`) and every
 convolution in it is collected with its shapes (per example), strides, padding and dilation;
 identical layers are counted once with their multiplicity. For each distinct layer, on the same
-random inputs, three programs are timed, each the layer's whole backward work (forward, input
+random inputs, four programs are timed, each the layer's whole backward work (forward, input
 gradient and kernel gradient of `sum(conv(x, w) * dy)`):
 
-  batched   one kernel gradient for the batch (what the non-private step computes);
-  native    `jax.vmap` over the examples with XLA's convolution: per-example kernel gradients
-            (what the private step computes with `--conv native`, the default on GPUs/TPUs);
-  taps      the same with jaxldm's per-tap GEMM kernel gradient (`jaxldm.models.conv`, the CPU route).
+  batched       one kernel gradient for the batch, XLA's convolution (the non-private step on GPUs/TPUs);
+  batched_taps  the same on jaxldm's CPU route (2D convolutions over slices, per-tap GEMM kernel
+                gradient, `jaxldm.models.conv`: the non-private step on CPUs);
+  native        `jax.vmap` over the examples with XLA's convolution: per-example kernel gradients
+                (the private step with `--conv native`, the default on GPUs/TPUs);
+  taps          the same on jaxldm's CPU route (the private step on CPUs).
 
-Each record gives the three medians, the ratios to `batched`, and the layer's count, so the sums
+Each record gives the medians, the ratios to `batched`, and the layer's count, so the sums
 weighted by count say how much of the model's private-step overhead (`jaxldm bench grads`) the
 convolutions explain, and which kernel gradient to pick per backend. Measured on an H200
 (2026-12-04) the paper models' private step cost 3-6x the non-private one (`benchmarks/RESULTS.md`,
@@ -35,7 +37,7 @@ from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 
-VARIANTS = ("batched", "native", "taps")
+VARIANTS = ("batched", "batched_taps", "native", "taps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +113,7 @@ def _layer_fn(layer: Layer, variant: str):
   from jaxldm.models import conv as conv_lib
 
   def conv(x, w):
-    if variant == "taps":  # The route is chosen at trace time, inside this context.
+    if variant in ("taps", "batched_taps"):  # The route is chosen at trace time, inside this context.
       with conv_lib.weight_grad("taps"):
         return conv_lib.conv_general_dilated(x, w, layer.strides, layer.padding, lhs_dilation=layer.lhs_dilation,
                                              rhs_dilation=layer.rhs_dilation,
@@ -122,7 +124,7 @@ def _layer_fn(layer: Layer, variant: str):
     _, vjp = jax.vjp(conv, x, w)
     return vjp(dy)
 
-  if variant == "batched":
+  if variant in ("batched", "batched_taps"):
     return backward
 
   def per_example(x1, w, dy1):  # One example as a batch of one; the kernel gradient is its own.
