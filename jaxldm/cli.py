@@ -445,16 +445,11 @@ def cmd_bench_convs(args, overrides) -> int:
   with console.status("timing convolutions") as status:
     records = convs.run(target, args.batch, variants=args.variants, repeats=args.repeats, warmup=args.warmup,
                         max_layers=args.max_layers, progress=lambda msg: status.update(f"timing: {msg}"))
-  device = records[0]["device_kind"] if records else jax_device_kind()
+  device = records[0]["device_kind"] if records else "this device (no convolutions found)"
   report.console().print(convs.table(records, title=f"{args.model} {args.config}, batch {args.batch}, on {device}"))
   if args.json:
     report.save(args.json, records)
   return 0
-
-
-def jax_device_kind() -> str:
-  import jax
-  return jax.local_devices()[0].device_kind
 
 
 def cmd_bench_compare(args, overrides) -> int:

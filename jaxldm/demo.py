@@ -308,17 +308,9 @@ def conditioning_sweep(workdir: pathlib.Path, heldout: pathlib.Path, out: pathli
     w.writerow(["subject_id", *names])
     for i, r in enumerate(rows):
       w.writerow([f"sweep-{i:03d}", *(r[c] for c in names)])
-  volumes = []
-  for start in range(0, len(rows), n):  # One noise for every tile of both rows.
-    sub = target / f"rows_{start:03d}.csv"
-    with open(csv_path) as f:
-      lines = f.read().splitlines()
-    sub.write_text("\n".join([lines[0], *lines[1 + start:1 + start + n]]) + "\n")
-    v, _, _, _ = generate.generate(workdir, n, seed=seed, guidance_scale=guidance, num_steps=steps, csv_path=sub,
-                                   batch_size=n, shared_noise=True)
-    volumes.append(v)
-    sub.unlink()
-  volumes = np.concatenate(volumes)
+  # One noise for every tile of both rows (one batch per row).
+  volumes, _, _, _ = generate.generate(workdir, len(rows), seed=seed, guidance_scale=guidance, num_steps=steps,
+                                       csv_path=csv_path, batch_size=n, shared_noise=True)
   measured = ctl.measure_volumes(volumes, spacing)["lv_volume_ml"]
   for r, m in zip(rows, measured):
     cond = r["lv_esv_ml"] if r["phase"] else r["lv_edv_ml"]

@@ -141,13 +141,11 @@ def _native(layer: Layer, x, w):
                                   feature_group_count=layer.feature_group_count)
 
 
-def _block(tree) -> None:
-  jax.tree_util.tree_map(lambda a: a.block_until_ready(), tree)
-
-
 def time_layer(layer: Layer, batch: int, *, variants: Sequence[str] = VARIANTS, repeats: int = 10,
                warmup: int = 2, seed: int = 0) -> dict:
   """Median seconds per variant (the variants alternate in every repeat), and compile seconds."""
+  from jaxldm.bench.grads import _block
+
   dtype = jnp.dtype(layer.dtype)
   kx, kw, kd = jax.random.split(jax.random.PRNGKey(seed), 3)
   x = jax.random.normal(kx, (batch,) + layer.input_shape, dtype)
