@@ -441,6 +441,7 @@ def cmd_bench_convs(args, overrides) -> int:
   from jaxldm.bench import convs, grads, report
 
   console = Console(stderr=True)
+  convs.check_variants(args.variants)  # Before the model is built.
   target = grads.build_target(args.model, args.config, overrides)
   with console.status("timing convolutions") as status:
     records = convs.run(target, args.batch, variants=args.variants, repeats=args.repeats, warmup=args.warmup,

@@ -170,6 +170,14 @@ def time_layer(layer: Layer, batch: int, *, variants: Sequence[str] = VARIANTS, 
           "times_s": times}
 
 
+def check_variants(variants: Sequence[str]) -> None:
+  from jaxldm.config import ConfigError
+
+  for v in variants:
+    if v not in VARIANTS:
+      raise ConfigError(f"--variants: unknown {v!r}; choose from {', '.join(VARIANTS)}")
+
+
 def run(target, batch: int, *, variants: Sequence[str] = VARIANTS, repeats: int = 10, warmup: int = 2,
         max_layers: int = 0, progress=None) -> list[dict]:
   """One record per distinct convolution of `target`'s model, largest first.
@@ -177,10 +185,7 @@ def run(target, batch: int, *, variants: Sequence[str] = VARIANTS, repeats: int 
   `max_layers` > 0 times only that many, those with the most flops x count (the rest are listed in
   no record; `totals` then covers the timed layers only).
   """
-  for v in variants:
-    if v not in VARIANTS:
-      from jaxldm.config import ConfigError
-      raise ConfigError(f"--variants: unknown {v!r}; choose from {', '.join(VARIANTS)}")
+  check_variants(variants)
   layers = sorted(model_layers(target).items(), key=lambda lc: -lc[0].flops() * lc[1])
   if max_layers > 0:
     layers = layers[:max_layers]

@@ -78,3 +78,11 @@ def test_cli_writes_records(tmp_path, capsys):
     assert set(r["step_s"]) == {"batched", "native"} and all(v > 0 for v in r["step_s"].values())
     assert r["ratio_to_batched"]["batched"] == 1.0 and r["count"] >= 1
   assert "all layers" in capsys.readouterr().out
+
+
+def test_unknown_variant_is_a_user_error(tmp_path, capsys):
+  out = tmp_path / "convs.json"
+  code = cli.main(["bench", "convs", "--model", "autoencoder", "--config", "autoencoder:tiny", *AE_TINY,
+                   "--variants", "batched,fast", "--json", str(out)])
+  assert code == 2 and not out.exists()
+  assert "--variants: unknown 'fast'" in capsys.readouterr().err
