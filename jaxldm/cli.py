@@ -819,28 +819,30 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--microbatch", type=int, default=0, help="microbatch size of vmap_microbatch (default batch/4)")
   p.add_argument("--repeats", type=int, default=5, help="timed repeats per mode (default 5; the median is reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed calls after compiling (default 2)")
-  p.add_argument("--conv-weight-grad", choices=("auto", "taps", "native"),
-                 help="convolution kernel-gradient implementation (default auto: taps on CPU; see "
+  p.add_argument("--conv-weight-grad", choices=("auto", "slices", "taps", "native"),
+                 help="convolution route (default auto: slices on CPU, native elsewhere; see "
                       "jaxldm/models/conv.py)")
   p.add_argument("--json", metavar="OUT.json", help="write the records here (and the plot next to it)")
   p.add_argument("--png", metavar="OUT.png", help="plot path (default: next to --json)")
   p.set_defaults(func=cmd_bench_grads, takes_overrides=True)
   p = bench_sub.add_parser(
-      "convs", help="per convolution layer: batched vs per-example (native, taps) backward time",
+      "convs", help="per convolution layer: batched vs per-example (native, slices, taps) backward time",
       description="Collects every convolution of the model's loss (shapes per example, counted once per "
                   "distinct layer) and times each layer's backward work (forward, input and kernel "
-                  "gradient) four ways on the same inputs: batched with XLA's convolution and on the CPU route "
-                  "(batched, batched_taps: the non-private step), per example with XLA's convolution "
-                  "(native, the GPU/TPU default) and on the CPU route (taps: 2D convolutions over slices, "
-                  "per-tap GEMM kernel gradient). The count-weighted totals say how much of "
+                  "gradient) on the same inputs: batched with XLA's convolution and on the CPU routes "
+                  "(batched, batched_slices, batched_taps: the non-private step), per example with XLA's "
+                  "convolution (native, the GPU/TPU default) and on the CPU routes (slices: 2D convolutions "
+                  "over slices and one 2D kernel gradient per example, the CPU default; taps: per-tap GEMM "
+                  "kernel gradients). The count-weighted totals say how much of "
                   "the private step's overhead the convolutions explain. Example: jaxldm bench convs "
                   "--model unet --config ldm:paper --batch 8 --json convs.json")
   p.add_argument("--model", choices=("unet", "autoencoder"), required=True, help="which network")
   p.add_argument("--config", required=True, help="its training config[:variant], e.g. ldm:tiny or autoencoder:paper")
   p.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
   p.add_argument("--variants", type=lambda t: tuple(m.strip() for m in t.split(",") if m.strip()),
-                 default=("batched", "batched_taps", "native", "taps"),
-                 help="comma-separated subset of batched,batched_taps,native,taps (default all)")
+                 default=("batched", "batched_slices", "batched_taps", "native", "slices", "taps"),
+                 help="comma-separated subset of batched,batched_slices,batched_taps,native,slices,taps "
+                      "(default all)")
   p.add_argument("--max-layers", type=int, default=0,
                  help="time only the N distinct layers with the most flops x count (default 0: all)")
   p.add_argument("--repeats", type=int, default=10, help="timed repeats (default 10; the median is reported)")

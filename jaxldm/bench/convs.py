@@ -5,15 +5,17 @@
 The model's loss is traced once with XLA's native convolution (`jax.make_jaxpr`) and every
 convolution in it is collected with its shapes (per example), strides, padding and dilation;
 identical layers are counted once with their multiplicity. For each distinct layer, on the same
-random inputs, four programs are timed, each the layer's whole backward work (forward, input
+random inputs, up to six programs are timed, each the layer's whole backward work (forward, input
 gradient and kernel gradient of `sum(conv(x, w) * dy)`):
 
-  batched       one kernel gradient for the batch, XLA's convolution (the non-private step on GPUs/TPUs);
-  batched_taps  the same on jaxldm's CPU route (2D convolutions over slices, per-tap GEMM kernel
-                gradient, `jaxldm.models.conv`: the non-private step on CPUs);
-  native        `jax.vmap` over the examples with XLA's convolution: per-example kernel gradients
-                (the private step with `--conv native`, the default on GPUs/TPUs);
-  taps          the same on jaxldm's CPU route (the private step on CPUs).
+  batched         one kernel gradient for the batch, XLA's convolution (the non-private step on GPUs/TPUs);
+  batched_slices  the same on jaxldm's CPU route (2D convolutions over slices and their own kernel
+                  gradient, `jaxldm.models.conv`: the non-private step on CPUs);
+  batched_taps    the same with the route's per-tap GEMM kernel gradient;
+  native          `jax.vmap` over the examples with XLA's convolution: per-example kernel gradients
+                  (the private step with `--conv native`, the default on GPUs/TPUs);
+  slices          the same on the CPU route, one 2D kernel gradient per example (the private step on CPUs);
+  taps            the same with per-tap GEMM kernel gradients.
 
 Each record gives the medians, the ratios to `batched`, and the layer's count, so the sums
 weighted by count say how much of the model's private-step overhead (`jaxldm bench grads`) the
@@ -37,7 +39,9 @@ from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 
-VARIANTS = ("batched", "batched_taps", "native", "taps")
+VARIANTS = ("batched", "batched_slices", "batched_taps", "native", "slices", "taps")
+# The CPU route each variant traces (jaxldm.models.conv); the others use XLA's convolution.
+_ROUTES = {"batched_slices": "slices", "batched_taps": "taps", "slices": "slices", "taps": "taps"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +117,8 @@ def _layer_fn(layer: Layer, variant: str):
   from jaxldm.models import conv as conv_lib
 
   def conv(x, w):
-    if variant in ("taps", "batched_taps"):  # The route is chosen at trace time, inside this context.
-      with conv_lib.weight_grad("taps"):
+    if variant in _ROUTES:  # The route is chosen at trace time, inside this context.
+      with conv_lib.weight_grad(_ROUTES[variant]):
         return conv_lib.conv_general_dilated(x, w, layer.strides, layer.padding, lhs_dilation=layer.lhs_dilation,
                                              rhs_dilation=layer.rhs_dilation,
                                              feature_group_count=layer.feature_group_count)
@@ -124,7 +128,7 @@ def _layer_fn(layer: Layer, variant: str):
     _, vjp = jax.vjp(conv, x, w)
     return vjp(dy)
 
-  if variant in ("batched", "batched_taps"):
+  if variant.startswith("batched"):
     return backward
 
   def per_example(x1, w, dy1):  # One example as a batch of one; the kernel gradient is its own.

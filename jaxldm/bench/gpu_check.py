@@ -104,8 +104,8 @@ def run(out_dir: str | pathlib.Path, *, size: str = "paper", models: Sequence[st
     raise ConfigError(f"gpu-check size {size!r}: choose one of {', '.join(SIZES)}")
   grads.check_modes(modes)
   for c in convs:
-    if c not in ("native", "taps", "auto"):
-      raise ConfigError(f"--conv {c!r}: choose from native, taps, auto")
+    if c not in ("native", "slices", "taps", "auto"):
+      raise ConfigError(f"--conv {c!r}: choose from native, slices, taps, auto")
   spec = SIZES[size]
   batches = tuple(batches or spec["batches"])
   repeats = spec["repeats"] if repeats is None else repeats
@@ -139,7 +139,7 @@ def run(out_dir: str | pathlib.Path, *, size: str = "paper", models: Sequence[st
   if conv_layers > 0:  # Per-layer breakdown first (`jaxldm bench convs`): where the private step's cost sits.
     from jaxldm.bench import convs as conv_bench  # (`convs` is this function's kernel-gradient list.)
     for model in models:
-      say(f"{model}: the {conv_layers} largest convolution layers, batched vs per-example (native, taps)")
+      say(f"{model}: the {conv_layers} largest convolution layers, batched vs per-example (native, slices, taps)")
       try:
         conv_records += conv_bench.run(target_for({"model": model, "dtype": dtypes[0]}), batches[0],
                                        max_layers=conv_layers, repeats=repeats, warmup=warmup)
@@ -300,18 +300,19 @@ def rows_markdown(summary: dict) -> str:
                  f"{_mib(mem.get('temp_bytes')) if ok else '-'} | {_mib(r.get('peak_bytes')) if ok else '-'} | "
                  f"{f(r.get('compile_s'), '{:.0f}')} | {r.get('status', 'ok')} |")
   conv_ok = [r for r in summary.get("conv_layers", []) if "step_s" in r]
+  per_example = ("native", "slices", "taps")
+  from jaxldm.bench import convs as convs_lib
   if conv_ok:
     lines += ["", f"Convolution layers (`jaxldm bench convs`, {conv_ok[0]['dtype']}, batch {conv_ok[0]['batch']}; "
               "backward of one layer, ms; native/taps: per-example kernel gradients):", "",
-              "| model | layer | count | batched | batched taps | native | taps | native / batched | taps / batched |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| model | layer | count | " + " | ".join(v.replace("_", " ") for v in convs_lib.VARIANTS)
+              + " | " + " | ".join(f"{v} / batched" for v in per_example) + " |",
+              "|---|---|---|" + "---|" * (len(convs_lib.VARIANTS) + len(per_example))]
     for r in conv_ok:
-      ms = {v: f"{r['step_s'][v] * 1e3:,.2f}" if v in r["step_s"] else "-"
-            for v in ("batched", "batched_taps", "native", "taps")}
-      ratio = {v: f"{r['ratio_to_batched'][v]:.2f}" if v in r.get("ratio_to_batched", {}) else "-"
-               for v in ("native", "taps")}
-      lines.append(f"| {r['model']} | {r['layer']} | {r['count']} | {ms['batched']} | {ms['batched_taps']} | "
-                   f"{ms['native']} | {ms['taps']} | {ratio['native']} | {ratio['taps']} |")
+      ms = [f"{r['step_s'][v] * 1e3:,.2f}" if v in r["step_s"] else "-" for v in convs_lib.VARIANTS]
+      ratio = [f"{r['ratio_to_batched'][v]:.2f}" if v in r.get("ratio_to_batched", {}) else "-"
+               for v in per_example]
+      lines.append(f"| {r['model']} | {r['layer']} | {r['count']} | " + " | ".join(ms + ratio) + " |")
   if summary["opacus"]:
     lines += ["", "PyTorch/Opacus twin (float32, same device):", "",
               "| model | B | mode | step ms | x plain | peak MiB | status |", "|---|---|---|---|---|---|---|"]

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from jaxldm.config import ConfigError, load_config, resolve_spec
-from jaxldm.models import layers
+from jaxldm.models import conv, layers
 
 MODES = ("nonprivate", "vmap", "vmap_microbatch", "loop")
 MODELS = ("unet", "autoencoder")
@@ -153,7 +153,8 @@ def gradient_fn(mode: str, target: Target, batch_size: int, *, microbatch: int,
       keys = jax.vmap(lambda i: jax.random.fold_in(example_rng, i))(
           jnp.arange(batch_size, dtype=jnp.uint32))
       mean = lambda p: jax.vmap(lambda ex, k: loss_fn(p, ex, k))(batch, keys).mean()
-      return jax.grad(mean)(params)
+      # As the trainers' non-private steps: each convolution on the whole batch.
+      return jax.grad(conv.merging_examples(mean))(params)
     return fn
   micro = {"vmap": None, "vmap_microbatch": microbatch, "loop": 1}[mode]
   if micro is not None and batch_size % micro:
@@ -271,7 +272,6 @@ class Lowered:
 def lower(target: Target, batch_size: int, modes: Sequence[str], *, microbatch: int = 0,
           seed: int = 0) -> Lowered:
   """Traces every mode (the convolution kernel-gradient choice is fixed here, at trace time)."""
-  from jaxldm.models import conv
 
   check_modes(modes)
   micro = microbatch or max(1, batch_size // 4)

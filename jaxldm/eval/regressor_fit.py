@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxldm import fitting
 from jaxldm.infer.regressor import init_params
+from jaxldm.models import conv
 from jaxldm.models.regressor import AttributeRegressor, TargetSpec
 from jaxldm.privacy import ledger as ledger_lib
 from jaxldm.privacy import noise
@@ -73,7 +74,8 @@ def make_train_step(model, spec: TargetSpec, tx, *, ema_decay: float, classifica
       losses, aux = jax.vmap(lambda ex, k: loss_fn(params, ex, k))(batch, keys)
       return losses.mean(), aux
 
-    (loss, aux), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params)
+    # Non-private: each convolution runs on the whole batch (one batched kernel gradient).
+    (loss, aux), grads = jax.value_and_grad(conv.merging_examples(batch_loss), has_aux=True)(state.params)
     metrics = {"loss": loss, "grad_norm": fitting.global_norm(grads), "mse": aux["mse"].mean(),
                "ce": aux["ce"].mean()}
     return _apply_updates(state, grads, tx, ema_decay), metrics

@@ -1,4 +1,4 @@
-"""Convolutions laid out for XLA:CPU: 2D convolutions over slices, per-tap GEMM kernel gradients.
+"""Convolutions laid out for XLA:CPU: 2D convolutions over slices, per-example kernel gradients.
 
 Two things make 3D convolutions slow on XLA:CPU, and DP-SGD pays for both:
 
@@ -18,11 +18,24 @@ Two things make 3D convolutions slow on XLA:CPU, and DP-SGD pays for both:
    `conv_by_slices`. A depth-1 kernel is a reshape; the input gradient is this formulation's own
    transpose (2D transposed convolutions), which XLA:CPU runs fast.
 
-benchmarks/NOTES.md has the measurements. The route is picked when a model is traced: `auto` (the
-default) takes it ("taps") on CPU, where it was measured to pay, and XLA's native convolution and
-gradients elsewhere; `set_weight_grad("taps"|"native")`, the `weight_grad` context manager or the
-`JAXLDM_CONV_WEIGHT_GRAD` environment variable override it. Parameters, their names and
-initialisation are nn.Conv's, so checkpoints do not depend on the choice.
+Kernel gradient on the route, two choices:
+- "slices" (the CPU default): the 2D convolution's own kernel gradient (XLA's backprop-filter). Per
+  example (the custom VJP's backward pass under `jax.vmap`, DP-SGD) it is one 2D gradient per example,
+  unrolled (`_kernel_grads`): XLA:CPU runs a vmapped one, a grouped convolution, ~6x slower. Above
+  MAX_UNROLL examples in one vmap it falls back to the per-tap GEMMs.
+- "taps": the per-tap GEMMs above, batched or per example alike (any batch size, no unrolling).
+Measured on the tiny autoencoder, batch 8, 2-core CPU (benchmarks/NOTES.md, session 11): private step
+224 -> 173 ms, non-private 226 -> 158 ms, and 142 ms with `examples_merged()`.
+
+Non-private steps take the gradient of a `jax.vmap`ped per-example loss; `jax.vmap` of a custom VJP
+computes the kernel gradient per example and sums it. Tracing such a step within `examples_merged()`
+(or wrapping its loss with `merging_examples`) runs each convolution on the merged batch instead: one
+batched kernel gradient. A per-example gradient traced within it fails loudly.
+
+The route is picked when a model is traced: `auto` (the default) takes "slices" on CPU, where it was
+measured to pay, and XLA's native convolution and gradients elsewhere; `set_weight_grad`, the
+`weight_grad` context manager or the `JAXLDM_CONV_WEIGHT_GRAD` environment variable override it.
+Parameters, their names and initialisation are nn.Conv's, so checkpoints do not depend on the choice.
 """
 
 from __future__ import annotations
@@ -38,8 +51,11 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-WEIGHT_GRADS = ("auto", "taps", "native")
-_setting = {"weight_grad": os.environ.get("JAXLDM_CONV_WEIGHT_GRAD", "auto")}
+WEIGHT_GRADS = ("auto", "slices", "taps", "native")
+# Per-example kernel gradients computed one 2D convolution per example (unrolled) up to this many
+# examples in one vmap; beyond it, the per-tap GEMMs (batched GEMMs, any size).
+MAX_UNROLL = 16
+_setting = {"weight_grad": os.environ.get("JAXLDM_CONV_WEIGHT_GRAD", "auto"), "merge_examples": False}
 
 
 def set_weight_grad(mode: str) -> None:
@@ -65,8 +81,35 @@ def resolved_weight_grad() -> str:
   if mode not in WEIGHT_GRADS:
     raise ValueError(f"JAXLDM_CONV_WEIGHT_GRAD={mode!r}: choose one of {', '.join(WEIGHT_GRADS)}")
   if mode == "auto":
-    return "taps" if jax.default_backend() == "cpu" else "native"
+    return "slices" if jax.default_backend() == "cpu" else "native"
   return mode
+
+
+@contextlib.contextmanager
+def examples_merged() -> Iterator[None]:
+  """Within it, a convolution traced under `jax.vmap` with an unbatched kernel runs on the whole batch.
+
+  For NON-PRIVATE gradients only (`jax.grad` of a `jax.vmap`ped per-example loss): the vmapped
+  examples are merged into the convolution's batch axis, so the kernel gradient is one batched
+  gradient instead of one per example summed afterwards (what `jax.vmap` of a custom VJP gives). A
+  per-example gradient (`jax.vmap` of `jax.grad`, DP-SGD) traced within it fails loudly ("Linearization
+  failed"): it never silently mixes examples. XLA's own convolution (`native`) merges by itself.
+  """
+  previous = _setting["merge_examples"]
+  _setting["merge_examples"] = True
+  try:
+    yield
+  finally:
+    _setting["merge_examples"] = previous
+
+
+def merging_examples(fn):
+  """`fn` traced within `examples_merged()` (wrap the batch loss of a non-private step with it)."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with examples_merged():
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 def _dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
@@ -136,27 +179,89 @@ def _kernel_grad(x, dy, kernel_shape, strides, pads, dilation, dtype):
   return grad.reshape(kernel_shape).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _kernel_grad_conv(x, dy, kernel_shape, strides, pads, dilation, dtype):
+  """The kernel gradient summed over x's examples: XLA's backprop-filter of the route's 2D conv."""
+  _, kernel_vjp = jax.vjp(lambda k: _forward(x, k, strides, pads, dilation), jnp.zeros(kernel_shape, dtype))
+  return kernel_vjp(dy)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_grads(kernel_shape, strides, pads, dilation, dtype):
+  """(summed, stacked): the kernel gradient of x's examples, and per example of a stack of batches.
+
+  `summed(x, dy)` is the batch gradient; under `jax.vmap` (DP-SGD: the custom VJP's backward pass is
+  vmapped) it becomes `stacked(x, dy)`, which computes one 2D kernel gradient per vmapped example,
+  unrolled (XLA:CPU runs a vmapped one, a grouped convolution, ~6x slower), or above `MAX_UNROLL`
+  examples the per-tap GEMMs. Nested vmaps (e.g. stacked seeds of per-example gradients) fold into
+  the same stack.
+  """
+  from jax.custom_batching import custom_vmap
+
+  args = (kernel_shape, strides, pads, dilation, dtype)
+
+  def broadcast(axis_size, in_batched, *arrays):
+    return [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape) for a, b in zip(arrays, in_batched)]
+
+  def differentiable(fast, plain):
+    """`fast` (a custom_vmap, which JAX cannot linearize) with the derivative of the bilinear map it
+    computes written with `plain` ops: second-order gradients (a gradient penalty) work."""
+    f = jax.custom_jvp(fast)
+    f.defjvp(lambda p, t: (fast(*p), plain(t[0], p[1]) + plain(p[0], t[1])))
+    return f
+
+  plain_summed = lambda x, dy: _kernel_grad_conv(x, dy, *args)
+  plain_stacked = jax.vmap(plain_summed)
+
+  @custom_vmap
+  def fast_summed(x, dy):
+    return plain_summed(x, dy)
+
+  @fast_summed.def_vmap
+  def _(axis_size, in_batched, x, dy):
+    return stacked(*broadcast(axis_size, in_batched, x, dy)), True
+
+  @custom_vmap
+  def fast_stacked(x, dy):
+    if x.shape[0] <= MAX_UNROLL:
+      return jnp.stack([plain_summed(x[i], dy[i]) for i in range(x.shape[0])])
+    return jax.vmap(lambda a, b: _kernel_grad(a, b, *args))(x, dy)
+
+  @fast_stacked.def_vmap
+  def _(axis_size, in_batched, x, dy):
+    x, dy = broadcast(axis_size, in_batched, x, dy)
+    grads = stacked(x.reshape((-1,) + x.shape[2:]), dy.reshape((-1,) + dy.shape[2:]))
+    return grads.reshape((axis_size, x.shape[1]) + grads.shape[1:]), True
+
+  summed = differentiable(fast_summed, plain_summed)
+  stacked = differentiable(fast_stacked, plain_stacked)
+  return summed, stacked
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def conv_taps(x, kernel, strides: tuple[int, ...], pads: tuple[tuple[int, int], ...],
-              dilation: tuple[int, ...]):
-  """Channels-last convolution (explicit padding) with the per-tap GEMM kernel gradient.
+              dilation: tuple[int, ...], kernel_grad: str = "taps"):
+  """Channels-last convolution (explicit padding) on the CPU route.
 
   5-D inputs (N, D, H, W, C) run forward and input gradient as 2D convolutions (`conv_by_slices`);
-  other ranks use XLA's convolution for both.
+  other ranks use XLA's convolution for both. The kernel gradient: "taps" one GEMM per kernel tap,
+  "slices" the 2D convolution's own (one per example under `jax.vmap`: `_kernel_grads`).
   """
   return _forward(x, kernel, strides, pads, dilation)
 
 
-def _conv_taps_fwd(x, kernel, strides, pads, dilation):
-  return conv_taps(x, kernel, strides, pads, dilation), (x, kernel)
+def _conv_taps_fwd(x, kernel, strides, pads, dilation, kernel_grad):
+  return conv_taps(x, kernel, strides, pads, dilation, kernel_grad), (x, kernel)
 
 
-def _conv_taps_bwd(strides, pads, dilation, residuals, dy):
+def _conv_taps_bwd(strides, pads, dilation, kernel_grad, residuals, dy):
   x, kernel = residuals
   # The transpose of the forward formulation (2D transposed convolutions for 5-D inputs); the
   # forward value computed by vjp is unused and removed by XLA.
   _, input_vjp = jax.vjp(lambda a: _forward(a, kernel, strides, pads, dilation), x)
   (dx,) = input_vjp(dy)
+  if kernel_grad == "slices":
+    summed, _ = _kernel_grads(kernel.shape, strides, pads, dilation, kernel.dtype)
+    return dx, summed(x, dy)
   return dx, _kernel_grad(x, dy, kernel.shape, strides, pads, dilation, kernel.dtype)
 
 
@@ -174,7 +279,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   """
   dimension_numbers = dimension_numbers or _dimension_numbers(lhs.ndim)
   channels_last = tuple(dimension_numbers) == tuple(_dimension_numbers(lhs.ndim))
-  if (resolved_weight_grad() != "taps" or (lhs_dilation and any(d != 1 for d in lhs_dilation))
+  route = resolved_weight_grad()
+  if (route == "native" or (lhs_dilation and any(d != 1 for d in lhs_dilation))
       or not channels_last or feature_group_count != 1 or precision is not None):
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                     rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
@@ -186,7 +292,30 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     pads = lax.padtype_to_pads(lhs.shape[1:-1], effective, strides, padding)
   else:
     pads = padding
-  return conv_taps(lhs, rhs, strides, tuple((int(lo), int(hi)) for lo, hi in pads), dilation)
+  pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+  if _setting["merge_examples"]:
+    return _merged_conv(strides, pads, dilation, route)(lhs, rhs)
+  return conv_taps(lhs, rhs, strides, pads, dilation, route)
+
+
+@functools.lru_cache(maxsize=None)
+def _merged_conv(strides, pads, dilation, route):
+  """conv_taps whose vmap over examples (kernel unbatched) is one convolution of the merged batch."""
+  from jax.custom_batching import custom_vmap
+
+  @custom_vmap
+  def merged(x, kernel):
+    return conv_taps(x, kernel, strides, pads, dilation, route)
+
+  @merged.def_vmap
+  def _(axis_size, in_batched, x, kernel):
+    if in_batched[1] or not in_batched[0]:  # A batched kernel: nothing to merge.
+      in_axes = tuple(0 if b else None for b in in_batched)
+      return jax.vmap(lambda a, k: conv_taps(a, k, strides, pads, dilation, route), in_axes=in_axes)(x, kernel), True
+    y = conv_taps(x.reshape((-1,) + x.shape[2:]), kernel, strides, pads, dilation, route)
+    return y.reshape(x.shape[:2] + y.shape[1:]), True
+
+  return merged
 
 
 # nn.Conv on the route above: same parameters, names ("Conv_0", ...) and init.

@@ -29,7 +29,7 @@ from jaxldm.data.defaults import build_dataset
 from jaxldm.infer import checkpoints
 from jaxldm.infer.autoencoder import build_model
 from jaxldm.infer.pictures import save_mid_slices
-from jaxldm.models import AutoencoderKL, PatchDiscriminator3D, kl_divergence, layers
+from jaxldm.models import AutoencoderKL, PatchDiscriminator3D, conv, kl_divergence, layers
 from jaxldm.models.layers import as_triple
 from jaxldm.privacy import clipping
 from jaxldm.train import common, dp, loop
@@ -88,7 +88,8 @@ def make_train_step(model, disc, tx, disc_tx, config):
       losses, aux = jax.vmap(lambda v, k: per_example({"volume": v}, k))(volumes, keys)
       return losses.mean(), aux
 
-    (loss, aux), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params)
+    # Non-private: each convolution runs on the whole batch (one batched kernel gradient).
+    (loss, aux), grads = jax.value_and_grad(conv.merging_examples(batch_loss), has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = jax.tree_util.tree_map(lambda p, u: p + u, state.params, updates)
     ema = fitting.ema_update(state.ema_params, params, config.optim.ema_decay)
@@ -98,7 +99,7 @@ def make_train_step(model, disc, tx, disc_tx, config):
     if adv_on:
       fake = jax.lax.stop_gradient(aux["recon"])
       d_loss_fn = lambda dp: jax.vmap(lambda r, f: discriminator_loss(disc, dp, r, f, loss_cfg.adversarial_loss))(volumes, fake).mean()
-      d_loss, d_grads = jax.value_and_grad(d_loss_fn)(extra["disc_params"])
+      d_loss, d_grads = jax.value_and_grad(conv.merging_examples(d_loss_fn))(extra["disc_params"])
       d_updates, d_opt = disc_tx.update(d_grads, extra["disc_opt_state"], extra["disc_params"])
       new_dp = jax.tree_util.tree_map(lambda p, u: p + u, extra["disc_params"], d_updates)
       # Before adversarial_start the critic stays as initialised.

@@ -33,7 +33,7 @@ from jaxldm.infer import checkpoints
 from jaxldm.infer.autoencoder import encode_latents, latent_decoder, load_autoencoder
 from jaxldm.infer.ldm import build_unet, unet_apply
 from jaxldm.infer.pictures import save_mid_slices
-from jaxldm.models import layers
+from jaxldm.models import conv, layers
 from jaxldm.privacy import clipping
 from jaxldm.train import common, dp, loop, partition
 
@@ -115,7 +115,8 @@ def make_steps(unet, tx, schedule, config, frozen_spec: str):
     def mean_loss(tr):
       return jax.vmap(lambda ex, k: per_example_loss(tr, frozen, ex, k))(batch, keys).mean()
 
-    loss, grads = jax.value_and_grad(mean_loss)(trainable)
+    # Non-private: each convolution runs on the whole batch (one batched kernel gradient).
+    loss, grads = jax.value_and_grad(conv.merging_examples(mean_loss))(trainable)
     return finish(state, trainable, frozen, grads, state.opt_state,
                   {"loss": loss, "grad_norm": fitting.global_norm(grads)})
 

@@ -1,4 +1,4 @@
-"""`jaxldm bench convs`: the model's convolutions found and counted, the four variants computing the
+"""`jaxldm bench convs`: the model's convolutions found and counted, the six variants computing the
 same gradients, the CLI writing its records."""
 
 import json
@@ -52,10 +52,11 @@ def test_variants_compute_the_same_gradients(strides, padding):
   y = convs._native(layer, x, w)
   dy = jax.random.normal(kd, y.shape)
   dx_b, dw_b = jax.jit(convs._layer_fn(layer, "batched"))(x, w, dy)
-  dx_bt, dw_bt = jax.jit(convs._layer_fn(layer, "batched_taps"))(x, w, dy)
-  np.testing.assert_allclose(dx_bt, dx_b, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(dw_bt, dw_b, rtol=1e-4, atol=1e-4)
-  for variant in ("native", "taps"):
+  for variant in ("batched_slices", "batched_taps"):
+    dx_bt, dw_bt = jax.jit(convs._layer_fn(layer, variant))(x, w, dy)
+    np.testing.assert_allclose(dx_bt, dx_b, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dw_bt, dw_b, rtol=1e-4, atol=1e-4)
+  for variant in ("native", "slices", "taps"):
     dx, dw = jax.jit(convs._layer_fn(layer, variant))(x, w, dy)
     assert dw.shape == (b,) + layer.kernel_shape  # One kernel gradient per example.
     np.testing.assert_allclose(dx, dx_b, rtol=1e-4, atol=1e-4)

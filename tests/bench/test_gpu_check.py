@@ -43,7 +43,7 @@ def test_tiny_check_end_to_end(tmp_path, capsys):
   assert conv == summary["conv_layers"] and len(conv) == 1
   assert summary["convs"] == ["native", "taps"]  # The grid's kernel gradients, not the layer records.
   assert conv[0]["model"] == "autoencoder" and conv[0]["batch"] == 2 and conv[0]["dtype"] == "bfloat16"
-  assert set(conv[0]["step_s"]) == {"batched", "batched_taps", "native", "taps"}
+  assert set(conv[0]["step_s"]) == {"batched", "batched_slices", "batched_taps", "native", "slices", "taps"}
 
   text = results.read_text()
   assert text.startswith(before.rstrip("\n")[:200])

@@ -1,7 +1,8 @@
-"""The CPU convolution route (2D forward and input gradient, per-tap kernel gradient) equals XLA's.
+"""The CPU convolution routes (2D forward and input gradient; 2D or per-tap kernel gradient) equal XLA's.
 
-On the `taps` route a 5-D convolution runs forward and input gradient as 2D convolutions over the
-(example, slice) pairs and its kernel gradient as one GEMM per tap; everything must equal
+On the `slices` and `taps` routes a 5-D convolution runs forward and input gradient as 2D
+convolutions over the (example, slice) pairs, and its kernel gradient as the 2D convolution's own
+(`slices`: one per example under `jax.vmap`) or as one GEMM per tap (`taps`); everything must equal
 `lax.conv_general_dilated` and its gradients, batched and per example under `jax.vmap` (DP-SGD).
 """
 
@@ -48,16 +49,20 @@ def _native(x, w, strides, padding, dilation):
                                   dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
 
 
-def _ours(x, w, strides, padding, dilation):
-  with conv.weight_grad("taps"):
+def _ours(x, w, strides, padding, dilation, route="slices"):
+  with conv.weight_grad(route):
     return conv.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation)
 
 
+ROUTES = ("slices", "taps")
+
+
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("shape, kernel, strides, padding, dilation", CASES, ids=IDS)
-def test_taps_route_matches_native(shape, kernel, strides, padding, dilation):
+def test_cpu_routes_match_native(shape, kernel, strides, padding, dilation, route):
   x, w = _inputs(shape, kernel)
   native = lambda w, x: _native(x, w, strides, padding, dilation)
-  ours = lambda w, x: _ours(x, w, strides, padding, dilation)
+  ours = lambda w, x: _ours(x, w, strides, padding, dilation, route)
   np.testing.assert_allclose(ours(w, x), native(w, x), **TOL)
   # Both gradients through a nonlinear loss (the cotangent is not all ones).
   loss = lambda f: lambda w, x: jnp.sum(jnp.sin(f(w, x)))
@@ -74,23 +79,72 @@ def test_taps_route_matches_native(shape, kernel, strides, padding, dilation):
   np.testing.assert_allclose(got[0].sum(0), jax.grad(loss(native))(w, x), **TOL)
 
 
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("shape, kernel, strides, padding, dilation", CASES[:8:2], ids=IDS[:8:2])
-def test_taps_route_under_jit_and_forward_mode(shape, kernel, strides, padding, dilation):
+def test_cpu_routes_under_jit_and_second_order(shape, kernel, strides, padding, dilation, route):
   x, w = _inputs(shape, kernel)
-  ours = jax.jit(lambda w, x: _ours(x, w, strides, padding, dilation))
+  ours = jax.jit(lambda w, x: _ours(x, w, strides, padding, dilation, route))
   np.testing.assert_allclose(ours(w, x), _native(x, w, strides, padding, dilation), **TOL)
   # Second order (e.g. a gradient penalty) through the custom VJP stays correct.
   g = lambda f: jax.grad(lambda x: jnp.sum(f(x) ** 2))
   gg = lambda f: jax.grad(lambda x: jnp.sum(g(f)(x) ** 2))
-  np.testing.assert_allclose(gg(lambda x: _ours(x, w, strides, padding, dilation))(x),
+  np.testing.assert_allclose(gg(lambda x: _ours(x, w, strides, padding, dilation, route))(x),
                              gg(lambda x: _native(x, w, strides, padding, dilation))(x), rtol=1e-3, atol=1e-3)
 
 
-def test_taps_route_compiles_to_2d_convolutions_only():
+_LOSS = lambda route, strides: lambda w, x: jnp.sum(jnp.sin(_ours(x, w, strides, "SAME", (1, 1, 1), route)))
+
+
+@pytest.mark.parametrize("unroll", [16, 1])
+def test_slices_per_example_gradients_nested_vmap_and_fallback(unroll, monkeypatch):
+  """Per-example kernel gradients on the slices route: one 2D gradient per example (unrolled) or,
+  above MAX_UNROLL examples, the per-tap GEMMs; under two nested vmaps (stacked seeds x examples,
+  each seed its own kernel and inputs) both equal XLA's."""
+  monkeypatch.setattr(conv, "MAX_UNROLL", unroll)
+  conv._kernel_grads.cache_clear()
+  strides = (1, 2, 2)
+  x, w = _inputs((3, 4, 8, 8), (3, 3, 3))
+  seeds_x = jnp.stack([x, 2 * x[::-1]])[:, :, None]  # (seeds, examples, 1, ...)
+  seeds_w = jnp.stack([w, -w])
+  native = lambda w, x: jnp.sum(jnp.sin(_native(x, w, strides, "SAME", (1, 1, 1))))
+  per_seed = lambda loss: jax.vmap(jax.vmap(jax.grad(loss), in_axes=(None, 0)))
+  got = jax.jit(per_seed(_LOSS("slices", strides)))(seeds_w, seeds_x)
+  want = per_seed(native)(seeds_w, seeds_x)
+  assert got.shape == (2, 3) + w.shape
+  np.testing.assert_allclose(got, want, **TOL)
+  conv._kernel_grads.cache_clear()
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_examples_merged_gives_the_same_batch_gradient_and_refuses_per_example(route):
+  """examples_merged(): grad of a vmapped per-example loss runs the conv on the merged batch (same
+  gradient); a per-example gradient (vmap of grad, DP-SGD) traced inside it fails loudly."""
+  x, w = _inputs((4, 3, 8, 8), (1, 3, 3))
+  loss = _LOSS(route, (1, 1, 1))
+  batch_grad = jax.grad(lambda w: jax.vmap(lambda xi: loss(w, xi[None]))(x).sum())
+  want = jax.grad(lambda w: jnp.sum(jnp.sin(_native(x, w, (1, 1, 1), "SAME", (1, 1, 1)))))(w)
+  with conv.examples_merged():
+    merged = jax.jit(batch_grad).lower(w).as_text()
+    got = jax.jit(batch_grad)(w)
+  np.testing.assert_allclose(got, want, **TOL)
+  # Outside (a new function: jit caches traces): per example, summed.
+  np.testing.assert_allclose(jax.jit(lambda w: batch_grad(w))(w), want, **TOL)
+  # Merged: every convolution has the whole batch (4 examples x 3 slices = 12 images) on its batch axis.
+  assert "tensor<12x8x8x" in merged and "tensor<3x8x8x" not in merged
+  per_example = jax.vmap(jax.grad(loss), in_axes=(None, 0))
+  with conv.examples_merged(), pytest.raises(ValueError, match="Linearization failed"):
+    per_example(w, x[:, None])
+  merged_grads = conv.merging_examples(per_example)
+  with pytest.raises(ValueError, match="Linearization failed"):
+    merged_grads(w, x[:, None])
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_cpu_routes_compile_to_2d_convolutions_only(route):
   """Forward, input and kernel gradient of a 5-D conv leave no 3D convolution for XLA:CPU to run."""
   for kernel, strides in (((1, 3, 3), (1, 1, 1)), ((3, 3, 3), (1, 2, 2)), ((3, 3, 3), (2, 2, 2))):
     x, w = _inputs((2, 4, 8, 8), kernel)
-    f = lambda w, x: jnp.sum(_ours(x, w, strides, "SAME", (1, 1, 1)) ** 2)
+    f = lambda w, x: jnp.sum(_ours(x, w, strides, "SAME", (1, 1, 1), route) ** 2)
     hlo = jax.jit(jax.grad(f, argnums=(0, 1))).lower(w, x).as_text()
     convolutions = [line for line in hlo.splitlines() if "stablehlo.convolution" in line]
     assert convolutions
@@ -108,6 +162,8 @@ def test_conv_module_is_nn_conv():
   assert jax.tree_util.tree_structure(p1) == jax.tree_util.tree_structure(p2)
   jax.tree_util.tree_map(np.testing.assert_array_equal, p1, p2)
   with conv.weight_grad("taps"):
+    np.testing.assert_allclose(ours.apply(p1, x), theirs.apply(p2, x), rtol=1e-5, atol=1e-5)
+  with conv.weight_grad("slices"):
     np.testing.assert_allclose(ours.apply(p1, x), theirs.apply(p2, x), rtol=1e-5, atol=1e-5)
 
 
@@ -178,9 +234,9 @@ def test_model_outputs_and_gradients_match_native(name):
   args = (jnp.asarray(rng.standard_normal(args[0].shape), jnp.float32),) + args[1:]
   if name == "medicalnet10":  # Frozen feature extractor: the forward pass is what matters.
     with conv.weight_grad("taps"):
-      ours = jax.jit(model.apply)(params, args[0])
+      ours = jax.jit(lambda p, x: model.apply(p, x))(params, args[0])  # A new function per route.
     with conv.weight_grad("native"):
-      theirs = jax.jit(model.apply)(params, args[0])
+      theirs = jax.jit(lambda p, x: model.apply(p, x))(params, args[0])
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(theirs))))
     return
   if name.startswith("autoencoder"):
@@ -188,12 +244,28 @@ def test_model_outputs_and_gradients_match_native(name):
   else:
     loss = lambda p, x: jnp.sum(model.apply(p, x, *args[1:]) ** 2)
   results = {}
-  for impl in ("taps", "native"):
+  for impl in ("slices", "taps", "native"):
     with conv.weight_grad(impl):
       results[impl] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, args[0])
-  (v1, (gp1, gx1)), (v2, (gp2, gx2)) = results["taps"], results["native"]
-  np.testing.assert_allclose(v1, v2, rtol=1e-4)
   scale = lambda t: max(float(jnp.max(jnp.abs(a))) for a in jax.tree_util.tree_leaves(t))
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * scale(gp2)),
-                         gp1, gp2)
-  np.testing.assert_allclose(gx1, gx2, rtol=1e-3, atol=1e-4 * scale(gx2))
+  close = lambda got, want: jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * scale(want)), got, want)
+  v2, (gp2, gx2) = results["native"]
+  for impl in ("slices", "taps"):
+    v1, (gp1, gx1) = results[impl]
+    np.testing.assert_allclose(v1, v2, rtol=1e-4)
+    close(gp1, gp2)
+    np.testing.assert_allclose(gx1, gx2, rtol=1e-3, atol=1e-4 * scale(gx2))
+  if not name.startswith("autoencoder"):
+    return
+  # The whole model per example (DP-SGD: vmap of grad) and merged (a non-private step: grad of vmap).
+  xs = jnp.concatenate([args[0], -0.5 * args[0]])[:, None]
+  # (New jitted functions per setting: the route is read when tracing, and jit caches traces.)
+  per_example = lambda: jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(params, xs)
+  batch = lambda: jax.jit(jax.grad(lambda p, xs: jax.vmap(lambda x: loss(p, x))(xs).sum()))(params, xs)
+  with conv.weight_grad("native"):
+    want_pe, want_b = per_example(), batch()
+  with conv.weight_grad("slices"):
+    close(per_example(), want_pe)
+    with conv.examples_merged():
+      close(batch(), want_b)
