@@ -49,3 +49,37 @@ def test_trainer_steps_are_timed(tmp_path, capsys):
 def test_trainer_needs_a_dp_config(capsys):
   assert cli.main(["bench", "trainer", "--config", "configs/ldm.py:tiny"]) == 2
   assert "dp.enabled is False" in capsys.readouterr().err
+
+
+def test_the_ldm_trainers_nonprivate_step_merges_examples_into_each_convolution():
+  """The trainer's own non-private step (what `bench trainer` times) runs each convolution on the whole
+  batch on the CPU route (`conv.merging_examples`): no convolution of one example's 6 slices is left, as
+  the per-example kernel gradients of an unmerged step would be. Its private step keeps them."""
+  import re
+
+  import jax
+  import jax.numpy as jnp
+
+  from jaxldm.bench import trainer
+  from jaxldm.config import load_config
+  from jaxldm.models import conv
+  from jaxldm.train import common, ldm
+
+  spec = "ldm_dp:tiny"
+  config = load_config(spec)
+  with config.unlocked():
+    config.dp.enabled = False
+    config.train.batch_size = 4
+    config.diffusion.noise_multiplicity = 1  # (K draws per example would merge too: 4 x K x 6.)
+  latent_shape = trainer._latent_shape(spec, config)  # (6, 16, 16, 2)
+  num_attributes = len(config.data.attributes)
+  data = jax.tree_util.tree_map(jnp.asarray, trainer._examples(4, latent_shape, num_attributes))
+  mesh = common.make_mesh(1)
+  state, _ = trainer._state(config, False, latent_shape, num_attributes, mesh)
+  with conv.weight_grad("slices"):
+    step = ldm.jitted_step(config, False, num_attributes, latent_shape[-1])
+    hlo = step.lower(state, data, jax.random.PRNGKey(0)).as_text()
+  batches = {int(m.group(1)) for line in hlo.splitlines() if "stablehlo.convolution" in line
+             for m in [re.search(r"\(tensor<(\d+)x", line)] if m}
+  assert 4 * latent_shape[0] in batches  # 4 examples x 6 slices in one 2D convolution.
+  assert latent_shape[0] not in batches, batches  # No per-example (6-slice) kernel gradient.
