@@ -303,7 +303,11 @@ def _microbatched_sum(value_and_grad, params, batch, mask, index, rng, microbatc
                                               xs)
 
   def run(j):
-    return _microbatch_sum(value_and_grad, params, *take((batch, mask, index), j), rng, **kwargs)
+    # The loop body: per-example convolution kernel gradients as GEMMs (`conv.in_traced_loop`: the
+    # unrolled ones run slower inside XLA:CPU's while loop). Speed only; the gradients are the same.
+    from jaxldm.models import conv
+    with conv.in_traced_loop():
+      return _microbatch_sum(value_and_grad, params, *take((batch, mask, index), j), rng, **kwargs)
 
   sum_shape, example_shape = jax.eval_shape(run, 0)
   zeros = lambda s, lead=(): jnp.zeros(lead + s.shape, s.dtype)

@@ -6,6 +6,7 @@ convolutions over the (example, slice) pairs, and its kernel gradient as the 2D 
 `lax.conv_general_dilated` and its gradients, batched and per example under `jax.vmap` (DP-SGD).
 """
 
+import contextlib
 import re
 
 import flax.linen as nn
@@ -95,12 +96,16 @@ def test_cpu_routes_under_jit_and_second_order(shape, kernel, strides, padding, 
 _LOSS = lambda route, strides: lambda w, x: jnp.sum(jnp.sin(_ours(x, w, strides, "SAME", (1, 1, 1), route)))
 
 
-@pytest.mark.parametrize("unroll", [16, 1])
+@pytest.mark.parametrize("unroll", [16, 1, "in_traced_loop"])
 def test_slices_per_example_gradients_nested_vmap_and_fallback(unroll, monkeypatch):
   """Per-example kernel gradients on the slices route: one 2D gradient per example (unrolled) or,
-  above MAX_UNROLL examples, the per-tap GEMMs; under two nested vmaps (stacked seeds x examples,
-  each seed its own kernel and inputs) both equal XLA's."""
-  monkeypatch.setattr(conv, "MAX_UNROLL", unroll)
+  above MAX_UNROLL examples or within `in_traced_loop()`, the per-tap GEMMs; under two nested vmaps
+  (stacked seeds x examples, each seed its own kernel and inputs) all equal XLA's."""
+  if unroll == "in_traced_loop":
+    context = conv.in_traced_loop()
+  else:
+    monkeypatch.setattr(conv, "MAX_UNROLL", unroll)
+    context = contextlib.nullcontext()
   conv._kernel_grads.cache_clear()
   strides = (1, 2, 2)
   x, w = _inputs((3, 4, 8, 8), (3, 3, 3))
@@ -108,7 +113,8 @@ def test_slices_per_example_gradients_nested_vmap_and_fallback(unroll, monkeypat
   seeds_w = jnp.stack([w, -w])
   native = lambda w, x: jnp.sum(jnp.sin(_native(x, w, strides, "SAME", (1, 1, 1))))
   per_seed = lambda loss: jax.vmap(jax.vmap(jax.grad(loss), in_axes=(None, 0)))
-  got = jax.jit(per_seed(_LOSS("slices", strides)))(seeds_w, seeds_x)
+  with context:
+    got = jax.jit(per_seed(_LOSS("slices", strides)))(seeds_w, seeds_x)
   want = per_seed(native)(seeds_w, seeds_x)
   assert got.shape == (2, 3) + w.shape
   np.testing.assert_allclose(got, want, **TOL)
