@@ -109,7 +109,7 @@ def in_traced_loop() -> Iterator[None]:
   """Within it (the body of an in-graph loop, e.g. the DP engine's microbatch loop), per-example kernel
   gradients on the `slices` route use the per-tap GEMMs instead of one unrolled 2D gradient per example:
   XLA:CPU ran the unrolled ones ~1.9x slower inside a while loop (tiny autoencoder, 16 examples in
-  microbatches of 8: 1,220 vs 646 ms; plain `vmap` 268 ms). Same gradients either way."""
+  microbatches of 8: 1,220 vs 630 ms; plain `vmap` 268 ms). Same gradients either way."""
   previous = _setting["unroll"]
   _setting["unroll"] = False
   try:
