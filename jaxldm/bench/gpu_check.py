@@ -26,7 +26,7 @@ twin (float32; `jaxldm.bench.torch_twin`) times plain PyTorch and Opacus on the 
 subprocess, when torch and opacus are installed (and see CUDA, on a GPU).
 
 With `--convs N`, first (before the grid, inside the budget): each model's N largest distinct
-convolution layers timed batched vs per-example with the native and the per-tap kernel gradient
+convolution layers timed batched vs per-example with XLA's and the CPU routes' kernel gradients
 (`jaxldm.bench.convs`, first dtype and batch), into `<out>/<device>_<size>_convs.json` (and the summary's `conv_layers`).
 
 Outputs: `<out>/<device>_<size>_jaxldm.json` (records, rewritten after every configuration),
@@ -299,12 +299,13 @@ def rows_markdown(summary: dict) -> str:
                  f"{f(r.get('useful_tflops_per_s'), '{:.3g}')} | {f(r.get('tflops_per_s'), '{:.3g}')} | "
                  f"{_mib(mem.get('temp_bytes')) if ok else '-'} | {_mib(r.get('peak_bytes')) if ok else '-'} | "
                  f"{f(r.get('compile_s'), '{:.0f}')} | {r.get('status', 'ok')} |")
-  conv_ok = [r for r in summary.get("conv_layers", []) if "step_s" in r]
-  per_example = ("native", "slices", "taps")
   from jaxldm.bench import convs as convs_lib
+
+  conv_ok = [r for r in summary.get("conv_layers", []) if "step_s" in r]
+  per_example = [v for v in convs_lib.VARIANTS if not v.startswith("batched")]
   if conv_ok:
     lines += ["", f"Convolution layers (`jaxldm bench convs`, {conv_ok[0]['dtype']}, batch {conv_ok[0]['batch']}; "
-              "backward of one layer, ms; native/taps: per-example kernel gradients):", "",
+              f"backward of one layer, ms; {'/'.join(per_example)}: per-example kernel gradients):", "",
               "| model | layer | count | " + " | ".join(v.replace("_", " ") for v in convs_lib.VARIANTS)
               + " | " + " | ".join(f"{v} / batched" for v in per_example) + " |",
               "|---|---|---|" + "---|" * (len(convs_lib.VARIANTS) + len(per_example))]

@@ -59,22 +59,31 @@ _setting = {"weight_grad": os.environ.get("JAXLDM_CONV_WEIGHT_GRAD", "auto"), "m
             "unroll": True}
 
 
-def set_weight_grad(mode: str) -> None:
-  """Chooses the kernel-gradient implementation for models traced from now on."""
+def _check_weight_grad(mode: str) -> str:
   if mode not in WEIGHT_GRADS:
     raise ValueError(f"conv weight gradient {mode!r}: choose one of {', '.join(WEIGHT_GRADS)}")
-  _setting["weight_grad"] = mode
+  return mode
+
+
+def set_weight_grad(mode: str) -> None:
+  """Chooses the kernel-gradient implementation for models traced from now on."""
+  _setting["weight_grad"] = _check_weight_grad(mode)
 
 
 @contextlib.contextmanager
-def weight_grad(mode: str) -> Iterator[None]:
-  """Context manager form of `set_weight_grad` (restores the previous choice)."""
-  previous = _setting["weight_grad"]
-  set_weight_grad(mode)
+def _overriding(key: str, value) -> Iterator[None]:
+  """`_setting[key] = value` within the block, the previous value restored after it."""
+  previous = _setting[key]
+  _setting[key] = value
   try:
     yield
   finally:
-    _setting["weight_grad"] = previous
+    _setting[key] = previous
+
+
+def weight_grad(mode: str) -> contextlib.AbstractContextManager:
+  """Context manager form of `set_weight_grad` (restores the previous choice)."""
+  return _overriding("weight_grad", _check_weight_grad(mode))
 
 
 def resolved_weight_grad() -> str:
@@ -86,8 +95,7 @@ def resolved_weight_grad() -> str:
   return mode
 
 
-@contextlib.contextmanager
-def examples_merged() -> Iterator[None]:
+def examples_merged() -> contextlib.AbstractContextManager:
   """Within it, a convolution traced under `jax.vmap` with an unbatched kernel runs on the whole batch.
 
   For NON-PRIVATE gradients only (`jax.grad` of a `jax.vmap`ped per-example loss): the vmapped
@@ -96,26 +104,15 @@ def examples_merged() -> Iterator[None]:
   per-example gradient (`jax.vmap` of `jax.grad`, DP-SGD) traced within it fails loudly ("Linearization
   failed"): it never silently mixes examples. XLA's own convolution (`native`) merges by itself.
   """
-  previous = _setting["merge_examples"]
-  _setting["merge_examples"] = True
-  try:
-    yield
-  finally:
-    _setting["merge_examples"] = previous
+  return _overriding("merge_examples", True)
 
 
-@contextlib.contextmanager
-def in_traced_loop() -> Iterator[None]:
+def in_traced_loop() -> contextlib.AbstractContextManager:
   """Within it (the body of an in-graph loop, e.g. the DP engine's microbatch loop), per-example kernel
   gradients on the `slices` route use the per-tap GEMMs instead of one unrolled 2D gradient per example:
   XLA:CPU ran the unrolled ones ~1.9x slower inside a while loop (tiny autoencoder, 16 examples in
   microbatches of 8: 1,220 vs 630 ms; plain `vmap` 268 ms). Same gradients either way."""
-  previous = _setting["unroll"]
-  _setting["unroll"] = False
-  try:
-    yield
-  finally:
-    _setting["unroll"] = previous
+  return _overriding("unroll", False)
 
 
 def merging_examples(fn):
@@ -207,8 +204,8 @@ def _kernel_grads(kernel_shape, strides, pads, dilation, dtype, unroll=True):
   `summed(x, dy)` is the batch gradient; under `jax.vmap` (DP-SGD: the custom VJP's backward pass is
   vmapped) it becomes `stacked(x, dy)`, which computes one 2D kernel gradient per vmapped example,
   unrolled (XLA:CPU runs a vmapped one, a grouped convolution, ~6x slower), or above `MAX_UNROLL`
-  examples (or with `unroll` off, `in_traced_loop`) the per-tap GEMMs. Nested vmaps (e.g. stacked seeds of per-example gradients) fold into
-  the same stack.
+  examples (or with `unroll` off: `in_traced_loop`) the per-tap GEMMs. Nested vmaps (e.g. stacked
+  seeds of per-example gradients) fold into the same stack.
   """
   from jax.custom_batching import custom_vmap
 
