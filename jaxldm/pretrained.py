@@ -195,6 +195,8 @@ def install(dest: str | pathlib.Path, size: str = "tiny", *, root: str | pathlib
   import flax.serialization
   import orbax.checkpoint as ocp
 
+  from jaxldm.infer import checkpoints
+
   root = pathlib.Path(root) if root is not None else PACKAGE_DIR / size
   record = verify(size, root)
   dest = pathlib.Path(dest).absolute()
@@ -211,8 +213,9 @@ def install(dest: str | pathlib.Path, size: str = "tiny", *, root: str | pathlib
     ema = flax.serialization.msgpack_restore((src / PARAMS_FILE).read_bytes())
     step = int(record["stages"][stage]["step"])
     manager = ocp.CheckpointManager(dst / "checkpoints", options=ocp.CheckpointManagerOptions(create=True))
+    meta = {"shipped": str(root / stage), checkpoints.PARAMETER_SHAPES: checkpoints.parameter_shapes(ema)}
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"ema_params": ema, "params": ema}),
-                                               meta=ocp.args.JsonSave({"shipped": str(root / stage)})), force=True)
+                                               meta=ocp.args.JsonSave(meta)), force=True)
     manager.wait_until_finished()
     manager.close()
     for name in RECORDS[stage][1:] + RECORDS[stage][:1]:  # The stage's own record last: it marks "done".

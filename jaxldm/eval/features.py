@@ -41,6 +41,7 @@ from jaxldm.config import ConfigError
 from jaxldm.eval import torch_weights
 from jaxldm.infer import ssl
 from jaxldm.infer.checkpoints import iterate_batches, restore_params
+from jaxldm.models import layers
 
 EXTRACTORS = ("ssl3d", "medicalnet", "slice2d")
 DEFAULT_SSL3D_WORKDIR = "runs/ssl"  # Where `jaxldm train --config ssl` is told to write in the README.
@@ -138,7 +139,7 @@ def _ssl3d(weights, batch_size: int) -> Extractor:
   info = json.loads(info_path.read_text())
   model = ssl.build_model(info["model"])
   shape = tuple(info["data_shape"])
-  target = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *shape, 1), jnp.float32))
+  target = layers.abstract_params(model, jnp.zeros((1, *shape, 1), jnp.float32))
   try:
     params, _ = restore_params(workdir / "checkpoints", target, use_ema=info.get("params") == "ema_params")
   except FileNotFoundError as e:

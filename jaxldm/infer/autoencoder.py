@@ -7,6 +7,7 @@ trained in; encode and decode run in fixed-size padded chunks, so each compiles 
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 import jax
@@ -16,7 +17,7 @@ import numpy as np
 
 from jaxldm.config import ConfigError
 from jaxldm.infer import checkpoints
-from jaxldm.models import AutoencoderKL
+from jaxldm.models import AutoencoderKL, conv, layers
 from jaxldm.models.layers import as_triple
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -36,14 +37,22 @@ def load_autoencoder(workdir: str | pathlib.Path):
   workdir = pathlib.Path(workdir)
   info = checkpoints.stage_record(workdir, "autoencoder.json", "autoencoder", key="autoencoder_workdir")
   model = build_model(info["model"])
-  target = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *info["data_shape"], 1)))
+  target = layers.abstract_params(model, jnp.zeros((1, *info["data_shape"], 1)))
   params, _ = checkpoints.restore_params(workdir / "checkpoints", target)
   return model, params, info
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted(model, scale: float, direction: str, route: str):
+  del route  # In the key only: the convolution route is read when the function is traced.
+  if direction == "encode":
+    return jax.jit(lambda p, x: model.apply(p, x, method=AutoencoderKL.encode).mean * scale)
+  return jax.jit(lambda p, z: model.apply(p, z / scale, method=AutoencoderKL.decode))
+
+
 def encode_latents(model, params, volumes: np.ndarray, scale: float, batch_size: int) -> np.ndarray:
   """Posterior means times the scale factor; one example at a time in effect (no batch coupling)."""
-  encode = jax.jit(lambda p, x: model.apply(p, x, method=AutoencoderKL.encode).mean * scale)
+  encode = _jitted(model, float(scale), "encode", conv.resolved_weight_grad())  # Traced once per model.
   out = []
   for valid, chunk in checkpoints.iterate_batches(volumes, batch_size):
     out.append(np.asarray(encode(params, jnp.asarray(chunk)[..., None]))[:valid])
@@ -52,7 +61,7 @@ def encode_latents(model, params, volumes: np.ndarray, scale: float, batch_size:
 
 def latent_decoder(model, scale: float):
   """Jitted (params, latents scaled as the UNet sees them) -> decoded volumes (B, D, H, W, 1)."""
-  return jax.jit(lambda p, z: model.apply(p, z / scale, method=AutoencoderKL.decode))
+  return _jitted(model, float(scale), "decode", conv.resolved_weight_grad())
 
 
 def decode_latents(model, params, latents: np.ndarray, scale: float, batch_size: int) -> np.ndarray:

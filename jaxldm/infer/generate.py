@@ -28,6 +28,7 @@ from jaxldm.eval import safeguard
 from jaxldm.infer import checkpoints
 from jaxldm.infer.autoencoder import latent_decoder, load_autoencoder
 from jaxldm.infer.ldm import build_unet, unet_apply
+from jaxldm.models import layers
 from jaxldm.privacy.ledger import LEDGER_FILENAME, PrivacyLedger
 
 
@@ -40,8 +41,8 @@ def load_ldm(workdir: str | pathlib.Path):
   config = run_config(workdir)
   unet = build_unet(info["model"], len(info["attributes"]), info["latent_shape"][-1])
   a = len(info["attributes"])
-  target = jax.eval_shape(unet.init, jax.random.PRNGKey(0), jnp.zeros((1, *info["latent_shape"])),
-                          jnp.zeros((1,), jnp.int32), jnp.zeros((1, a)), jnp.ones((1, a)))
+  target = layers.abstract_params(unet, jnp.zeros((1, *info["latent_shape"])), jnp.zeros((1,), jnp.int32),
+                                  jnp.zeros((1, a)), jnp.ones((1, a)))
   params, _ = checkpoints.restore_params(workdir / "checkpoints", target)
   return unet, params, info, config
 

@@ -88,6 +88,6 @@ def load_regressor(workdir: str | pathlib.Path, *, batch_size: int = 16) -> Pred
   info = checkpoints.stage_record(workdir, "regressor.json", "regressor")
   spec = TargetSpec.from_dict(info["targets"])
   model = build_model(info["model"], spec.num_outputs)
-  target = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *info["data_shape"], 1)))  # Shapes only.
+  target = layers.abstract_params(model, jnp.zeros((1, *info["data_shape"], 1)))  # Shapes only.
   params, _ = checkpoints.restore_params(workdir / "checkpoints", target, use_ema=True)
   return Predictor(model, params, spec, batch_size, info)

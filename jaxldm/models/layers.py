@@ -142,6 +142,18 @@ def init_params(module: nn.Module, rng: jax.Array, *inputs):
   return _jitted_init(module)(rng, *inputs)
 
 
+@functools.lru_cache(maxsize=32)
+def _abstract_params(module: nn.Module, specs: tuple) -> dict:
+  return jax.eval_shape(module.init, jax.random.PRNGKey(0), *(jax.ShapeDtypeStruct(s, d) for s, d in specs))
+
+
+def abstract_params(module: nn.Module, *inputs) -> dict:
+  """The shapes and dtypes of `module.init(key, *inputs)`'s parameters, traced once per module and
+  input shapes (a checkpoint's loaders need them for every load; the trace of a UNet's init is ~0.3 s).
+  Shared between callers: read it, do not mutate it."""
+  return _abstract_params(module, tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in inputs))
+
+
 def sinusoidal_embedding(values: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
   """Transformer-style embedding of scalars (timesteps, slice indices): (...,) -> (..., dim)."""
   half = dim // 2

@@ -124,8 +124,10 @@ class Checkpointer:
       # `restore` puts them back into the target's sharding. Several processes save jax arrays
       # together, each its own shards.
       state = jax.device_get(state)
+    # The parameter names and shapes let a reader of the parameters alone skip the rest of the state.
+    meta = {**(meta or {}), checkpoints.PARAMETER_SHAPES: checkpoints.parameter_shapes(state.params)}
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta or {})), force=True)
+                                                    meta=ocp.args.JsonSave(meta)), force=True)
     self.manager.wait_until_finished()
 
   def restore(self, target: TrainState, step: int | None = None) -> tuple[TrainState, dict]:

@@ -224,7 +224,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> P
            jnp.zeros((1, len(columns))), jnp.ones((1, len(columns))))
   if config.pretrained_workdir:  # Restored over the init's shapes: no init program to compile.
     params, _ = checkpoints.restore_params(pathlib.Path(config.pretrained_workdir) / "checkpoints",
-                                           jax.eval_shape(unet.init, init_key, *dummy))
+                                           layers.abstract_params(unet, *dummy))
     console.print(f"initialised from the pretrained LDM in {config.pretrained_workdir}")
   else:
     params = layers.init_params(unet, init_key, *dummy)
