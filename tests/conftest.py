@@ -1,6 +1,14 @@
 """Test-session setup, before JAX is imported: several CPU devices for the sharding tests, and a
 persistent compilation cache so that identical programs (the same tiny model trained by several
-tests) compile once per session."""
+tests) compile once per session.
+
+Meshes: the session has 4 CPU devices, but a trainer's default mesh (`train.num_devices` = 0, "all")
+spans ONE of them unless the test is marked `all_devices`. Four virtual devices on a 2-core CPU make
+every step four partitions plus collectives: the DP trainer tests ran 1.6x slower on them (measured:
+tests/train/test_autoencoder_dp.py 57 s vs 34 s). Sharding is what the marked tests and the tests
+that ask for a device count explicitly are about (sharded trainers agree with one device, the audit
+on 4 devices, two processes vs one).
+"""
 
 import os
 import tempfile
@@ -13,6 +21,35 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 import pytest  # noqa: E402  (after the environment above, before any test imports JAX)
+
+_ALL_DEVICES_MEANS = {"devices": 1}  # What num_devices = 0 resolves to in the running test.
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "all_devices: num_devices = 0 means all 4 test devices (default: 1)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_device_unless_marked():
+  """`common.make_mesh(0)` spans one device, or all of them in tests marked `all_devices`."""
+  from jaxldm.train import common
+
+  make_mesh = common.make_mesh
+
+  def test_session_mesh(num_devices: int = 0):
+    return make_mesh(num_devices or _ALL_DEVICES_MEANS["devices"])
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(common, "make_mesh", test_session_mesh)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _all_devices_when_marked(request):
+  marked = request.node.get_closest_marker("all_devices") is not None
+  _ALL_DEVICES_MEANS["devices"] = 0 if marked else 1
+  yield
+  _ALL_DEVICES_MEANS["devices"] = 1
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,9 @@ SMALL_UNET = {"model.base_channels": 8, "model.context_dim": 8, "sampling.num_st
 @pytest.fixture(scope="module")
 def ae_dir(public_nifti_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("ae")
-  config = load_config("autoencoder:tiny",
-                       {**DATA, "data.root": str(public_nifti_dir), "train.steps": 1, "train.batch_size": 4})
+  # On all 4 test devices (the LDM trainers here use 1): test_sample_from_an_ldm_trained_on_fewer_devices.
+  config = load_config("autoencoder:tiny", {**DATA, "data.root": str(public_nifti_dir), "train.steps": 1,
+                                            "train.batch_size": 4, "train.num_devices": 4})
   autoencoder.train_and_evaluate(config, workdir)
   return workdir
 
