@@ -49,6 +49,7 @@ def _dp(tiny_nifti_dir, ae_dir, pretrained_dir, **overrides):
   return _ldm_config("ldm_dp:tiny", tiny_nifti_dir, ae_dir, **base)
 
 
+@pytest.mark.all_devices  # The one DP trainer run here sharded over 4 devices (padding to microbatch x 4).
 def test_dp_finetune_resumes_and_accounts_every_step(tiny_nifti_dir, ae_dir, pretrained_dir, tmp_path):
   # "Killed" after 2 steps (its checkpoint and ledger are on disk), then resumed to 3.
   first = ldm.train_and_evaluate(_dp(tiny_nifti_dir, ae_dir, pretrained_dir, **{"train.steps": 2,
