@@ -94,3 +94,15 @@ def pytest_collection_modifyitems(config, items):
       continue
     if any(defs and defs[-1].scope == "module" for defs in fixtures.name2fixturedefs.values()):
       item.add_marker(pytest.mark.xdist_group(name=item.nodeid.split("::")[0]))
+
+
+def pytest_sessionfinish(session, exitstatus):
+  """Drops JAX's garbage-collection callback before pytest's exit-time collections.
+
+  Why: pytest collects garbage five times at exit (to report unraisable exceptions); with JAX's
+  callback each pass also runs XLA's collector (~3 s per xdist worker), and xdist's shutdown
+  interrupt landed inside it, printing a PytestUnraisableExceptionWarning at the end of every run.
+  """
+  import gc
+
+  gc.callbacks[:] = [c for c in gc.callbacks if getattr(c, "__name__", "") != "_xla_gc_callback"]
