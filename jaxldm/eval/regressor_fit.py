@@ -24,8 +24,9 @@ from jaxldm import fitting
 from jaxldm.infer.regressor import init_params
 from jaxldm.models import conv
 from jaxldm.models.regressor import AttributeRegressor, TargetSpec
+from jaxldm.privacy import clipping, noise
 from jaxldm.privacy import ledger as ledger_lib
-from jaxldm.privacy import noise
+from jaxldm.privacy.checks import check_arg
 from jaxldm.privacy.sampling import PoissonBatcher
 
 
@@ -83,17 +84,18 @@ def make_train_step(model, spec: TargetSpec, tx, *, ema_decay: float, classifica
   return train_step
 
 
-def make_private_step(model, spec: TargetSpec, tx, *, l2_clip_norm: float, noise_multiplier: float,
-                      expected_batch_size: float, microbatch_size: int, classification_weight: float = 1.0):
+def make_private_step(model, spec: TargetSpec, tx, *, microbatch_size: int, classification_weight: float = 1.0):
   """DP-SGD step: per-example clipped sum + Gaussian noise once / expected batch size (private_grad).
 
   `batch` is a Poisson batch padded to a static size with `mask` (1 = sampled); `num_microbatches`
   (traced) is the count of microbatches holding sampled examples, so one compilation serves every
-  batch size.
+  batch size. The mechanism's numbers (sigma, C, expected batch size) are traced arguments too: one
+  compilation serves every privacy setting.
   """
   loss_fn = functools.partial(example_loss, model, spec, classification_weight=classification_weight)
 
-  def private_step(state: fitting.TrainState, batch, mask, num_microbatches, rng):
+  def private_step(state: fitting.TrainState, batch, mask, num_microbatches, rng, noise_multiplier,
+                   l2_clip_norm, expected_batch_size):
     grads, aux = noise.private_grad(loss_fn, state.params, batch, rng, l2_clip_norm=l2_clip_norm,
                                     noise_multiplier=noise_multiplier,
                                     expected_batch_size=expected_batch_size, mask=mask,
@@ -176,16 +178,17 @@ class Fitter:
     base, provenance = ledger_lib.noise_base_key(noise_seed)
     sampling_seed = None if noise_seed is None else int(noise_seed) + 1  # None: 63 bits of OS entropy.
     batcher = PoissonBatcher(n, sampling_rate, seed=sampling_seed, microbatch_size=microbatch_size)
-    key = (float(noise_multiplier), float(l2_clip_norm), int(microbatch_size), batcher.expected_batch_size)
+    # Traced in the step, so checked here (a traced value is the caller's to validate).
+    clipping.check_l2_clip_norm(l2_clip_norm)
+    check_arg("noise_multiplier", noise_multiplier, "[0, inf)")
+    key = int(microbatch_size)  # Everything else about the mechanism is a traced argument.
     if key not in self._private_steps:
       tx = fitting.make_optimizer(self.optim, self.steps, private=True)
-      step_fn = make_private_step(self.model, self.spec, tx, l2_clip_norm=l2_clip_norm,
-                                  noise_multiplier=noise_multiplier,
-                                  expected_batch_size=batcher.expected_batch_size,
-                                  microbatch_size=microbatch_size,
+      step_fn = make_private_step(self.model, self.spec, tx, microbatch_size=microbatch_size,
                                   classification_weight=self.classification_weight)
       self._private_steps[key] = (tx, jax.jit(step_fn, donate_argnums=0))
     tx, step_fn = self._private_steps[key]
+    mechanism = (np.float32(noise_multiplier), np.float32(l2_clip_norm), np.float32(batcher.expected_batch_size))
     params = self.init(volumes.shape[1:], seed) if params is None else params
     state = new_state(params, tx)
     data = {"volume": np.asarray(volumes, np.float32), **encoded}
@@ -197,7 +200,7 @@ class Fitter:
         b = batcher.batch(step)
         batch = {k: jnp.asarray(v[b.indices]) for k, v in data.items()}
         state, _ = step_fn(state, batch, jnp.asarray(b.mask), jnp.asarray(b.num_microbatches, jnp.int32),
-                           jax.random.fold_in(base, step))
+                           jax.random.fold_in(base, step), *mechanism)
         if progress:
           bar.update(task, completed=step + 1)
     self.last_private_fit = {"noise_seed": provenance, "sampling_rate": float(sampling_rate),

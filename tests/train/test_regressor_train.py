@@ -140,3 +140,12 @@ def test_fitter_learns_and_dp_step_runs():
   assert fitter.last_private_fit["noise_seed"] == FIXED_SEED
   np.testing.assert_array_equal(fixed, flat(fitter.fit_private(vols, enc, 0, noise_seed=5, **dp)))
   assert not np.array_equal(fixed, flat(fitter.fit_private(vols, enc, 0, noise_seed=6, **dp)))
+
+  # Sigma and C are traced arguments of one compiled step, and each reaches it (same seeds).
+  (_, step_fn), = fitter._private_steps.values()
+  for change in ({"noise_multiplier": 3.0}, {"l2_clip_norm": 1e-3}):
+    assert not np.array_equal(fixed, flat(fitter.fit_private(vols, enc, 0, noise_seed=5, **{**dp, **change})))
+  assert len(fitter._private_steps) == 1 and step_fn._cache_size() == 1
+  for bad in ({"noise_multiplier": -1.0}, {"l2_clip_norm": 0.0}):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+      fitter.fit_private(vols, enc, 0, **{**dp, **bad})
