@@ -21,6 +21,10 @@ from jaxldm.atomic import atomic_open
 from jaxldm.config import ConfigError
 
 
+# Checkpoint metadata key: {parameter name: shape} of the saved `params` (= `ema_params`) tree.
+PARAMETER_SHAPES = "parameter_shapes"
+
+
 def fetch(tree):
   """Host (numpy) copy of a replicated tree, on any process; e.g. parameters for local sampling."""
   return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
@@ -74,10 +78,6 @@ def restore_params(directory: str | pathlib.Path, target_params, *, use_ema: boo
   params = jax.tree_util.tree_map(
       lambda x: jnp.asarray(np.asarray(x)) if getattr(x, "is_fully_addressable", True) else x, params)
   return params, meta
-
-
-# Checkpoint metadata key: {parameter name: shape} of the saved `params` (= `ema_params`) tree.
-PARAMETER_SHAPES = "parameter_shapes"
 
 
 def parameter_shapes(params) -> dict[str, list[int]]:
