@@ -151,7 +151,12 @@ def abstract_params(module: nn.Module, *inputs) -> dict:
   """The shapes and dtypes of `module.init(key, *inputs)`'s parameters, traced once per module and
   input shapes (a checkpoint's loaders need them for every load; the trace of a UNet's init is ~0.3 s).
   Shared between callers: read it, do not mutate it."""
-  return _abstract_params(module, tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in inputs))
+  specs = tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in inputs)
+  try:
+    hash(module)
+  except TypeError:  # A module with an unhashable field (e.g. a list): traced every time.
+    return _abstract_params.__wrapped__(module, specs)
+  return _abstract_params(module, specs)
 
 
 def sinusoidal_embedding(values: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:

@@ -152,3 +152,23 @@ def test_discriminator_patch_logits():
   x = jnp.zeros((2, 4, 16, 16, 1))
   params = layers.init_params(d, jax.random.PRNGKey(0), x)
   assert jax.jit(d.apply)(params, x).shape == (2, 4, 4, 4, 1)
+
+
+class _ListWidth(nn.Module):
+  features: list  # Unhashable on purpose.
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(self.features[0])(x)
+
+
+def test_abstract_params_are_the_inits_shapes_traced_once_per_model():
+  x = jnp.zeros((1, 4, 16, 16, 1))
+  first = layers.abstract_params(AE, x)
+  want = jax.eval_shape(AE.init, jax.random.PRNGKey(0), x)
+  assert jax.tree_util.tree_structure(first) == jax.tree_util.tree_structure(want)
+  assert jax.tree_util.tree_leaves(first) == jax.tree_util.tree_leaves(want)  # Shapes and dtypes.
+  assert layers.abstract_params(AE, jnp.ones((1, 4, 16, 16, 1))) is first  # Cached: values do not matter.
+  assert layers.abstract_params(AE, jnp.zeros((1, 4, 8, 8, 1))) is not first
+  # An unhashable module is traced every time instead of failing.
+  assert layers.abstract_params(_ListWidth([3]), jnp.zeros((1, 2)))["params"]["Dense_0"]["kernel"].shape == (2, 3)
