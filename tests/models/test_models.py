@@ -172,3 +172,20 @@ def test_abstract_params_are_the_inits_shapes_traced_once_per_model():
   assert layers.abstract_params(AE, jnp.zeros((1, 4, 8, 8, 1))) is not first
   # An unhashable module is traced every time instead of failing.
   assert layers.abstract_params(_ListWidth([3]), jnp.zeros((1, 2)))["params"]["Dense_0"]["kernel"].shape == (2, 3)
+
+
+def test_latent_encoder_and_decoder_are_jitted_once_per_model_scale_and_route(ae_params):
+  from jaxldm.infer import autoencoder as ae_infer
+  from jaxldm.models import conv
+
+  decode = ae_infer.latent_decoder(AE, 2.0)
+  assert ae_infer.latent_decoder(AE, 2.0) is decode and ae_infer.latent_decoder(AE, 3.0) is not decode
+  with conv.weight_grad("native" if conv.resolved_weight_grad() != "native" else "taps"):
+    assert ae_infer.latent_decoder(AE, 2.0) is not decode  # Traced under another route: its own function.
+  volumes = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (3, 4, 16, 16)))
+  latents = ae_infer.encode_latents(AE, ae_params, volumes, 2.0, batch_size=2)
+  encode = jax.jit(lambda p, x: AE.apply(p, x, method=AutoencoderKL.encode).mean)
+  want = np.asarray(encode(ae_params, jnp.asarray(volumes)[..., None])) * 2.0
+  np.testing.assert_allclose(latents, want, atol=1e-5)
+  back = ae_infer.decode_latents(AE, ae_params, latents, 2.0, batch_size=2)
+  np.testing.assert_allclose(back, np.asarray(decode(ae_params, jnp.asarray(latents)))[..., 0], atol=1e-5)
