@@ -12,6 +12,7 @@ import pathlib
 from collections.abc import Iterator
 from typing import Any
 
+import flax.core
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,7 +58,8 @@ def restore_params(directory: str | pathlib.Path, target_params, *, use_ema: boo
     meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta or {})
     state = None
     if meta.get(PARAMETER_SHAPES) == parameter_shapes(target_params):
-      item = {key: jax.tree_util.tree_map(lambda x: np.zeros((), np.float32), _as_dicts(target_params))}
+      # Plain nested dicts (a FrozenDict's too): what orbax restores a saved dict tree into.
+      item = {key: jax.tree_util.tree_map(lambda x: np.zeros((), np.float32), flax.core.unfreeze(target_params))}
       how = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
       try:
         state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -83,13 +85,6 @@ def restore_params(directory: str | pathlib.Path, target_params, *, use_ema: boo
 def parameter_shapes(params) -> dict[str, list[int]]:
   """{name: shape} as JSON keeps it (lists), for `PARAMETER_SHAPES`."""
   return {k: list(v) for k, v in _shapes(params).items()}
-
-
-def _as_dicts(tree):
-  """Nested plain dicts (a FrozenDict's too): what orbax restores a saved dict tree into."""
-  if hasattr(tree, "items"):
-    return {k: _as_dicts(v) for k, v in tree.items()}
-  return tree
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
