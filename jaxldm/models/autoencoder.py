@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxldm.models.conv import Conv
-from jaxldm.models.layers import Attention, Downsample, Norm, ResBlock3D, Triple, Upsample
+from jaxldm.models.layers import Attention, Downsample, Norm, ResBlock3D, Triple, Upsample, swish
 
 
 class Posterior(NamedTuple):
@@ -44,7 +44,7 @@ class Encoder(nn.Module):
     if self.attention:
       h = h + _volume_attention(h, self.dtype)
     h = ResBlock3D(self.channels[-1], self.kernel, dtype=self.dtype)(h)
-    h = nn.swish(Norm(dtype=self.dtype)(h))
+    h = swish(Norm(dtype=self.dtype)(h))
     moments = Conv(2 * self.latent_channels, self.kernel, padding="SAME", dtype=self.dtype,
                       name="conv_out")(h).astype(jnp.float32)
     mean, logvar = jnp.split(moments, 2, axis=-1)
@@ -72,7 +72,7 @@ class Decoder(nn.Module):
         h = ResBlock3D(self.channels[level], self.kernel, dtype=self.dtype)(h)
       if level > 0:
         h = Upsample(self.channels[level - 1], self.stride, self.kernel, dtype=self.dtype)(h)
-    h = nn.swish(Norm(dtype=self.dtype)(h))
+    h = swish(Norm(dtype=self.dtype)(h))
     return Conv(self.out_channels, self.kernel, padding="SAME", dtype=self.dtype,
                    name="conv_out")(h).astype(jnp.float32)
 

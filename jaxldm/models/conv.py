@@ -107,6 +107,11 @@ def examples_merged() -> contextlib.AbstractContextManager:
   return _overriding("merge_examples", True)
 
 
+def examples_are_merged() -> bool:
+  """True while a step is traced within `examples_merged()` (a non-private step)."""
+  return _setting["merge_examples"]
+
+
 def in_traced_loop() -> contextlib.AbstractContextManager:
   """Within it (the body of an in-graph loop, e.g. the DP engine's microbatch loop), per-example kernel
   gradients on the `slices` route use the per-tap GEMMs instead of one unrolled 2D gradient per example:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxldm.models.conv import Conv
-from jaxldm.models.layers import Downsample, Norm, ResBlock3D, Triple
+from jaxldm.models.layers import Downsample, Norm, ResBlock3D, Triple, swish
 
 
 class AttributeRegressor(nn.Module):
@@ -50,7 +50,7 @@ class AttributeRegressor(nn.Module):
         h = ResBlock3D(ch, self.kernel, dtype=self.dtype)(h)
       if level + 1 < len(self.channels):
         h = Downsample(self.channels[level + 1], self.stride, self.kernel, dtype=self.dtype)(h)
-    h = nn.swish(Norm(dtype=self.dtype)(h))
+    h = swish(Norm(dtype=self.dtype)(h))
     h = h.astype(jnp.float32).mean(axis=(1, 2, 3))
     return nn.Dense(self.num_outputs, name="head")(h)
 

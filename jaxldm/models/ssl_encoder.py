@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxldm.models.conv import Conv
-from jaxldm.models.layers import Downsample, Norm, ResBlock3D, Triple
+from jaxldm.models.layers import Downsample, Norm, ResBlock3D, Triple, swish
 
 
 class SSLEncoder(nn.Module):
@@ -53,7 +53,7 @@ class SSLEncoder(nn.Module):
         h = block(h)
       if level < len(self.downs):
         h = self.downs[level](h)
-    h = nn.swish(self.norm_out(h))
+    h = swish(self.norm_out(h))
     return h.astype(jnp.float32).mean(axis=(1, 2, 3))
 
   def project(self, embedding) -> jax.Array:

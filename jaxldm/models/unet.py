@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from jaxldm.models.conv import Conv
 from jaxldm.models.layers import (Attention, Downsample, Norm, ResBlock3D, Triple, Upsample,
-                                  sinusoidal_embedding)
+                                  sinusoidal_embedding, swish)
 
 
 class AttributeEncoder(nn.Module):
@@ -161,7 +161,7 @@ class LatentUNet(nn.Module):
       if level > 0:
         h = Upsample(chans[level], self.stride, self.kernel, dtype=self.dtype)(h)
 
-    h = nn.swish(Norm(dtype=self.dtype)(h))
+    h = swish(Norm(dtype=self.dtype)(h))
     out = Conv(self.out_channels, self.kernel, padding="SAME", dtype=self.dtype,
                   kernel_init=nn.initializers.zeros, name="conv_out")(h)
     return out.astype(jnp.float32)

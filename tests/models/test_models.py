@@ -1,5 +1,7 @@
 """Shapes, per-example independence and masking of the Flax models, at tiny widths."""
 
+import contextlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -189,3 +191,21 @@ def test_latent_encoder_and_decoder_are_jitted_once_per_model_scale_and_route(ae
   np.testing.assert_allclose(latents, want, atol=1e-5)
   back = ae_infer.decode_latents(AE, ae_params, latents, 2.0, batch_size=2)
   np.testing.assert_allclose(back, np.asarray(decode(ae_params, jnp.asarray(latents)))[..., 0], atol=1e-5)
+
+
+def test_swish_is_nn_swish_in_both_forms_and_the_merged_step_takes_the_division():
+  from jaxldm.models import conv
+  x = jnp.concatenate([jnp.linspace(-12.0, 12.0, 97), jnp.array([-1000.0, -80.0, 0.0, 80.0, 1000.0])])
+  d1 = lambda f: jax.vmap(jax.grad(f))
+  d2 = lambda f: jax.vmap(jax.grad(jax.grad(f)))
+  for merged in (False, True):
+    with conv.examples_merged() if merged else contextlib.nullcontext():
+      ours = [layers.swish(x), d1(layers.swish)(x), d2(layers.swish)(x)]
+      text = str(jax.make_jaxpr(lambda v: layers.swish(v))(x))  # A new function: no cached trace.
+    ref = [nn.swish(x), d1(nn.swish)(x), d2(nn.swish)(x)]
+    for a, b in zip(ours, ref):
+      assert bool(jnp.all(jnp.isfinite(a)))
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # The form is the point: a division (its result materialised before the kernel gradient's
+    # transpose) only where the step is non-private; nn.swish's logistic elsewhere.
+    assert ("div" in text) == merged and ("logistic" in text) != merged
