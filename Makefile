@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Several CPU "devices" so the sharding tests run on a laptop.
 TEST_XLA_FLAGS := --xla_force_host_platform_device_count=4
+# Huge pages for XLA:CPU's per-step buffers (faster steps; jaxldm/hostmem.py). The `jaxldm` command
+# sets this itself; pytest runs the library in-process, so the test run sets it here.
+TEST_GLIBC_TUNABLES := $(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):,)glibc.malloc.hugetlb=1
 
 .PHONY: demo test install install-test clean
 
@@ -26,7 +29,7 @@ demo: install
 	$(BIN)/jaxldm demo
 
 test: install-test
-	XLA_FLAGS=$(TEST_XLA_FLAGS) $(BIN)/python -m pytest -q -n 2 --dist loadgroup -p no:cacheprovider
+	GLIBC_TUNABLES=$(TEST_GLIBC_TUNABLES) XLA_FLAGS=$(TEST_XLA_FLAGS) $(BIN)/python -m pytest -q -n 2 --dist loadgroup -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -500,6 +500,28 @@ def cmd_bench_trainer(args, overrides) -> int:
   return 0
 
 
+def cmd_bench_host(args) -> int:
+  import os
+  import platform
+
+  import jax
+
+  from jaxldm import hostmem
+  from jaxldm.bench import grads
+  from jaxldm.models import conv
+
+  devices = jax.devices()
+  glibc = hostmem.glibc_version()
+  rows = [("cpu", f"{grads.host_cpu()}, {os.cpu_count()} cores"),
+          ("jax", f"{jax.__version__}, backend {jax.default_backend()}, {len(devices)} x {devices[0].device_kind}"),
+          ("conv route", conv.resolved_weight_grad()),
+          ("C library", f"glibc {'.'.join(map(str, glibc))}" if glibc else (platform.libc_ver()[0] or "not glibc")),
+          ("huge pages", hostmem.status())]
+  for name, value in rows:
+    print(f"{name:11s} {value}")
+  return 0
+
+
 def cmd_bench_gpu_check(args) -> int:
   import os
   # Before JAX touches the GPU: grow memory as needed, so the Opacus twin finds room afterwards.
@@ -895,6 +917,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(func=cmd_bench_trainer, takes_overrides=True)
 
   p = bench_sub.add_parser(
+      "host", help="what a benchmark on this machine runs on: CPU, JAX devices, conv route, huge pages",
+      description="Prints the host facts that decide jaxldm's speed here: the CPU and its cores, JAX's "
+                  "version, backend and devices, the convolution route models are traced with, and "
+                  "whether XLA:CPU's per-step buffers get transparent huge pages (the `jaxldm` command "
+                  "asks for them itself where that helps: jaxldm/hostmem.py; JAXLDM_NO_HUGE_PAGES=1 "
+                  "turns it off). Example: jaxldm bench host")
+  p.set_defaults(func=cmd_bench_host)
+  p = bench_sub.add_parser(
       "gpu-check", help="one-call GPU check: paper models, batch 8/32, fp32/bf16, native/taps, memory, TFLOP/s",
       description="The paper-size autoencoder and UNet at batch 8 and 32, float32 and bfloat16, conv kernel "
                   "gradient native and taps, modes nonprivate/vmap/vmap_microbatch: step times, XLA memory "
@@ -1002,6 +1032,9 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  if argv is None:  # The `jaxldm` command itself (not a call from Python): huge pages, see jaxldm/hostmem.py.
+    from jaxldm import hostmem
+    hostmem.reexec_with_huge_pages()
   argv = list(sys.argv[1:] if argv is None else argv)
   _quiet_libraries()
   parser = build_parser()

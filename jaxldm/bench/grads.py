@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxldm import hostmem
 from jaxldm.config import ConfigError, load_config, resolve_spec
 from jaxldm.models import conv, layers
 
@@ -332,6 +333,7 @@ def measure(low: Lowered, compiled: dict, compile_s: dict, *, repeats: int = 5, 
         "microbatch": low.microbatch if mode == "vmap_microbatch" else (1 if mode == "loop" else None),
         "times_s": times[mode], "dtype": target.dtype, "backend": jax.default_backend(),
         "device_kind": device.device_kind, "host_cpu": host_cpu(), "num_threads": os.cpu_count(),
+        "host_memory": hostmem.status(),
         "date": datetime.date.today().isoformat(), "jax": jax.__version__})
   _add_ratios(records)
   return records

@@ -60,6 +60,7 @@ from torch import nn
 # gradient alone: expected, and what Opacus's per-sample gradient of that layer uses.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
+from jaxldm import hostmem  # noqa: E402
 from jaxldm.config import ConfigError, load_config, split_override_args  # noqa: E402
 from jaxldm.models.layers import as_triple, num_groups  # noqa: E402
 
@@ -754,7 +755,7 @@ def run(target: TorchTarget, *, batches: Sequence[int], modes: Sequence[str], re
           "peak_source": "torch_cuda_max_allocated" if gpu else "process_rss",
           "program_bytes": None, "compile_s": compile_s[mode], "microbatch": None,
           "times_s": times[mode], "dtype": "float32", "backend": "torch-cuda" if gpu else "torch-cpu",
-          "device_kind": device, "num_threads": torch.get_num_threads(),
+          "device_kind": device, "num_threads": torch.get_num_threads(), "host_memory": hostmem.status(),
           "date": datetime.date.today().isoformat(),
           "framework": "pytorch", "torch_version": torch.__version__,
           "opacus_version": opacus.__version__, "noise_multiplicity": target.multiplicity})

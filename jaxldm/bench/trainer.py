@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxldm import fitting
+from jaxldm import fitting, hostmem
 from jaxldm.config import ConfigError, load_config
 from jaxldm.models import layers
 
@@ -164,7 +164,7 @@ def run(spec: str, overrides: Sequence[str] = (), *, steps: int = 30, warmup: in
       "first_call_s": {name: t["first_call_s"] for name, t in timings.items()},
       "times_s": {name: t["times_s"] for name, t in timings.items()},
       "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
-      "date": datetime.date.today().isoformat(), "jax": jax.__version__}
+      "host_memory": hostmem.status(), "date": datetime.date.today().isoformat(), "jax": jax.__version__}
   return record
 
 
