@@ -7,8 +7,9 @@ fifth of the process's CPU time spent in the kernel zeroing and mapping pages. L
 huge pages (THP) would map them 2 MiB at a time, but most distributions ship THP in `madvise` mode:
 only memory that asks for it gets it. glibc's tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35) makes
 malloc ask. Measured (2-core CPU, benchmarks/NOTES.md, session 13): ~500 page faults per step instead
-of 48,000, and the tiny models' steps 13-34% faster (private and non-private alike). PyTorch's steps
-did not change (its tensors are small enough for malloc's heap).
+of 48,000; the tiny models' steps 0-34% faster, median 15% (12 pairs of runs: autoencoder and UNet,
+batch 8 and 16, private and non-private). PyTorch's steps did not change (its tensors are small
+enough for malloc's heap).
 
 glibc reads tunables once, when a process starts. The `jaxldm` command therefore re-executes itself
 once, at its first line, with the tunable added to GLIBC_TUNABLES (`reexec_with_huge_pages`), when
