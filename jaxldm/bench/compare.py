@@ -102,7 +102,9 @@ def ratios(jax_records: Sequence[dict], torch_records: Sequence[dict]) -> list[d
         "opacus_dp_over_jaxldm_dp": ratio(td, jd), "jaxldm_plain_over_torch_plain": ratio(jp, tp),
         "jaxldm_dp_over_jaxldm_plain": ratio(jd, jp), "opacus_dp_over_torch_plain": ratio(td, tp),
         "jaxldm_params": j[0]["params"], "torch_params": t[0]["params"],
-        "jaxldm_device": j[0]["device_kind"], "torch_device": t[0]["device_kind"]})
+        "jaxldm_device": j[0]["device_kind"], "torch_device": t[0]["device_kind"],
+        # Huge pages change XLA:CPU's step times (jaxldm/hostmem.py); records before session 13 lack it.
+        "jaxldm_host_memory": j[0].get("host_memory"), "torch_host_memory": t[0].get("host_memory")})
   return rows
 
 
@@ -111,7 +113,11 @@ def ratio_table(rows: Sequence[dict], title: str = ""):
 
   ms = lambda v: "-" if v is None else f"{v * 1e3:,.1f}"
   x = lambda v: "-" if v is None else f"{v:.2f}"
-  t = Table(title=title or None, caption="ms = median step; ratios of step times (same model, batch, inputs)")
+  caption = "ms = median step; ratios of step times (same model, batch, inputs)"
+  hosts = {r.get(k) for r in rows for k in ("jaxldm_host_memory", "torch_host_memory")} - {None}
+  if hosts:
+    caption += "; host memory: " + " / ".join(sorted(hosts))
+  t = Table(title=title or None, caption=caption)
   for col in ("model", "B", "jaxldm plain ms", "jaxldm DP ms", "torch plain ms", "Opacus DP ms",
               "Opacus DP / jaxldm DP", "jaxldm plain / torch plain", "jaxldm DP / jaxldm plain",
               "Opacus DP / torch plain"):

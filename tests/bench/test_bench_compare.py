@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from jaxldm import cli
+from jaxldm import cli, hostmem
 from jaxldm.bench import compare
 
 TINY_AE = ["--config.data.shape=(2,8,8)", "--config.model.channels=(4,8)"]
@@ -51,3 +51,6 @@ def test_one_command_runs_both(tmp_path, capsys):
   for key in ("opacus_dp_over_jaxldm_dp", "jaxldm_plain_over_torch_plain", "jaxldm_dp_over_jaxldm_plain"):
     assert row[key] > 0
   assert "jaxldm vs PyTorch/Opacus" in capsys.readouterr().out
+  # Both sides ran under one host-memory setting (the twin inherits the environment), and the table says which.
+  assert row["jaxldm_host_memory"] == row["torch_host_memory"] == hostmem.status()
+  assert compare.ratio_table(result["ratios"]).caption.endswith(f"host memory: {hostmem.status()}")
