@@ -43,7 +43,7 @@ def _swish_by_division_jvp(primals, tangents):
 
 
 def swish(x):
-  """x * sigmoid(x) (`nn.swish`); in a non-private step (`conv.examples_merged()`) as x / (1 + e^-x).
+  """x * sigmoid(x) (`nn.swish`); in a non-private step on CPU (`conv.examples_merged()`) as x / (1 + e^-x).
 
   The same function to float rounding (~1e-8), written for XLA's fusion pass: an activation that
   feeds a convolution is also the operand of its kernel gradient, which XLA:CPU wants transposed
@@ -51,10 +51,12 @@ def swish(x):
   `nn.swish`) XLA recomputes GroupNorm + swish inside that transpose, reading the inputs with a
   stride of one image, 3-6 ms per layer; with an expensive one (a division) the activation is written
   once and transposed as a plain copy (~0.3 ms). Non-private steps: tiny autoencoder -11%, tiny UNet -4%.
-  Per-example (DP) steps measured no gain (tiny autoencoder, batch 8: +6%) and keep `nn.swish`.
-  benchmarks/NOTES.md, session 13.
+  Per-example (DP) steps measured no gain (tiny autoencoder, batch 8: +6%) and keep `nn.swish`, as do
+  other backends (not measured there). benchmarks/NOTES.md, session 13.
   """
-  return _swish_by_division(x) if conv.examples_are_merged() else nn.swish(x)
+  if conv.examples_are_merged() and jax.default_backend() == "cpu":
+    return _swish_by_division(x)
+  return nn.swish(x)
 
 
 class Norm(nn.Module):
