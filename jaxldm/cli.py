@@ -1031,8 +1031,20 @@ def _quiet_libraries() -> None:
   logging.getLogger("absl").setLevel(logging.ERROR)
 
 
+def _started_as_jaxldm() -> bool:
+  """Whether this process is the `jaxldm` command: its console script or `python -m jaxldm.cli`.
+
+  Only then may `main` re-execute the process (a script of the user's that calls `main()` would run
+  again from its first line)."""
+  first = sys.argv[0] if sys.argv else ""
+  if not first or first.startswith("-"):
+    return False
+  path = pathlib.Path(first)
+  return path.name == "jaxldm" or path.resolve() == pathlib.Path(__file__).resolve()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  if argv is None:  # The `jaxldm` command itself (not a call from Python): huge pages, see jaxldm/hostmem.py.
+  if argv is None and _started_as_jaxldm():  # Huge pages for XLA:CPU's buffers: jaxldm/hostmem.py.
     from jaxldm import hostmem
     hostmem.reexec_with_huge_pages()
   argv = list(sys.argv[1:] if argv is None else argv)

@@ -47,8 +47,8 @@ def test_with_tunable_keeps_the_users_tunables():
   assert hostmem.tunable_set(env)
 
 
-def _bench_host(env: dict[str, str]) -> str:
-  proc = subprocess.run([sys.executable, "-m", "jaxldm.cli", "bench", "host"], capture_output=True, text=True,
+def _bench_host(env: dict[str, str], command: tuple[str, ...] = ("-m", "jaxldm.cli")) -> str:
+  proc = subprocess.run([sys.executable, *command, "bench", "host"], capture_output=True, text=True,
                         cwd=ROOT, env=env, timeout=120)
   assert proc.returncode == 0, proc.stderr
   (line,) = [l for l in proc.stdout.splitlines() if l.startswith("huge pages")]
@@ -62,3 +62,11 @@ def test_the_command_reexecutes_itself_with_the_tunable_where_it_helps():
   assert _bench_host(env).endswith("hugetlb set" if helps else "hugetlb not set")
   assert _bench_host({**env, hostmem.OPT_OUT: "1"}).endswith("hugetlb not set")
   assert _bench_host({**env, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}).endswith("hugetlb set")  # Left as given.
+
+
+def test_a_script_calling_main_is_never_reexecuted(tmp_path):
+  # Re-executing it would run the user's script again from its first line: only the command itself may.
+  script = tmp_path / "wrapper.py"
+  script.write_text("import sys\nfrom jaxldm.cli import main\nsys.exit(main())\n")
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hostmem.OPT_OUT)}
+  assert _bench_host(env, (str(script),)).endswith("hugetlb not set")
