@@ -42,17 +42,21 @@ def load_autoencoder(workdir: str | pathlib.Path):
   return model, params, info
 
 
-@functools.lru_cache(maxsize=16)
-def _jitted(model, scale: float, direction: str, route: str):
-  del route  # In the key only: the convolution route is read when the function is traced.
-  if direction == "encode":
-    return jax.jit(lambda p, x: model.apply(p, x, method=AutoencoderKL.encode).mean * scale)
+# Jitted once per (model, scale, convolution route); the route is in the key only: it is read when
+# the function is traced.
+@functools.lru_cache(maxsize=8)
+def _jitted_encoder(model, scale: float, route: str):
+  return jax.jit(lambda p, x: model.apply(p, x, method=AutoencoderKL.encode).mean * scale)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_decoder(model, scale: float, route: str):
   return jax.jit(lambda p, z: model.apply(p, z / scale, method=AutoencoderKL.decode))
 
 
 def encode_latents(model, params, volumes: np.ndarray, scale: float, batch_size: int) -> np.ndarray:
   """Posterior means times the scale factor; one example at a time in effect (no batch coupling)."""
-  encode = _jitted(model, float(scale), "encode", conv.resolved_weight_grad())  # Traced once per model.
+  encode = _jitted_encoder(model, float(scale), conv.resolved_weight_grad())  # Traced once per model.
   out = []
   for valid, chunk in checkpoints.iterate_batches(volumes, batch_size):
     out.append(np.asarray(encode(params, jnp.asarray(chunk)[..., None]))[:valid])
@@ -61,7 +65,7 @@ def encode_latents(model, params, volumes: np.ndarray, scale: float, batch_size:
 
 def latent_decoder(model, scale: float):
   """Jitted (params, latents scaled as the UNet sees them) -> decoded volumes (B, D, H, W, 1)."""
-  return _jitted(model, float(scale), "decode", conv.resolved_weight_grad())
+  return _jitted_decoder(model, float(scale), conv.resolved_weight_grad())
 
 
 def decode_latents(model, params, latents: np.ndarray, scale: float, batch_size: int) -> np.ndarray:
