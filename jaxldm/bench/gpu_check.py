@@ -19,7 +19,10 @@ bound), and each program's compile time (trace + compile; on an H200 the paper-s
 
 A configuration that runs out of memory (or fails otherwise) is recorded with `status` "oom"
 (or "error") and the check goes on. A time budget (`--budget-s`, default 450 s with the twin's
-share) bounds the run: configurations not compiled in time are recorded as "skipped". The grid is
+share) bounds the run: configurations not compiled in time are recorded as "skipped". XLA cannot
+stop a compile once started: the summary counts those still running at the end
+(`abandoned_compiles`), and the `jaxldm` command then exits without waiting for them (Python joins
+a thread pool's threads at exit: a paper-size compile would hold a lent device minutes longer). The grid is
 ordered by priority (native kernel gradient before taps, bfloat16 before float32, batch 8 before
 32, then UNet and autoencoder) so both models' most wanted rows run first. Then the PyTorch/Opacus
 twin (float32; `jaxldm.bench.torch_twin`) times plain PyTorch and Opacus on the same device, in a
@@ -153,6 +156,7 @@ def run(out_dir: str | pathlib.Path, *, size: str = "paper", models: Sequence[st
   pool = concurrent.futures.ThreadPoolExecutor(workers)
   pending: collections.deque = collections.deque()  # (item, Lowered or exception, {mode: future})
   queue = collections.deque(items)
+  unfinished: set = set()  # Compile futures not done yet.
 
   def base(item):
     return {"model": item["model"], "batch": item["batch"], "dtype": item["dtype"],
@@ -166,6 +170,9 @@ def run(out_dir: str | pathlib.Path, *, size: str = "paper", models: Sequence[st
       with conv_lib.weight_grad(item["conv"]):
         low = grads.lower(target_for(item), item["batch"], modes)
       futures = {m: pool.submit(grads.compile_timed, low.lowered[m]) for m in modes}
+      for f in futures.values():  # Tracked until done (a done one holds a compiled program: not kept).
+        unfinished.add(f)
+        f.add_done_callback(unfinished.discard)
       pending.append((item, low, futures))
     except Exception as e:  # Tracing failed (shapes, memory for the inputs): recorded, not fatal.
       pending.append((item, e, {}))
@@ -186,8 +193,9 @@ def run(out_dir: str | pathlib.Path, *, size: str = "paper", models: Sequence[st
       _save(jax_path, records)
     for item in queue:  # Not started within the budget.
       records += [_failure(base(item), m, None, "skipped") for m in modes]
-  finally:  # Compiles still running finish in the background (their threads are joined at exit).
+  finally:  # Queued compiles are cancelled; running ones cannot be (see `abandoned_compiles`).
     pool.shutdown(wait=False, cancel_futures=True)
+    abandoned = sum(f.running() for f in list(unfinished))
   _save(jax_path, records)
   targets.clear()
 
@@ -207,6 +215,7 @@ def run(out_dir: str | pathlib.Path, *, size: str = "paper", models: Sequence[st
              "batches": list(batches), "dtypes": list(dtypes), "convs": list(convs), "modes": list(modes),
              "repeats": repeats, "warmup": warmup, "budget_s": budget_s, "compile_workers": workers,
              "wall_s": time.perf_counter() - start, "jaxldm": records, "conv_layers": conv_records,
+             "abandoned_compiles": abandoned,
              "opacus": twin_records,
              "opacus_note": twin_note, "files": {"jaxldm": str(jax_path), "results": str(results)}}
   _save(pathlib.Path(f"{prefix}_summary.json"), summary)
@@ -323,6 +332,9 @@ def rows_markdown(summary: dict) -> str:
       ratio = f"{r['ratio_to_nonprivate']:.2f}" if ok and r.get("ratio_to_nonprivate") else "-"
       lines.append(f"| {r['model']} | {r['batch']} | {r['mode']} | {step} | {ratio} | "
                    f"{_mib(r.get('peak_bytes')) if ok else '-'} | {r.get('status', 'ok')} |")
+  if summary.get("abandoned_compiles"):
+    lines += ["", f"{summary['abandoned_compiles']} compile(s) still running at the budget's end were abandoned "
+              "(the command exits without waiting for them)."]
   if summary.get("opacus_note"):
     lines += ["", f"Opacus twin: {summary['opacus_note']}."]
   return "\n".join(lines) + "\n"

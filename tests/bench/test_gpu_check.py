@@ -148,3 +148,36 @@ def test_budget_does_not_wait_for_slow_compiles(tmp_path, monkeypatch):
   assert [r["status"] for r in summary["jaxldm"]] == ["skipped"]
   assert "still compiling" in summary["jaxldm"][0]["error"]
   assert waited < 30  # Returned at the deadline, not after the 60 s compile.
+  assert summary["abandoned_compiles"] == 1
+  assert "1 compile(s) still running at the budget's end were abandoned" in (tmp_path / "R.md").read_text()
+
+
+_SLOW_COMPILE_COMMAND = '''
+import sys, threading
+from jaxldm import cli
+from jaxldm.bench import grads
+def never_done(lowered):  # A compile that outlives the budget (and the test's timeout).
+  threading.Event().wait(600)
+grads.compile_timed = never_done
+sys.argv = [cli.__file__] + sys.argv[1:]  # As `python -m jaxldm.cli` (what scripts/gpu_check.sh runs).
+sys.exit(cli.main())
+'''
+
+
+def test_the_command_exits_without_joining_an_abandoned_compile(tmp_path):
+  """Python joins a thread pool's threads at exit: the command must not wait for a compile the budget
+  abandoned (a paper-size compile would hold a lent GPU for minutes). A run that waited for it would
+  hit this test's timeout."""
+  import os
+  import sys
+
+  env = dict(os.environ, JAXLDM_NO_HUGE_PAGES="1", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", _SLOW_COMPILE_COMMAND, "bench", "gpu-check", "--tiny",
+                         "--out", str(tmp_path / "gc"), "--results", str(tmp_path / "R.md"),
+                         "--models", "autoencoder", "--batch", "2", "--dtypes", "float32", "--conv", "native",
+                         "--modes", "nonprivate", "--budget-s", "3", "--no-opacus"],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "1 compile(s) still running at the budget's end: exiting without waiting" in proc.stdout
+  summary = json.loads((tmp_path / "gc" / "cpu_tiny_summary.json").read_text())
+  assert summary["abandoned_compiles"] == 1 and summary["jaxldm"][0]["status"] == "skipped"
