@@ -21,8 +21,10 @@ Two things make 3D convolutions slow on XLA:CPU, and DP-SGD pays for both:
 Kernel gradient on the route, two choices:
 - "slices" (the CPU default): the 2D convolution's own kernel gradient (XLA's backprop-filter). Per
   example (the custom VJP's backward pass under `jax.vmap`, DP-SGD) it is one 2D gradient per example,
-  unrolled (`_kernel_grads`): XLA:CPU runs a vmapped one, a grouped convolution, ~6x slower. Above
-  MAX_UNROLL examples in one vmap it falls back to the per-tap GEMMs.
+  unrolled (`_kernel_grads`): XLA:CPU runs a vmapped one, a grouped convolution, ~6x slower. Small
+  layers (8-16 channels) run two examples per convolution, their channels concatenated (the gradient's
+  diagonal blocks; see PAIR_MAX_FLOPS): fewer, larger calls. Above MAX_UNROLL examples in one vmap it
+  falls back to the per-tap GEMMs.
 - "taps": the per-tap GEMMs above, batched or per example alike (any batch size, no unrolling).
 Measured on the tiny autoencoder, batch 8, 2-core CPU (benchmarks/NOTES.md, session 11): private step
 224 -> 173 ms, non-private 226 -> 158 ms, and 142 ms with `examples_merged()`.
@@ -43,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import math
 import os
 from collections.abc import Iterator
 
@@ -55,6 +58,15 @@ WEIGHT_GRADS = ("auto", "slices", "taps", "native")
 # Per-example kernel gradients computed one 2D convolution per example (unrolled) up to this many
 # examples in one vmap; beyond it, the per-tap GEMMs (batched GEMMs, any size).
 MAX_UNROLL = 16
+# Unrolled per-example kernel gradients of SMALL convolutions run two examples per 2D convolution: their
+# channels concatenated, the gradient's two diagonal blocks are the two examples' own (the off-diagonal
+# cross terms are computed and dropped: 4x the flops of one, half the calls). Measured on the 2-core CPU
+# (16 examples, one layer, ms, one at a time -> pairs): 6x16x16 16->16 4.87 -> 2.67, 8->16 2.45 -> 1.35,
+# 6x32x32 8->8 4.89 -> 4.63; but 32->32 5.41 -> 9.45, 8->1 2.87 -> 4.32, 16->4 2.47 -> 2.79
+# (benchmarks/NOTES.md, session 14). Pairs when both channel counts (the input's times the kernel's
+# depth) are at least PAIR_MIN_CHANNELS and one example's gradient is at most PAIR_MAX_FLOPS.
+PAIR_MIN_CHANNELS = 8
+PAIR_MAX_FLOPS = 8e6
 _setting = {"weight_grad": os.environ.get("JAXLDM_CONV_WEIGHT_GRAD", "auto"), "merge_examples": False,
             "unroll": True}
 
@@ -202,6 +214,35 @@ def _kernel_grad_conv(x, dy, kernel_shape, strides, pads, dilation, dtype):
   return kernel_vjp(dy)[0]
 
 
+def _pairs_pay(kernel_shape, dy_shape) -> bool:
+  """Whether one example's kernel gradient is small enough to pay for pairing (see PAIR_MAX_FLOPS).
+
+  kernel_shape (..., C, O); dy_shape one example's output gradient (..., O)."""
+  depth = kernel_shape[0] if len(kernel_shape) == 5 else 1
+  c, o = kernel_shape[-2], kernel_shape[-1]
+  flops = 2 * math.prod(dy_shape[:-1]) * math.prod(kernel_shape[:-1]) * o
+  return min(depth * c, o) >= PAIR_MIN_CHANNELS and flops <= PAIR_MAX_FLOPS
+
+
+def _paired_kernel_grads(x, dy, kernel_shape, strides, pads, dilation, dtype):
+  """The stacked per-example kernel gradients of x[i], dy[i], two examples per 2D convolution.
+
+  Examples a and b with their channels concatenated: the kernel gradient of that (2C -> 2O) convolution
+  has the (C, O) blocks sum x_a^T dy_a and sum x_b^T dy_b on its diagonal (every position's product is
+  of one example's input with one example's output gradient; the geometry is the same), which are
+  exactly a's and b's own gradients. An odd last example runs alone."""
+  c, o = kernel_shape[-2], kernel_shape[-1]
+  wide = tuple(kernel_shape[:-2]) + (2 * c, 2 * o)
+  grads = []
+  for i in range(0, x.shape[0] - 1, 2):
+    pair = _kernel_grad_conv(jnp.concatenate([x[i], x[i + 1]], axis=-1),
+                             jnp.concatenate([dy[i], dy[i + 1]], axis=-1), wide, strides, pads, dilation, dtype)
+    grads += [pair[..., :c, :o], pair[..., c:, o:]]
+  if x.shape[0] % 2:
+    grads.append(_kernel_grad_conv(x[-1], dy[-1], kernel_shape, strides, pads, dilation, dtype))
+  return jnp.stack(grads)
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel_grads(kernel_shape, strides, pads, dilation, dtype, unroll=True):
   """(summed, stacked): the kernel gradient of x's examples, and per example of a stack of batches.
@@ -240,6 +281,8 @@ def _kernel_grads(kernel_shape, strides, pads, dilation, dtype, unroll=True):
   @custom_vmap
   def fast_stacked(x, dy):
     if unroll and x.shape[0] <= MAX_UNROLL:
+      if x.shape[0] > 1 and _pairs_pay(kernel_shape, dy.shape[1:]):
+        return _paired_kernel_grads(x, dy, *args)
       return jnp.stack([plain_summed(x[i], dy[i]) for i in range(x.shape[0])])
     return jax.vmap(lambda a, b: _kernel_grad(a, b, *args))(x, dy)
 

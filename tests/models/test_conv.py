@@ -121,6 +121,31 @@ def test_slices_per_example_gradients_nested_vmap_and_fallback(unroll, monkeypat
   conv._kernel_grads.cache_clear()
 
 
+@pytest.mark.parametrize("kernel, strides", [((1, 3, 3), (1, 1, 1)), ((3, 3, 3), (1, 2, 2))])
+def test_small_layers_pair_examples_in_their_kernel_gradients(kernel, strides, monkeypatch):
+  """Per-example kernel gradients of small layers run two examples per convolution (channels
+  concatenated, the diagonal blocks kept): still each example's own gradient, an odd example alone."""
+  conv._kernel_grads.cache_clear()
+  x, w = _inputs((3, 4, 8, 8), kernel, cin=8, cout=8)
+  x = x[:, None]  # 3 examples of one volume each.
+  c = kernel[0] * 8  # The route's 2D channels: depth taps stacked.
+  per_example = jax.jit(jax.vmap(jax.grad(_LOSS("slices", strides)), in_axes=(None, 0)))
+  native = jax.vmap(jax.grad(lambda w, x: jnp.sum(jnp.sin(_native(x, w, strides, "SAME", (1, 1, 1))))),
+                    in_axes=(None, 0))
+  want = native(w, x)
+  paired = per_example.lower(w, x).as_text()
+  got = per_example(w, x)
+  assert got.shape == (3,) + w.shape
+  np.testing.assert_allclose(got, want, **TOL)
+  # One 2D kernel-gradient convolution of a pair (2C -> 2O: (kh, kw, 2C, 16)) and one of the third example.
+  assert f"tensor<3x3x{2 * c}x16xf32>" in paired and f"tensor<3x3x{c}x8xf32>" in paired
+  conv._kernel_grads.cache_clear()
+  monkeypatch.setattr(conv, "PAIR_MAX_FLOPS", 0)  # Pairing off: one convolution per example.
+  alone = jax.jit(jax.vmap(jax.grad(_LOSS("slices", strides)), in_axes=(None, 0))).lower(w, x).as_text()
+  assert f"tensor<3x3x{2 * c}x16xf32>" not in alone
+  conv._kernel_grads.cache_clear()
+
+
 @pytest.mark.parametrize("route", ROUTES)
 def test_examples_merged_gives_the_same_batch_gradient_and_refuses_per_example(route):
   """examples_merged(): grad of a vmapped per-example loss runs the conv on the merged batch (same
