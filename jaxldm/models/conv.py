@@ -61,10 +61,11 @@ MAX_UNROLL = 16
 # Unrolled per-example kernel gradients of SMALL convolutions run two examples per 2D convolution: their
 # channels concatenated, the gradient's two diagonal blocks are the two examples' own (the off-diagonal
 # cross terms are computed and dropped: 4x the flops of one, half the calls). Measured on the 2-core CPU
-# (16 examples, one layer, ms, one at a time -> pairs): 6x16x16 16->16 4.87 -> 2.67, 8->16 2.45 -> 1.35,
-# 6x32x32 8->8 4.89 -> 4.63; but 32->32 5.41 -> 9.45, 8->1 2.87 -> 4.32, 16->4 2.47 -> 2.79
-# (benchmarks/NOTES.md, session 14). Pairs when both channel counts (the input's times the kernel's
-# depth) are at least PAIR_MIN_CHANNELS and one example's gradient is at most PAIR_MAX_FLOPS.
+# (16 examples of one layer, ms, one convolution per example -> pairs): 6x16x16 16->16 4.87 -> 2.67,
+# 8->16 2.45 -> 1.35, 6x32x32 8->8 4.89 -> 4.63; but 32->32 5.41 -> 9.45, 8->1 2.87 -> 4.32, 16->4 2.47 ->
+# 2.79. Pairs when both channel counts (the input's times the kernel's depth) are at least
+# PAIR_MIN_CHANNELS and one example's gradient is at most PAIR_MAX_FLOPS: the tiny autoencoder's DP
+# trainer step 182 -> 167 ms (benchmarks/RESULTS.md and NOTES.md, session 14; the tiny UNet has no such layer).
 PAIR_MIN_CHANNELS = 8
 PAIR_MAX_FLOPS = 8e6
 _setting = {"weight_grad": os.environ.get("JAXLDM_CONV_WEIGHT_GRAD", "auto"), "merge_examples": False,
