@@ -586,8 +586,10 @@ class AccumulatedStep:
     return self._release(state, acc, rng, noise_multiplier, expected_batch_size, l2_clip_norm)
 
   def _shape(self, *args):
-    key = jax.tree_util.tree_structure(args), tuple((jnp.shape(a), str(getattr(a, "dtype", type(a))))
-                                                     for a in jax.tree_util.tree_leaves(args))
+    # Once per step, over every leaf of the state (~1,100 for the tiny LDM): attribute reads, not
+    # jnp.shape / str(dtype) (0.36 vs 3.7 ms per call).
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    key = treedef, tuple((getattr(a, "shape", None), getattr(a, "dtype", type(a))) for a in leaves)
     if key not in self._shapes:
       self._shapes[key] = jax.eval_shape(self._sums, *args)
     return self._shapes[key]
