@@ -22,8 +22,8 @@ Kernel gradient on the route, two choices:
 - "slices" (the CPU default): the 2D convolution's own kernel gradient (XLA's backprop-filter). Per
   example (the custom VJP's backward pass under `jax.vmap`, DP-SGD) it is one 2D gradient per example,
   unrolled (`_kernel_grads`): XLA:CPU runs a vmapped one, a grouped convolution, ~6x slower. Small
-  layers (8-16 channels) run two examples per convolution, their channels concatenated (the gradient's
-  diagonal blocks; see PAIR_MAX_FLOPS): fewer, larger calls. Above MAX_UNROLL examples in one vmap it
+  layers (see PAIR_MAX_FLOPS) run two examples per convolution, their channels concatenated (the gradient's
+  diagonal blocks): fewer, larger calls. Above MAX_UNROLL examples in one vmap it
   falls back to the per-tap GEMMs.
 - "taps": the per-tap GEMMs above, batched or per example alike (any batch size, no unrolling).
 Measured on the tiny autoencoder, batch 8, 2-core CPU (benchmarks/NOTES.md, session 11): private step
@@ -65,7 +65,8 @@ MAX_UNROLL = 16
 # 8->16 2.45 -> 1.35, 6x32x32 8->8 4.89 -> 4.63; but 32->32 5.41 -> 9.45, 8->1 2.87 -> 4.32, 16->4 2.47 ->
 # 2.79. Pairs when both channel counts (the input's times the kernel's depth) are at least
 # PAIR_MIN_CHANNELS and one example's gradient is at most PAIR_MAX_FLOPS: the tiny autoencoder's DP
-# trainer step 182 -> 167 ms (benchmarks/RESULTS.md and NOTES.md, session 14; the tiny UNet has no such layer).
+# trainer step 182 -> 167 ms, the tiny LDM's DP trainer step unchanged (312 / 316 vs 315 / 307 ms; its 16- and
+# 32-channel layers pair too): benchmarks/RESULTS.md and NOTES.md, session 14.
 PAIR_MIN_CHANNELS = 8
 PAIR_MAX_FLOPS = 8e6
 _setting = {"weight_grad": os.environ.get("JAXLDM_CONV_WEIGHT_GRAD", "auto"), "merge_examples": False,
