@@ -64,20 +64,22 @@ def test_cpu_routes_match_native(shape, kernel, strides, padding, dilation, rout
   x, w = _inputs(shape, kernel)
   native = lambda w, x: _native(x, w, strides, padding, dilation)
   ours = lambda w, x: _ours(x, w, strides, padding, dilation, route)
-  np.testing.assert_allclose(ours(w, x), native(w, x), **TOL)
-  # Both gradients through a nonlinear loss (the cotangent is not all ones).
-  loss = lambda f: lambda w, x: jnp.sum(jnp.sin(f(w, x)))
-  want = jax.grad(loss(native), argnums=(0, 1))(w, x)
-  got = jax.grad(loss(ours), argnums=(0, 1))(w, x)
-  for a, b in zip(got, want):
-    np.testing.assert_allclose(a, b, **TOL)
-  # Per example (vmap over a batch of one, as DP-SGD does): kernel and input gradients.
-  per_example = lambda f: jax.vmap(jax.grad(loss(f), argnums=(0, 1)), in_axes=(None, 0))(w, x[:, None])
-  got, want = per_example(ours), per_example(native)
-  for a, b in zip(got, want):
+  np.testing.assert_allclose(ours(w, x), native(w, x), **TOL)  # Op by op (eager).
+  loss = lambda f: lambda w, x: jnp.sum(jnp.sin(f(w, x)))  # A nonlinear loss: the cotangent is not all ones.
+
+  @jax.jit  # One program for both sides (op by op, each op was compiled apart: ~2,300 programs in this file).
+  def gradients(w, x):
+    return {side: (jax.grad(loss(f), argnums=(0, 1))(w, x),
+                   # Per example (vmap over a batch of one, as DP-SGD does): kernel and input gradients.
+                   jax.vmap(jax.grad(loss(f), argnums=(0, 1)), in_axes=(None, 0))(w, x[:, None]))
+            for side, f in (("ours", ours), ("native", native))}
+
+  grads = gradients(w, x)
+  (got, got_per), (want, want_per) = grads["ours"], grads["native"]
+  for a, b in zip(got + got_per, want + want_per):
     np.testing.assert_allclose(a, b, **TOL)
   # The per-example kernel gradients sum to the batch gradient (nothing is mixed across examples).
-  np.testing.assert_allclose(got[0].sum(0), jax.grad(loss(native))(w, x), **TOL)
+  np.testing.assert_allclose(got_per[0].sum(0), want[0], **TOL)
 
 
 @pytest.mark.parametrize("route", ROUTES)
