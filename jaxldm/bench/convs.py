@@ -151,11 +151,13 @@ def time_layer(layer: Layer, batch: int, *, variants: Sequence[str] = VARIANTS, 
   from jaxldm.bench.grads import _block
 
   dtype = jnp.dtype(layer.dtype)
-  kx, kw, kd = jax.random.split(jax.random.PRNGKey(seed), 3)
-  x = jax.random.normal(kx, (batch,) + layer.input_shape, dtype)
-  w = (jax.random.normal(kw, layer.kernel_shape, jnp.float32) * 0.05).astype(dtype)
+  # Host random numbers: a jax.random.normal compiles one generator program per shape (~1-2 s each on CPU).
+  rng = np.random.default_rng(seed)
+  normal = lambda shape, scale=1.0: jnp.asarray((scale * rng.standard_normal(shape, np.float32)).astype(dtype))
+  x = normal((batch,) + layer.input_shape)
+  w = normal(layer.kernel_shape, 0.05)
   y = jax.eval_shape(lambda a, b: _native(layer, a, b), x, w)
-  dy = jax.random.normal(kd, y.shape, dtype)
+  dy = normal(y.shape)
   compiled, compile_s = {}, {}
   for v in variants:
     t0 = time.perf_counter()
