@@ -544,7 +544,7 @@ def cmd_bench_gpu_check(args) -> int:
   bad = sum(r["status"] != "ok" for r in summary["jaxldm"])
   print(f"wrote {summary['files']['jaxldm']} and rows in {summary['files']['results']} "
         f"({len(summary['jaxldm']) - bad} ok, {bad} oom/error/skipped; {summary['wall_s']:.0f} s)")
-  if summary["abandoned_compiles"] and _started_as_jaxldm():
+  if summary["abandoned_compiles"] and args.is_command:
     # Python would join the compile threads at exit; XLA cannot cancel them. Everything is written.
     print(f"{summary['abandoned_compiles']} compile(s) still running at the budget's end: exiting without "
           "waiting for them")
@@ -1042,7 +1042,7 @@ def _started_as_jaxldm() -> bool:
   """Whether this process is the `jaxldm` command: its console script or `python -m jaxldm.cli`.
 
   Only then may `main` re-execute the process (a script of the user's that calls `main()` would run
-  again from its first line)."""
+  again from its first line) or a command end it without Python's exit (`args.is_command`)."""
   first = sys.argv[0] if sys.argv else ""
   if not first or first.startswith("-"):
     return False
@@ -1051,7 +1051,8 @@ def _started_as_jaxldm() -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  if argv is None and _started_as_jaxldm():  # Huge pages for XLA:CPU's buffers: jaxldm/hostmem.py.
+  is_command = argv is None and _started_as_jaxldm()  # Not `main([...])` called from Python.
+  if is_command:  # Huge pages for XLA:CPU's buffers: jaxldm/hostmem.py.
     from jaxldm import hostmem
     hostmem.reexec_with_huge_pages()
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -1060,6 +1061,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     overrides, rest = split_override_args(argv)
     args = parser.parse_args(rest)
+    args.is_command = is_command
     if not hasattr(args, "func"):  # A command group without its subcommand: show its help.
       (args.help_parser if hasattr(args, "help_parser") else parser).print_help()
       return 2
