@@ -474,11 +474,14 @@ def cmd_bench_compare(args, overrides) -> int:
   with Console(stderr=True).status("benchmarking") as status:
     result = compare.run(args.model, args.config, overrides, batches=args.batch, modes=args.modes,
                          microbatch=args.microbatch, repeats=args.repeats, warmup=args.warmup,
-                         device=args.device, threads=args.threads,
+                         device=args.device, threads=args.threads, rounds=args.rounds,
                          progress=lambda msg: status.update(f"benchmarking: {msg}"))
   con = report.console()
-  con.print(report.table(result["jaxldm"], title=f"jaxldm: {args.model} {args.config}"))
-  con.print(report.table(result["pytorch"], title=f"PyTorch/Opacus twin on {result['pytorch'][0]['device_kind']}"))
+  if args.rounds > 1:
+    con.print(compare.rounds_table(result["rounds"], title=f"{args.model} {args.config}: ratios per round"))
+  else:
+    con.print(report.table(result["jaxldm"], title=f"jaxldm: {args.model} {args.config}"))
+    con.print(report.table(result["pytorch"], title=f"PyTorch/Opacus twin on {result['pytorch'][0]['device_kind']}"))
   con.print(compare.ratio_table(result["ratios"], title=f"{args.model} {args.config}: jaxldm vs PyTorch/Opacus"))
   if args.json:
     report.save_json(args.json, result)
@@ -900,6 +903,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--warmup", type=int, default=2, help="untimed calls after the first (default 2)")
   p.add_argument("--device", default="", help="the twin's torch device (default cuda if torch sees one, else cpu)")
   p.add_argument("--threads", type=int, default=0, help="the twin's torch threads (default all cores)")
+  p.add_argument("--rounds", type=int, default=1,
+                 help="measure both sides this many times, each in fresh processes, alternating which goes "
+                      "first; the table gives the median ratio and its min-max (default 1: the twin in a "
+                      "subprocess, jaxldm in this one). Use 3-5 on a shared or noisy CPU, where one process "
+                      "can run every step ~25%% slower than the next")
   p.add_argument("--json", metavar="OUT.json", help="write both record lists and the ratios here")
   p.set_defaults(func=cmd_bench_compare, takes_overrides=True)
 

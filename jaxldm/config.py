@@ -231,6 +231,29 @@ def apply_override(config: ml_collections.ConfigDict, key: str, value: Any) -> N
     raise ConfigError(f"config key {key!r}: cannot set {value!r}: {e}") from e
 
 
+_ELEMENT_NAMES = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
+_BOOL_WORDS = {"true": True, "false": False}
+
+
+def _element(value: Any, kind: type) -> Any:
+  """One element of a tuple override as `kind` (the type of the tuple's current elements), or ValueError."""
+  if kind is bool:
+    value = _BOOL_WORDS.get(value.strip().lower(), value) if isinstance(value, str) else value
+    if isinstance(value, bool):
+      return value
+  elif kind is float:
+    if isinstance(value, str):
+      return float(value)  # "inf", "1e-3" as bare words.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+  elif kind is int:
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+  elif isinstance(value, str):
+    return value
+  raise ValueError(value)
+
+
 def parse_value(text: str, current: Any, key: str) -> Any:
   """Parses a command-line string into the type of the field it replaces."""
   def fail(kind):
@@ -268,6 +291,12 @@ def parse_value(text: str, current: Any, key: str) -> Any:
       parsed = tuple(s.strip() for s in stripped.strip("()[]").split(",") if s.strip())
     if not isinstance(parsed, (tuple, list)):
       parsed = (parsed,)
+    kinds = {type(v) for v in current}
+    if len(kinds) == 1 and (kind := kinds.pop()) in _ELEMENT_NAMES:  # e.g. (8, 16): integers only.
+      try:
+        parsed = [_element(v, kind) for v in parsed]
+      except ValueError:
+        raise fail(f"a tuple of {_ELEMENT_NAMES[kind]} like {current!r}") from None
     return type(current)(parsed)
   # None or another type: best effort literal, else the raw string.
   if text.strip().lower() in ("none", "null"):

@@ -72,6 +72,25 @@ def test_bad_values_name_the_key(tmp_path):
     load_config(str(path), ["model.attention=maybe"])
   with pytest.raises(ConfigError, match="'model' is a group"):
     load_config(str(path), ["model=3"])
+  # Tuples keep their element type: a word where the channels go is named here, not deep in a model.
+  with pytest.raises(ConfigError, match=r"'model.levels' expects a tuple of integers like \(1, 2\), got 'oops'"):
+    load_config(str(path), ["model.levels=oops"])
+  with pytest.raises(ConfigError, match="'model.levels' expects a tuple of integers"):
+    load_config(str(path), ["model.levels=(1, 2.5)"])
+
+
+def test_tuple_overrides_of_presets_keep_their_element_types():
+  c = load_config("autoencoder:tiny", ["model.channels=(4,8)", "data.attributes=lv_edv,rv_edv",
+                                       "data.spacing=(10, 1.5, 1.5)"])
+  assert c.model.channels == (4, 8)
+  assert c.data.attributes == ("lv_edv", "rv_edv")
+  assert c.data.spacing == (10.0, 1.5, 1.5) and all(isinstance(v, float) for v in c.data.spacing)
+  with pytest.raises(ConfigError, match="'model.kernel' expects a tuple of integers"):
+    load_config("autoencoder:tiny", ["model.kernel=(1,3,x)"])
+  grid = load_config("ablation:tiny", ["grid.target_epsilon=10,inf", "grid.pretrained=true,false"]).grid
+  assert grid.target_epsilon == (10.0, float("inf")) and grid.pretrained == (True, False)
+  with pytest.raises(ConfigError, match="'grid.pretrained' expects a tuple of true/false values"):
+    load_config("ablation:tiny", ["grid.pretrained=yes"])
 
 
 def test_unknown_variant_and_missing_file(tmp_path):

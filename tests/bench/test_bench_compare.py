@@ -6,6 +6,7 @@ import pytest
 
 from jaxldm import cli, hostmem
 from jaxldm.bench import compare
+from jaxldm.config import ConfigError
 
 TINY_AE = ["--config.data.shape=(2,8,8)", "--config.model.channels=(4,8)"]
 
@@ -54,3 +55,61 @@ def test_one_command_runs_both(tmp_path, capsys):
   # Both sides ran under one host-memory setting (the twin inherits the environment), and the table says which.
   assert row["jaxldm_host_memory"] == row["torch_host_memory"] == hostmem.status()
   assert compare.ratio_table(result["ratios"]).caption.endswith(f"host memory: {hostmem.status()}")
+
+
+def _row(opacus_dp, jax_dp, jax_plain=0.1, torch_plain=0.05, batch=8):
+  jax_records = [{"model": "unet", "batch": batch, "mode": "nonprivate", "step_s": jax_plain, "params": 10,
+                  "device_kind": "cpu"}, {"model": "unet", "batch": batch, "mode": "vmap", "step_s": jax_dp,
+                                          "params": 10, "device_kind": "cpu"}]
+  torch_records = [{"model": "unet", "batch": batch, "mode": "nonprivate", "step_s": torch_plain, "params": 10,
+                    "device_kind": "cpu"}, {"model": "unet", "batch": batch, "mode": "opacus_hooks",
+                                            "step_s": opacus_dp, "params": 10, "device_kind": "cpu"}]
+  return jax_records, torch_records
+
+
+def test_rounds_summary_is_the_median_ratio_with_its_range():
+  rounds = [compare.ratios(*_row(opacus_dp, 0.2)) for opacus_dp in (0.30, 0.22, 0.26)]
+  (row,) = compare.summarize(rounds)
+  assert row["rounds"] == 3
+  assert row["opacus_dp_over_jaxldm_dp"] == pytest.approx(1.3)  # Median of 1.5, 1.1, 1.3.
+  assert row["opacus_dp_over_jaxldm_dp_range"] == pytest.approx([1.1, 1.5])
+  assert row["jaxldm_dp_over_jaxldm_plain"] == pytest.approx(2.0)
+  assert row["opacus_dp_s"] == pytest.approx(0.26)
+  # A (model, batch) missing from one round is left out rather than summarised from fewer rounds.
+  assert compare.summarize([compare.ratios(*_row(0.3, 0.2, batch=8)), compare.ratios(*_row(0.3, 0.2, batch=16))]) == []
+  assert "median of 3 rounds" in compare.ratio_table([row]).caption
+
+
+def test_rounds_alternate_which_side_goes_first(monkeypatch):
+  calls = []
+
+  def side(name):
+    def run(*args, environ=None, **kwargs):
+      calls.append((name, environ))
+      return _row(0.3, 0.2)[0 if name == "jaxldm" else 1]
+    return run
+
+  monkeypatch.setattr(compare, "run_twin", side("pytorch"))
+  monkeypatch.setattr(compare, "run_jaxldm", side("jaxldm"))
+  result = compare.run("unet", "ldm:tiny", rounds=3)
+  assert [c[0] for c in calls] == ["pytorch", "jaxldm", "jaxldm", "pytorch", "pytorch", "jaxldm"]
+  assert all(environ == compare.rounds_environ() for _, environ in calls)  # One environment for both sides.
+  assert [r["order"][0] for r in result["rounds"]] == ["pytorch", "jaxldm", "pytorch"]
+  assert sorted({r["round"] for r in result["jaxldm"]}) == [0, 1, 2]
+  assert result["ratios"][0]["rounds"] == 3
+  with pytest.raises(ConfigError, match="--rounds 0"):
+    compare.run("unet", "ldm:tiny", rounds=0)
+
+
+def test_a_jaxldm_round_runs_in_a_fresh_process(tmp_path):
+  """What `--rounds` runs for jaxldm: `jaxldm bench grads` in a subprocess, the records back, under the
+  huge-page setting the command would choose (jaxldm/hostmem.py)."""
+  environ = compare.rounds_environ()
+  records = compare.run_jaxldm("autoencoder", "configs/autoencoder.py:tiny", TINY_AE, batches=(2,),
+                               modes=("nonprivate", "vmap"), microbatch=0, repeats=1, warmup=0, environ=environ)
+  assert {(r["mode"], r["batch"]) for r in records} == {("nonprivate", 2), ("vmap", 2)}
+  assert all(r["step_s"] > 0 for r in records)
+  assert records[0]["host_memory"] == hostmem.status(environ)
+  with pytest.raises(RuntimeError, match="jaxldm bench grads failed .exit 2.: .*model.channels. expects a tuple of integers"):
+    compare.run_jaxldm("autoencoder", "configs/autoencoder.py:tiny", ["--config.model.channels=oops"], batches=(2,),
+                       modes=("nonprivate",), microbatch=0, repeats=1, warmup=0)
