@@ -181,7 +181,7 @@ def ratio_table(rows: Sequence[dict], title: str = ""):
   caption = "ms = median step; ratios of step times (same model, batch, inputs)"
   rounds = max((r.get("rounds", 1) for r in rows), default=1)
   if rounds > 1:
-    caption += f"; median of {rounds} rounds (fresh processes each), min-max in brackets"
+    caption += f"; ratios: median of {rounds} rounds (fresh processes each), min-max below it"
   hosts = {r.get(k) for r in rows for k in ("jaxldm_host_memory", "torch_host_memory")} - {None}
   if hosts:
     caption += "; host memory: " + " / ".join(sorted(hosts))
@@ -195,7 +195,7 @@ def ratio_table(rows: Sequence[dict], title: str = ""):
       v, span = r[name], r.get(f"{name}_range")
       if v is None:
         return "-"
-      return f"{v:.2f} ({span[0]:.2f}-{span[1]:.2f})" if span else f"{v:.2f}"
+      return f"{v:.2f}\n{span[0]:.2f}-{span[1]:.2f}" if span else f"{v:.2f}"  # The range on its own line.
     t.add_row(r["model"], str(r["batch"]), ms(r["jaxldm_plain_s"]), f"{ms(r['jaxldm_dp_s'])} ({r['jaxldm_dp_mode']})",
               ms(r["torch_plain_s"]), f"{ms(r['opacus_dp_s'])} ({r['opacus_dp_mode']})",
               *(x(name) for name in RATIOS))
