@@ -912,14 +912,17 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(func=cmd_bench_compare, takes_overrides=True)
 
   p = bench_sub.add_parser(
-      "trainer", help="time the LDM trainer's own jitted DP step (batcher included) vs its non-private step",
-      description="Builds the LDM trainer's jitted steps (jaxldm.train.ldm.jitted_step) and the DP run's "
-                  "Poisson batcher (dp.setup in a temporary directory, dp.PrivateRun.step_inputs: sampling, "
-                  "padding, microbatches, sharding) on random latents (no autoencoder or data files), times "
+      "trainer", help="time a DP trainer's own jitted private step (batcher included) vs its non-private step",
+      description="Builds the trainer's jitted steps (the LDM's jaxldm.train.ldm.jitted_step or the "
+                  "autoencoder's jaxldm.train.autoencoder.jitted_step) and the DP run's Poisson batcher "
+                  "(dp.setup in a temporary directory, dp.PrivateRun.step_inputs: sampling, padding, "
+                  "microbatches, sharding) on random latents or volumes (no model or data files), times "
                   "the private step and the non-private step at the expected batch size, and reports "
-                  "DP step / (K x non-private step), K = diffusion.noise_multiplicity. "
-                  "Example: jaxldm bench trainer --config ldm_dp:tiny")
-  p.add_argument("--config", required=True, help="a DP LDM config[:variant], e.g. ldm_dp:tiny")
+                  "DP step / (K x non-private step), K = diffusion.noise_multiplicity (1 for the "
+                  "autoencoder). Examples: jaxldm bench trainer --config ldm_dp:tiny; "
+                  "jaxldm bench trainer --config autoencoder_dp:tiny")
+  p.add_argument("--config", required=True,
+                 help="a DP LDM or autoencoder config[:variant], e.g. ldm_dp:tiny or autoencoder_dp:tiny")
   p.add_argument("--steps", type=int, default=30,
                  help="timed steps of each kind (default 30; means: a Poisson step's time varies with its size)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first call (default 2)")

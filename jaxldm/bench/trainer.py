@@ -1,8 +1,11 @@
-"""`jaxldm bench trainer`: the LDM trainer's OWN jitted steps, private and not, on synthetic latents.
+"""`jaxldm bench trainer`: a DP trainer's OWN jitted steps, private and not, on synthetic data.
 
   jaxldm bench trainer --config ldm_dp:tiny --steps 30 --json trainer.json
+  jaxldm bench trainer --config autoencoder_dp:tiny --json trainer.json
 
-What is timed is one iteration of `jaxldm.train.ldm.train_and_evaluate`'s loop, minus logging:
+The LDM trainer (`trainer` "ldm": random latents and attributes, no autoencoder read) or the
+autoencoder trainer (`trainer` "autoencoder": random volumes). What is timed is one iteration of the
+trainer's loop (`jaxldm.train.ldm` / `jaxldm.train.autoencoder`'s `train_and_evaluate`), minus logging:
 
   private      state, metrics = step_fn(state, *dp_run.step_inputs(examples, step, mesh))
                (the Poisson batch of the step, padded to the batcher's static size, its mask and
@@ -10,11 +13,13 @@ What is timed is one iteration of `jaxldm.train.ldm.train_and_evaluate`'s loop, 
                per-example gradients, clipping, noise, optimizer, EMA);
   nonprivate   the non-private step (`ldm.jitted_step(config, False, ...)`) on a uniformly drawn
                batch of the DP run's expected batch size, with K = 1 noise draw per example (what a
-               non-private run does; `nonprivate_same_k` is the same with the DP config's K).
+               non-private run does; `nonprivate_same_k` is the same with the DP config's K). The
+               autoencoder has no K (K = 1): its non-private step is `autoencoder.jitted_step(config,
+               False)` at the expected batch size, the critic off as under DP.
 
 `dp.setup` runs as in training (sigma given by --sigma so nothing is calibrated; ledger and secrets
-go to a temporary directory that is removed). Latents, attributes and masks are random; no
-autoencoder or data files are read. Reported: the MEAN step times (a Poisson step's cost varies with
+go to a temporary directory that is removed). Latents, attributes, masks and volumes are random; no
+model or data files are read. Reported: the MEAN step times (a Poisson step's cost varies with
 its sampled size: the chunks of microbatch x devices rows it runs, so the run's time is steps x the
 mean; the median of such a mixture says nothing about it), the medians next to them, and
 
@@ -29,11 +34,13 @@ seed, so two records (e.g. two microbatch sizes) time the same sampled sizes.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +83,51 @@ def _state(config, private: bool, latent_shape, num_attributes: int, mesh):
   return common.replicate(state, mesh), common.count_params(params)
 
 
+@dataclasses.dataclass
+class _Trainer:
+  """What the timing loop needs from one trainer."""
+  examples: Any  # The Poisson batcher's examples (a pytree, examples on the leading axis).
+  nonprivate_examples: Any  # What the non-private step's batches are drawn from.
+  k: int  # Forward/backward passes per example in the private step (the LDM's noise multiplicity).
+  state: Callable[[Any, bool], tuple[Any, int]]  # (config, private) -> (replicated state, parameter count)
+  step: Callable[[Any, bool], Callable]  # (config, private) -> the trainer's jitted step
+  info: dict  # Shapes for the record.
+
+
+def _ldm_trainer(spec: str, config, n: int, mesh) -> _Trainer:
+  from jaxldm.train import ldm
+
+  latent_shape = _latent_shape(spec, config)
+  num_attributes = len(config.data.attributes)
+  data = _examples(n, latent_shape, num_attributes, config.seed)
+  return _Trainer(
+      examples=data, nonprivate_examples=data, k=int(config.diffusion.noise_multiplicity),
+      state=lambda cfg, private: _state(cfg, private, latent_shape, num_attributes, mesh),
+      step=lambda cfg, private: ldm.jitted_step(cfg, private, num_attributes, latent_shape[-1]),
+      info={"latent_shape": list(latent_shape), "num_attributes": num_attributes})
+
+
+def _autoencoder_trainer(config, n: int, mesh) -> _Trainer:
+  from jaxldm.infer.autoencoder import build_model
+  from jaxldm.train import autoencoder, common
+
+  autoencoder.check_private(config)  # As the trainer: no critic, no reconstruction PNGs under DP.
+  model = build_model(config.model)
+  shape = tuple(config.data.shape)
+  autoencoder.check_divisible(shape, model)
+  volumes = np.random.default_rng(config.seed).standard_normal((n, *shape)).astype(np.float32)
+
+  def state(cfg, private):
+    params = layers.init_params(model, jax.random.PRNGKey(cfg.seed), jnp.zeros((1, *shape, 1)))
+    tx = fitting.make_optimizer(cfg.optim, cfg.train.steps, private=private)
+    st = fitting.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
+                            ema_params=jax.tree_util.tree_map(jnp.copy, params))
+    return common.replicate(st, mesh), common.count_params(params)
+
+  return _Trainer(examples={"volume": volumes}, nonprivate_examples=volumes, k=1, state=state,
+                  step=autoencoder.jitted_step, info={"volume_shape": list(shape)})
+
+
 def _block(tree):
   jax.tree_util.tree_map(lambda x: x.block_until_ready(), tree)
 
@@ -85,23 +137,23 @@ def run(spec: str, overrides: Sequence[str] = (), *, steps: int = 30, warmup: in
   """Times the trainer's private and non-private steps; returns one record (see the module docstring)."""
   from rich.console import Console
 
-  from jaxldm.train import common, dp, ldm
+  from jaxldm.train import common, dp
 
   config = load_config(spec, overrides)
-  if config.get("trainer") != "ldm":
-    raise ConfigError(f"--config {spec}: bench trainer needs an LDM config (trainer 'ldm'), got {config.get('trainer')!r}")
+  kind = config.get("trainer")
+  if kind not in ("ldm", "autoencoder"):
+    raise ConfigError(f"--config {spec}: bench trainer times the LDM or the autoencoder trainer (config key "
+                      f"'trainer' 'ldm' or 'autoencoder'), got {kind!r}")
   if not config.dp.enabled:
-    raise ConfigError(f"--config {spec}: dp.enabled is False; use a DP config such as ldm_dp:tiny")
+    raise ConfigError(f"--config {spec}: dp.enabled is False; use a DP config such as ldm_dp:tiny or autoencoder_dp:tiny")
   if steps < 1:
     raise ConfigError(f"--steps {steps}: at least 1")
-  latent_shape = _latent_shape(spec, config)
-  num_attributes = len(config.data.attributes)
-  k = int(config.diffusion.noise_multiplicity)
   expected = float(config.dp.expected_batch_size)
   n = examples or max(64, int(8 * expected))
-  data = _examples(n, latent_shape, num_attributes, config.seed)
   mesh = common.make_mesh(config.train.num_devices)
   num_devices = mesh.devices.size
+  target = _ldm_trainer(spec, config, n, mesh) if kind == "ldm" else _autoencoder_trainer(config, n, mesh)
+  k = target.k
   quiet = Console(quiet=True)
   timings = {}
 
@@ -113,12 +165,12 @@ def run(spec: str, overrides: Sequence[str] = (), *, steps: int = 30, warmup: in
     dp_run = dp.setup(config.dp, tmp, n, config.train.steps, quiet, num_devices)
     if hasattr(dp_run, "resume_at"):  # A fresh run: step 0 (what the trainer calls after restoring).
       dp_run.resume_at(0)
-  step_fn = ldm.jitted_step(config, True, num_attributes, latent_shape[-1])
-  state, n_params = _state(config, True, latent_shape, num_attributes, mesh)
+  step_fn = target.step(config, True)
+  state, n_params = target.state(config, True)
   sizes, rows = {}, {}
 
   def private_step(state, step):
-    inputs = dp_run.step_inputs(data, step, mesh)
+    inputs = dp_run.step_inputs(target.examples, step, mesh)
     mask = np.asarray(jax.device_get(inputs[1]))
     sizes[step], rows[step] = int(mask.sum()), int(mask.size)
     return step_fn(state, *inputs, *dp_run.mechanism())
@@ -132,14 +184,15 @@ def run(spec: str, overrides: Sequence[str] = (), *, steps: int = 30, warmup: in
     np_config = load_config(spec, overrides)
     with np_config.unlocked():
       np_config.dp.enabled = False
-      np_config.diffusion.noise_multiplicity = kk
+      if kind == "ldm":
+        np_config.diffusion.noise_multiplicity = kk
       np_config.train.batch_size = batch_size
-    np_fn = ldm.jitted_step(np_config, False, num_attributes, latent_shape[-1])
-    np_state, _ = _state(np_config, False, latent_shape, num_attributes, mesh)
+    np_fn = target.step(np_config, False)
+    np_state, _ = target.state(np_config, False)
 
     def nonprivate_step(state, step, np_fn=np_fn, np_config=np_config):
       idx = fitting.batch_indices(np_config.seed, step, n, batch_size)
-      batch = common.shard_batch(jax.tree_util.tree_map(lambda a: a[idx], data), mesh)
+      batch = common.shard_batch(jax.tree_util.tree_map(lambda a: a[idx], target.nonprivate_examples), mesh)
       return np_fn(state, batch, fitting.step_key(np_config.seed, step))
 
     timings[name] = _time_loop(nonprivate_step, np_state, steps, warmup, progress, name)
@@ -148,8 +201,8 @@ def run(spec: str, overrides: Sequence[str] = (), *, steps: int = 30, warmup: in
   med = {name: statistics.median(t["times_s"]) for name, t in timings.items()}
   timed = timings["private"]["steps"]
   record = {
-      "kind": "jaxldm_bench_trainer", "config": spec, "overrides": list(overrides), "params": n_params,
-      "latent_shape": list(latent_shape), "num_attributes": num_attributes, "noise_multiplicity": k,
+      "kind": "jaxldm_bench_trainer", "trainer": kind, "config": spec, "overrides": list(overrides),
+      "params": n_params, **target.info, "noise_multiplicity": k,
       "examples": n, "expected_batch_size": expected, "padded_batch": dp_run.batcher.max_size,
       "microbatch_size": int(config.dp.microbatch_size), "microbatch_loop": dp.microbatch_loop(config.dp),
       "sampled_batch_sizes": [sizes[s] for s in timed], "rows_computed": [rows[s] for s in timed],
@@ -208,7 +261,7 @@ def table(record: dict):
       t.add_row(name, f"{statistics.fmean(times) * 1e3:,.1f}", f"{statistics.median(times) * 1e3:,.1f}",
                 f"{record['first_call_s'][key]:.1f}")
   t.add_row(f"DP / ({k} x nonprivate), means", f"{record['dp_over_k_nonprivate']:.3f}", "", "")
-  if record.get("dp_over_nonprivate_same_k") is not None:
+  if record.get("dp_over_nonprivate_same_k") is not None and k != 1:
     t.add_row(f"DP / nonprivate at K = {k}, means", f"{record['dp_over_nonprivate_same_k']:.3f}", "", "")
   if record.get("rows_computed"):
     t.caption += (f"; private rows computed per step {statistics.fmean(record['rows_computed']):.1f} for "

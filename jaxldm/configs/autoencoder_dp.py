@@ -26,4 +26,6 @@ def get_config(arg=None):
   variant = select_variant(arg, VARIANTS, default="default")
   c = autoencoder_config(variant, private=True)  # See the autoencoder preset; dp on, critic off.
   c.train.steps = 100 if variant == "tiny" else c.train.steps  # Optimizer steps (tiny: a CPU-sized DP run).
+  if variant == "tiny":
+    c.dp.microbatch_size = 4  # A Poisson batch (mean 8) pads to a multiple of 4, not 8: 9.1 rows per step, not 11.2; the trainer's DP step 171 -> 135 ms (benchmarks/NOTES.md, session 15).
   return c

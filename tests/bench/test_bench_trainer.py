@@ -1,5 +1,5 @@
-"""`jaxldm bench trainer`: the LDM trainer's own jitted private step (Poisson batcher included) vs its
-non-private step, on synthetic latents, with nothing left behind."""
+"""`jaxldm bench trainer`: a DP trainer's own jitted private step (Poisson batcher included) vs its
+non-private step (the LDM on synthetic latents, the autoencoder on synthetic volumes), nothing left behind."""
 
 import json
 import pathlib
@@ -83,3 +83,28 @@ def test_the_ldm_trainers_nonprivate_step_merges_examples_into_each_convolution(
              for m in [re.search(r"\(tensor<(\d+)x", line)] if m}
   assert 4 * latent_shape[0] in batches  # 4 examples x 6 slices in one 2D convolution.
   assert latent_shape[0] not in batches, batches  # No per-example (6-slice) kernel gradient.
+
+
+def test_the_autoencoder_dp_trainer_is_timed_too(tmp_path, capsys):
+  out = tmp_path / "trainer.json"
+  code = cli.main(["bench", "trainer", "--config", "autoencoder_dp:tiny", "--config.data.shape=(2,8,8)",
+                   "--config.model.channels=(4,8)", "--config.dp.microbatch_size=2", "--steps", "2",
+                   "--warmup", "0", "--json", str(out)])
+  assert code == 0
+  r = json.loads(out.read_text())
+  assert r["trainer"] == "autoencoder" and r["volume_shape"] == [2, 8, 8] and r["noise_multiplicity"] == 1
+  assert r["params"] > 0 and r["private_step_s"] > 0 and r["nonprivate_step_s"] > 0
+  assert r["dp_over_k_nonprivate"] == pytest.approx(r["private_step_s"] / r["nonprivate_step_s"])
+  assert set(r["times_s"]) == {"private", "nonprivate"}  # K = 1: no second non-private variant.
+  assert r["padded_batch"] % 2 == 0 and all(rows % 2 == 0 for rows in r["rows_computed"])
+  assert "DP / (1 x nonprivate)" in capsys.readouterr().out
+
+
+def test_trainer_refuses_what_it_cannot_time(capsys):
+  assert cli.main(["bench", "trainer", "--config", "autoencoder:tiny"]) == 2
+  assert "dp.enabled is False" in capsys.readouterr().err
+  assert cli.main(["bench", "trainer", "--config", "ssl:tiny"]) == 2
+  assert "config key 'trainer'" in capsys.readouterr().err
+  # As the trainer itself: a critic would see the private volumes outside the mechanism.
+  assert cli.main(["bench", "trainer", "--config", "autoencoder_dp:tiny", "--config.loss.adversarial_weight=0.1"]) == 2
+  assert "adversarial_weight" in capsys.readouterr().err
