@@ -232,13 +232,15 @@ def apply_override(config: ml_collections.ConfigDict, key: str, value: Any) -> N
 
 
 _ELEMENT_NAMES = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
-_BOOL_WORDS = {"true": True, "false": False}
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
+               "off": False}  # As a single boolean field takes them.
 
 
 def _element(value: Any, kind: type) -> Any:
   """One element of a tuple override as `kind` (the type of the tuple's current elements), or ValueError."""
   if kind is bool:
-    value = _BOOL_WORDS.get(value.strip().lower(), value) if isinstance(value, str) else value
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+      value = _BOOL_WORDS.get(str(value).strip().lower(), value)
     if isinstance(value, bool):
       return value
   elif kind is float:

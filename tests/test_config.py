@@ -89,8 +89,9 @@ def test_tuple_overrides_of_presets_keep_their_element_types():
     load_config("autoencoder:tiny", ["model.kernel=(1,3,x)"])
   grid = load_config("ablation:tiny", ["grid.target_epsilon=10,inf", "grid.pretrained=true,false"]).grid
   assert grid.target_epsilon == (10.0, float("inf")) and grid.pretrained == (True, False)
+  assert load_config("ablation:tiny", ["grid.pretrained=1,0"]).grid.pretrained == (True, False)
   with pytest.raises(ConfigError, match="'grid.pretrained' expects a tuple of true/false values"):
-    load_config("ablation:tiny", ["grid.pretrained=yes"])
+    load_config("ablation:tiny", ["grid.pretrained=maybe"])
 
 
 def test_unknown_variant_and_missing_file(tmp_path):
