@@ -13,6 +13,7 @@ from typing import Any
 
 import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -33,6 +34,13 @@ class TrainState:
   opt_state: Any
   ema_params: Any          # Exponential moving average of params (used for sampling).
   extra: Any = None        # Trainer-specific (e.g. discriminator params and optimizer state).
+
+
+def new_state(params, tx, *, trainable=None, extra=None) -> TrainState:
+  """Step 0: `params`, the optimizer's state for `trainable` (default: all of `params`), an EMA copy."""
+  return TrainState(step=jnp.array(0, jnp.int32), params=params,
+                    opt_state=tx.init(params if trainable is None else trainable),
+                    ema_params=jax.tree_util.tree_map(jnp.copy, params), extra=extra)
 
 
 # ---------------------------------------------------------------------------------------------

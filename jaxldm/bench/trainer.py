@@ -78,8 +78,7 @@ def _state(config, private: bool, latent_shape, num_attributes: int, mesh):
   params = layers.init_params(unet, jax.random.PRNGKey(config.seed), *dummy)
   trainable, _ = partition.split(params, config.train.trainable)
   tx = fitting.make_optimizer(config.optim, config.train.steps, private=private)
-  state = fitting.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(trainable),
-                            ema_params=jax.tree_util.tree_map(jnp.copy, params))
+  state = fitting.new_state(params, tx, trainable=trainable)
   return common.replicate(state, mesh), common.count_params(params)
 
 
@@ -120,9 +119,7 @@ def _autoencoder_trainer(config, n: int, mesh) -> _Trainer:
   def state(cfg, private):
     params = layers.init_params(model, jax.random.PRNGKey(cfg.seed), jnp.zeros((1, *shape, 1)))
     tx = fitting.make_optimizer(cfg.optim, cfg.train.steps, private=private)
-    st = fitting.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
-                            ema_params=jax.tree_util.tree_map(jnp.copy, params))
-    return common.replicate(st, mesh), common.count_params(params)
+    return common.replicate(fitting.new_state(params, tx), mesh), common.count_params(params)
 
   return _Trainer(examples={"volume": volumes}, nonprivate_examples=volumes, k=1, state=state,
                   step=autoencoder.jitted_step, info={"volume_shape": list(shape)})

@@ -106,11 +106,6 @@ def make_private_step(model, spec: TargetSpec, tx, *, microbatch_size: int, clas
   return private_step
 
 
-def new_state(params, tx) -> fitting.TrainState:
-  return fitting.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
-                           ema_params=jax.tree_util.tree_map(jnp.copy, params))
-
-
 @dataclasses.dataclass
 class Fitter:
   """Trains one architecture on in-memory arrays, many times (seeds, datasets) with one compilation.
@@ -146,7 +141,7 @@ class Fitter:
     """Returns the EMA parameters (the parameters themselves when optim.ema_decay is 0)."""
     n = len(volumes)
     params = self.init(volumes.shape[1:], seed) if params is None else params
-    state = new_state(params, self.tx)
+    state = fitting.new_state(params, self.tx)
     data = {"volume": np.asarray(volumes, np.float32), **encoded}
     bar, task = fitting.progress_bar(self.steps, 0, description)
     with fitting.maybe_progress(bar, progress):
@@ -190,7 +185,7 @@ class Fitter:
     tx, step_fn = self._private_steps[key]
     mechanism = (np.float32(noise_multiplier), np.float32(l2_clip_norm), np.float32(batcher.expected_batch_size))
     params = self.init(volumes.shape[1:], seed) if params is None else params
-    state = new_state(params, tx)
+    state = fitting.new_state(params, tx)
     data = {"volume": np.asarray(volumes, np.float32), **encoded}
     if noise_seed is not None:
       description = f"{description} [fixed noise seed: NOT SECURE]"

@@ -232,8 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     disc_tx = fitting.make_optimizer(config.optim, config.train.steps)
     extra = {"disc_params": disc_params, "disc_opt_state": disc_tx.init(disc_params)}
   tx = fitting.make_optimizer(config.optim, config.train.steps, private=private)
-  state = fitting.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
-                            ema_params=jax.tree_util.tree_map(jnp.copy, params), extra=extra)
+  state = fitting.new_state(params, tx, extra=extra)
   console.print(f"autoencoder: {common.count_params(params):,} parameters")
 
   # --- privacy ------------------------------------------------------------------------------

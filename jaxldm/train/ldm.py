@@ -253,8 +253,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> P
 
   # --- state and checkpoint -----------------------------------------------------------------
   tx = fitting.make_optimizer(config.optim, steps, private=private)
-  state = fitting.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(trainable),
-                            ema_params=jax.tree_util.tree_map(jnp.copy, params))
+  state = fitting.new_state(params, tx, trainable=trainable)
   decode = latent_decoder(ae_model, scale)
   sampler = jax.jit(functools.partial(
       sample, unet_apply(unet), schedule=schedule, prediction=config.diffusion.prediction,

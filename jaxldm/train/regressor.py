@@ -24,7 +24,7 @@ from jaxldm import fitting
 from jaxldm.config import ConfigError, to_dict
 from jaxldm.data.defaults import build_dataset
 from jaxldm.eval.controllability import compare_predictions
-from jaxldm.eval.regressor_fit import make_train_step, new_state
+from jaxldm.eval.regressor_fit import make_train_step
 from jaxldm.infer import checkpoints
 from jaxldm.infer.regressor import build_model, init_params, predict
 from jaxldm.models.regressor import TargetSpec, attributes_to_dict
@@ -84,7 +84,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   model = build_model(config.model, spec.num_outputs)
   params = init_params(model, volumes.shape[1:], config.seed)
   tx = fitting.make_optimizer(config.optim, config.train.steps)
-  state = new_state(params, tx)
+  state = fitting.new_state(params, tx)
   console.print(f"regressor: {common.count_params(params):,} parameters")
 
   # --- step ---------------------------------------------------------------------------------

@@ -209,8 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   init_key = jax.random.PRNGKey(config.seed)
   params = layers.init_params(model, init_key, jnp.zeros((1,) + volumes.shape[1:] + (1,), jnp.float32))
   tx = fitting.make_optimizer(config.optim, config.train.steps)
-  state = fitting.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
-                            ema_params=jax.tree_util.tree_map(jnp.copy, params))
+  state = fitting.new_state(params, tx)
   console.print(f"ssl encoder: {common.count_params(params):,} parameters")
 
   # --- step ---------------------------------------------------------------------------------
