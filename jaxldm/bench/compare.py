@@ -80,16 +80,7 @@ def run_twin(model: str, spec: str, overrides: Sequence[str], *, batches: Sequen
     env = dict(os.environ if environ is None else environ, JAX_PLATFORMS="cpu",
                XLA_PYTHON_CLIENT_PREALLOCATE="false")
     env.pop("XLA_FLAGS", None)  # The twin's JAX only initialises parameters: one CPU device is enough.
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0 and keep_going and os.path.exists(out):
-      with open(out) as f:  # Every configuration failed: the records say how.
-        return json.load(f)
-    if proc.returncode != 0:
-      tail = (proc.stderr or proc.stdout).strip().splitlines()
-      raise RuntimeError(f"PyTorch/Opacus twin failed (exit {proc.returncode}): "
-                         + (tail[-1] if tail else "no output"))
-    with open(out) as f:
-      return json.load(f)
+    return _records_from(cmd, out, env, "PyTorch/Opacus twin", timeout=timeout, keep_going=keep_going)
 
 
 def run_jaxldm(model: str, spec: str, overrides: Sequence[str], *, batches: Sequence[int],
@@ -102,13 +93,19 @@ def run_jaxldm(model: str, spec: str, overrides: Sequence[str], *, batches: Sequ
            "--batch", ",".join(map(str, batches)), "--modes", ",".join(modes), "--microbatch", str(microbatch),
            "--repeats", str(repeats), "--warmup", str(warmup), "--json", out,
            "--png", os.path.join(tmp, "grads.png"), *overrides]
-    proc = subprocess.run(cmd, env=dict(os.environ if environ is None else environ), capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-      tail = (proc.stderr or proc.stdout).strip().splitlines()
-      raise RuntimeError(f"jaxldm bench grads failed (exit {proc.returncode}): " + (tail[-1] if tail else "no output"))
-    with open(out) as f:
-      return json.load(f)
+    return _records_from(cmd, out, dict(os.environ if environ is None else environ), "jaxldm bench grads")
+
+
+def _records_from(cmd, out: str, env, what: str, *, timeout: float | None = None, keep_going: bool = False) -> list[dict]:
+  """Runs `cmd` (a benchmark that writes its records to `out`) and returns them; a failure raises
+  RuntimeError naming `what`, the exit code and its last line of output (with keep_going, the records
+  written before a failure are returned instead: every configuration failed, they say how)."""
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+  if proc.returncode != 0 and not (keep_going and os.path.exists(out)):
+    tail = (proc.stderr or proc.stdout).strip().splitlines()
+    raise RuntimeError(f"{what} failed (exit {proc.returncode}): " + (tail[-1] if tail else "no output"))
+  with open(out) as f:
+    return json.load(f)
 
 
 def rounds_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -251,14 +248,14 @@ def run(model: str, spec: str, overrides: Sequence[str] = (), *, batches: Sequen
 def _run_rounds(model, spec, overrides, *, batches, modes, microbatch, repeats, warmup, device, threads, rounds,
                 progress) -> dict:
   environ = rounds_environ()
+  sides = {
+      "pytorch": lambda: run_twin(model, spec, overrides, batches=batches, repeats=repeats, warmup=warmup,
+                                  device=device, threads=threads, environ=environ),
+      "jaxldm": lambda: run_jaxldm(model, spec, overrides, batches=batches, modes=modes, microbatch=microbatch,
+                                   repeats=repeats, warmup=warmup, environ=environ),
+  }
   per_round, jax_all, torch_all = [], [], []
   for i in range(rounds):
-    sides = {
-        "pytorch": lambda: run_twin(model, spec, overrides, batches=batches, repeats=repeats, warmup=warmup,
-                                    device=device, threads=threads, environ=environ),
-        "jaxldm": lambda: run_jaxldm(model, spec, overrides, batches=batches, modes=modes, microbatch=microbatch,
-                                     repeats=repeats, warmup=warmup, environ=environ),
-    }
     order = ["pytorch", "jaxldm"] if i % 2 == 0 else ["jaxldm", "pytorch"]  # Drift hits both sides alike.
     got = {}
     for side in order:
