@@ -865,7 +865,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "(batched, batched_slices, batched_taps: the non-private step), per example with XLA's "
                   "convolution (native, the GPU/TPU default) and on the CPU routes (slices: 2D convolutions "
                   "over slices and one 2D kernel gradient per example, the CPU default; taps: per-tap GEMM "
-                  "kernel gradients). The count-weighted totals say how much of "
+                  "kernel gradients); with pytorch in --variants, PyTorch's batched work too (the bench "
+                  "extra), layer by layer against jaxldm's. The count-weighted totals say how much of "
                   "the private step's overhead the convolutions explain. Example: jaxldm bench convs "
                   "--model unet --config ldm:paper --batch 8 --json convs.json")
   p.add_argument("--model", choices=("unet", "autoencoder"), required=True, help="which network")
@@ -873,8 +874,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
   p.add_argument("--variants", type=lambda t: tuple(m.strip() for m in t.split(",") if m.strip()),
                  default=("batched", "batched_slices", "batched_taps", "native", "slices", "taps"),
-                 help="comma-separated subset of batched,batched_slices,batched_taps,native,slices,taps "
-                      "(default all)")
+                 help="comma-separated subset of batched,batched_slices,batched_taps,native,slices,taps,"
+                      "pytorch (default all but pytorch, which needs pip install -e '.[bench]')")
   p.add_argument("--max-layers", type=int, default=0,
                  help="time only the N distinct layers with the most flops x count (default 0: all)")
   p.add_argument("--repeats", type=int, default=10, help="timed repeats (default 10; the median is reported)")

@@ -16,6 +16,9 @@ gradient and kernel gradient of `sum(conv(x, w) * dy)`):
                   (the private step with `--conv native`, the default on GPUs/TPUs);
   slices          the same on the CPU route, one 2D kernel gradient per example (the private step on CPUs);
   taps            the same with per-tap GEMM kernel gradients.
+  pytorch         the batched work in PyTorch (`torch.nn.functional.conv{1,2,3}d`, channels-first, all
+                  cores as `jaxldm bench compare` runs it; the bench extra): which layers the non-private
+                  step loses to PyTorch's, layer by layer. Not in the default set.
 
 Each record gives the medians, the ratios to `batched`, and the layer's count, so the sums
 weighted by count say how much of the model's private-step overhead (`jaxldm bench grads`) the
@@ -29,6 +32,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -39,7 +43,8 @@ from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 
-VARIANTS = ("batched", "batched_slices", "batched_taps", "native", "slices", "taps")
+VARIANTS = ("batched", "batched_slices", "batched_taps", "native", "slices", "taps", "pytorch")
+JAX_VARIANTS = VARIANTS[:-1]  # The default set: the PyTorch column needs the optional bench extra.
 # The CPU route each variant traces (jaxldm.models.conv); the others use XLA's convolution.
 _ROUTES = {"batched_slices": "slices", "batched_taps": "taps", "slices": "slices", "taps": "taps"}
 
@@ -145,7 +150,42 @@ def _native(layer: Layer, x, w):
                                   feature_group_count=layer.feature_group_count)
 
 
-def time_layer(layer: Layer, batch: int, *, variants: Sequence[str] = VARIANTS, repeats: int = 10,
+def torch_layer_fn(layer: Layer, x, w, dy):
+  """fn() -> (dx, dw): the layer's batched backward work in PyTorch, on copies of the (channels-last)
+  JAX arrays, as the PyTorch twin's convolutions run it: the padding applied with F.pad (explicit, possibly
+  asymmetric, as jaxldm's), then conv{1,2,3}d channels-first. dx and dw are PyTorch's layouts
+  (channels-first; (out, in, spatial...)); `to_channels_last` turns them into JAX's."""
+  import torch
+  import torch.nn.functional as F
+
+  from jaxldm.config import ConfigError
+
+  if set(layer.lhs_dilation) != {1}:
+    raise ConfigError(f"--variants pytorch: layer {layer.describe()} has input dilation (a transposed "
+                      "convolution), which this comparison does not port")
+  spatial = len(layer.strides)
+  to_first = lambda a: torch.from_numpy(np.moveaxis(np.asarray(a, np.float32), -1, 1).copy())
+  xt = to_first(x).requires_grad_(True)
+  wt = torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(w, np.float32), (-1, -2), (0, 1))))
+  wt.requires_grad_(True)
+  dyt = to_first(dy)
+  pads = [p for lo_hi in reversed(layer.padding) for p in lo_hi]  # F.pad lists the LAST axis first.
+  conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
+
+  def fn():
+    y = conv(F.pad(xt, pads), wt, stride=layer.strides, dilation=layer.rhs_dilation,
+             groups=layer.feature_group_count)
+    return torch.autograd.grad(y, (xt, wt), dyt)
+  return fn
+
+
+def to_channels_last(dx, dw) -> tuple[np.ndarray, np.ndarray]:
+  """`torch_layer_fn`'s gradients in JAX's layouts: dx (B, spatial..., C), dw (spatial..., in, out)."""
+  return (np.moveaxis(dx.detach().numpy(), 1, -1),
+          np.moveaxis(dw.detach().numpy(), (0, 1), (-1, -2)))
+
+
+def time_layer(layer: Layer, batch: int, *, variants: Sequence[str] = JAX_VARIANTS, repeats: int = 10,
                warmup: int = 2, seed: int = 0) -> dict:
   """Median seconds per variant (the variants alternate in every repeat), and compile seconds."""
   from jaxldm.bench.grads import _block
@@ -158,19 +198,24 @@ def time_layer(layer: Layer, batch: int, *, variants: Sequence[str] = VARIANTS, 
   w = normal(layer.kernel_shape, 0.05)
   y = jax.eval_shape(lambda a, b: _native(layer, a, b), x, w)
   dy = normal(y.shape)
-  compiled, compile_s = {}, {}
+  calls, compile_s = {}, {}
   for v in variants:
     t0 = time.perf_counter()
-    compiled[v] = jax.jit(_layer_fn(layer, v)).lower(x, w, dy).compile()
+    if v == "pytorch":
+      calls[v] = torch_layer_fn(layer, x, w, dy)
+      calls[v]()  # PyTorch's first call (oneDNN primitive creation) stands for the compile.
+    else:
+      compiled = jax.jit(_layer_fn(layer, v)).lower(x, w, dy).compile()
+      calls[v] = lambda compiled=compiled: _block(compiled(x, w, dy))
     compile_s[v] = time.perf_counter() - t0
   for v in variants:
     for _ in range(warmup):
-      _block(compiled[v](x, w, dy))
+      calls[v]()
   times = {v: [] for v in variants}
   for _ in range(repeats):
     for v in variants:  # Alternate: load drift hits every variant alike.
       t0 = time.perf_counter()
-      _block(compiled[v](x, w, dy))
+      calls[v]()  # PyTorch on CPU returns when its gradients are computed (no queue to wait for).
       times[v].append(time.perf_counter() - t0)
   return {"step_s": {v: statistics.median(t) for v, t in times.items()}, "compile_s": compile_s,
           "times_s": times}
@@ -182,9 +227,14 @@ def check_variants(variants: Sequence[str]) -> None:
   for v in variants:
     if v not in VARIANTS:
       raise ConfigError(f"--variants: unknown {v!r}; choose from {', '.join(VARIANTS)}")
+  if "pytorch" in variants:
+    from jaxldm.bench import compare
+
+    if compare.torch_missing()[:1] == ["torch"]:  # Opacus is not needed for convolutions.
+      raise ConfigError(f"--variants pytorch needs torch, not installed: {compare.INSTALL_HINT}")
 
 
-def run(target, batch: int, *, variants: Sequence[str] = VARIANTS, repeats: int = 10, warmup: int = 2,
+def run(target, batch: int, *, variants: Sequence[str] = JAX_VARIANTS, repeats: int = 10, warmup: int = 2,
         max_layers: int = 0, progress=None) -> list[dict]:
   """One record per distinct convolution of `target`'s model, largest first.
 
@@ -196,6 +246,10 @@ def run(target, batch: int, *, variants: Sequence[str] = VARIANTS, repeats: int 
   if max_layers > 0:
     layers = layers[:max_layers]
   device = jax.local_devices()[0]
+  if "pytorch" in variants:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)  # As `jaxldm bench compare` runs the twin: all cores.
   records = []
   for i, (layer, count) in enumerate(layers):
     if progress:
@@ -209,8 +263,16 @@ def run(target, batch: int, *, variants: Sequence[str] = VARIANTS, repeats: int 
            "date": datetime.date.today().isoformat(), "jax": jax.__version__}
     if "batched" in t["step_s"]:
       rec["ratio_to_batched"] = {v: s / t["step_s"]["batched"] for v, s in t["step_s"].items()}
+    if "pytorch" in t["step_s"]:
+      rec["ratio_to_pytorch"] = {v: s / t["step_s"]["pytorch"] for v, s in t["step_s"].items() if v != "pytorch"}
+      rec["torch_version"], rec["torch_threads"] = _torch_info()
     records.append(rec)
   return records
+
+
+def _torch_info() -> tuple[str, int]:
+  import torch
+  return torch.__version__, torch.get_num_threads()
 
 
 def totals(records: list[dict]) -> dict:
@@ -227,17 +289,18 @@ def table(records: list[dict], title: str = ""):
 
   variants = list(records[0]["step_s"]) if records else []
   t = Table(title=title)
-  for col in ["layer", "count"] + [f"{v} ms" for v in variants] + [f"{v} / batched" for v in variants if v != "batched"]:
+  # Ratios to `batched` (XLA's own batched convolution), and to PyTorch's when it was timed.
+  bases = [b for b in ("batched", "pytorch") if b in variants]
+  ratios = [(v, b) for b in bases for v in variants if v != b and v != "pytorch"]
+  for col in ["layer", "count"] + [f"{v} ms" for v in variants] + [f"{v} / {b}" for v, b in ratios]:
     t.add_column(col, justify="left" if col == "layer" else "right", no_wrap=col == "layer")
   for r in records:
     cells = [r["layer"], str(r["count"])] + [f"{r['step_s'][v] * 1e3:,.2f}" for v in variants]
-    if "ratio_to_batched" in r:
-      cells += [f"{r['ratio_to_batched'][v]:.2f}" for v in variants if v != "batched"]
+    cells += [f"{r['step_s'][v] / r['step_s'][b]:.2f}" for v, b in ratios]
     t.add_row(*cells)
   tot = totals(records)
   if tot:
     cells = ["all layers (x count)", str(sum(r["count"] for r in records))] + [f"{tot[v] * 1e3:,.1f}" for v in variants]
-    if "batched" in tot:
-      cells += [f"{tot[v] / tot['batched']:.2f}" for v in variants if v != "batched"]
+    cells += [f"{tot[v] / tot[b]:.2f}" for v, b in ratios]
     t.add_row(*cells, style="bold")
   return t

@@ -87,3 +87,47 @@ def test_unknown_variant_is_a_user_error(tmp_path, capsys):
                    "--variants", "batched,fast", "--json", str(out)])
   assert code == 2 and not out.exists()
   assert "--variants: unknown 'fast'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("strides,padding,dilation", [((1, 1, 1), ((1, 1), (1, 1), (1, 1)), (1, 1, 1)),
+                                                      ((1, 2, 2), ((0, 0), (0, 1), (0, 1)), (1, 1, 1)),
+                                                      ((1, 1, 1), ((2, 0), (2, 2), (0, 2)), (1, 2, 2))])
+def test_pytorch_variant_computes_the_same_gradients(strides, padding, dilation):
+  """The PyTorch column times the same work: its gradients (back in JAX's layouts) equal `batched`'s,
+  asymmetric padding and kernel dilation included."""
+  pytest.importorskip("torch")
+  layer = convs.Layer((3, 7, 6, 4), (3, 3, 3, 4, 5), strides, padding, dilation, (1, 1, 1), 1, "float32")
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2,) + layer.input_shape, np.float32))
+  w = jnp.asarray(0.1 * rng.standard_normal(layer.kernel_shape, np.float32))
+  dy = jnp.asarray(rng.standard_normal(convs._native(layer, x, w).shape, np.float32))
+  want_dx, want_dw = jax.jit(convs._layer_fn(layer, "batched"))(x, w, dy)
+  dx, dw = convs.to_channels_last(*convs.torch_layer_fn(layer, x, w, dy)())
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dw, want_dw, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_pytorch_column(tmp_path, capsys):
+  pytest.importorskip("torch")
+  out = tmp_path / "convs.json"
+  code = cli.main(["bench", "convs", "--model", "autoencoder", "--config", "autoencoder:tiny", *AE_TINY,
+                   "--batch", "2", "--variants", "batched_slices,pytorch", "--max-layers", "1", "--repeats", "1",
+                   "--warmup", "0", "--json", str(out)])
+  assert code == 0
+  (record,) = json.loads(out.read_text())
+  assert set(record["step_s"]) == {"batched_slices", "pytorch"}
+  assert record["ratio_to_pytorch"]["batched_slices"] == pytest.approx(
+      record["step_s"]["batched_slices"] / record["step_s"]["pytorch"])
+  assert record["torch_threads"] >= 1 and record["torch_version"]
+  assert "batched_slices / pytorch" in capsys.readouterr().out
+
+
+def test_pytorch_variant_without_torch_names_the_install(monkeypatch, tmp_path, capsys):
+  from jaxldm.bench import compare
+
+  monkeypatch.setattr(compare, "torch_missing", lambda: ["torch", "opacus"])
+  out = tmp_path / "convs.json"
+  code = cli.main(["bench", "convs", "--model", "autoencoder", "--config", "autoencoder:tiny", *AE_TINY,
+                   "--variants", "batched,pytorch", "--json", str(out)])
+  assert code == 2 and not out.exists()
+  assert "--variants pytorch needs torch" in capsys.readouterr().err and "[bench]" in compare.INSTALL_HINT
