@@ -53,6 +53,7 @@ import flax.linen as nn
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 WEIGHT_GRADS = ("auto", "slices", "taps", "native")
 # Per-example kernel gradients computed one 2D convolution per example (unrolled) up to this many
@@ -374,6 +375,49 @@ def pointwise(x, kernel):
   """
   c, o = kernel.shape[-2:]
   return lax.dot_general(x, kernel.reshape(c, o), (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _phase_taps(stride: int, size: int) -> list[tuple[np.ndarray, tuple[int, int]]]:
+  """One axis of `upsampled_conv`: per output phase a < stride, (taps, pads).
+
+  Output o = stride * i + a of a SAME convolution (kernel `size`, pad below p = (size - 1) // 2) over the
+  nearest-upsampled axis reads upsampled index o + t - p for tap t, i.e. input index i + (a + t - p) // stride:
+  the taps that land on the same input index add up. `taps` (n_a, size) maps the kernel's taps to the
+  phase's n_a effective ones; `pads` is the zero padding of the input that those offsets need (an upsampled
+  index is outside the volume exactly when its input index is)."""
+  p = (size - 1) // 2
+  out = []
+  for a in range(stride):
+    offsets = sorted({(a + t - p) // stride for t in range(size)})
+    taps = np.zeros((len(offsets), size), np.float32)
+    for t in range(size):
+      taps[offsets.index((a + t - p) // stride), t] = 1.0
+    out.append((taps, (-offsets[0], offsets[-1])))
+  return out
+
+
+def upsampled_conv(x, kernel, strides):
+  """conv(nearest_upsample(x, strides), kernel, SAME, stride 1) computed on x's own grid, phase by phase.
+
+  x (N, D, H, W, C), kernel (kd, kh, kw, C, O). Nearest upsampling repeats every voxel; the convolution
+  that follows sees, for each output phase (the position within a repeated block), a fixed smaller kernel
+  on the low-resolution input (the sum of the taps that read the same voxel: `_phase_taps`). So the
+  layer is prod(strides) convolutions of x with those kernels (2 x 2 in-plane for a 3 x 3 kernel and
+  stride 2: 2.25x fewer flops, and no upsampled copy to write, store for the backward pass and read
+  back), interleaved. Same result to float rounding; the kernel's gradient flows through the tap sums.
+  Tiny UNet's layer (batch 8, 6x8x8 32 -> 32, forward + both gradients) 7.5-9.9 -> 2.8 ms, per example
+  4.7-4.9 ms either way; tiny autoencoder's (6x16x16 16 -> 8) 5.7 -> 2.8 ms, per example 6.1 -> 3.2 ms
+  (benchmarks/NOTES.md, session 16)."""
+  per_axis = [_phase_taps(s, k) for s, k in zip(strides, kernel.shape[:-2])]
+  phases = []
+  for (td, pd), (th, ph), (tw, pw) in itertools.product(*per_axis):
+    k = jnp.einsum("dt,eu,fv,tuvio->defio", td, th, tw, kernel.astype(jnp.float32)).astype(kernel.dtype)
+    phases.append(conv_general_dilated(x, k, (1, 1, 1), (pd, ph, pw)))
+  y = jnp.stack(phases, axis=-2)  # (N, D, H, W, phases, O), phases in (d, h, w) order.
+  n, d, h, w = y.shape[:4]
+  sd, sh, sw = strides
+  y = y.reshape(n, d, h, w, sd, sh, sw, -1).transpose(0, 1, 4, 2, 5, 3, 6, 7)
+  return y.reshape(n, d * sd, h * sh, w * sw, -1)
 
 
 @functools.lru_cache(maxsize=None)

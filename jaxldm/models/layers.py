@@ -110,8 +110,29 @@ class Downsample(nn.Module):
     return Conv(self.features, self.kernel, strides=self.stride, padding="SAME", dtype=self.dtype)(x)
 
 
+class _UpsampledConv(nn.Module):
+  """nn.Conv(features, kernel, padding="SAME") applied to x nearest-upsampled by `stride`, computed without
+  the upsampled copy (`conv.upsampled_conv`). Its parameters are nn.Conv's: same names, shapes, initialisers."""
+  features: int
+  kernel: Triple
+  stride: Triple
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.Conv.kernel_init, tuple(self.kernel) + (x.shape[-1], self.features),
+                        jnp.float32)
+    bias = self.param("bias", nn.Conv.bias_init, (self.features,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return conv.upsampled_conv(x, kernel, tuple(self.stride)) + bias
+
+
 class Upsample(nn.Module):
-  """Nearest-neighbour upsampling by `stride` then a convolution (no checkerboard artefacts)."""
+  """Nearest-neighbour upsampling by `stride` then a convolution (no checkerboard artefacts).
+
+  On the CPU convolution route the two are computed as one phase-decomposed convolution of the
+  low-resolution input (`conv.upsampled_conv`: same parameters, same result to float rounding, ~2x
+  faster); with XLA's own convolutions (other backends, not measured there) as written."""
   features: int
   stride: Triple = (2, 2, 2)
   kernel: Triple = (3, 3, 3)
@@ -119,6 +140,8 @@ class Upsample(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    if conv.resolved_weight_grad() != "native" and x.ndim == 5:
+      return _UpsampledConv(self.features, self.kernel, self.stride, dtype=self.dtype, name="Conv_0")(x)
     for axis, s in zip((1, 2, 3), self.stride):
       if s > 1:
         x = jnp.repeat(x, s, axis=axis)

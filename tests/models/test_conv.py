@@ -200,6 +200,57 @@ def test_conv_module_is_nn_conv():
     np.testing.assert_allclose(ours.apply(p1, x), theirs.apply(p2, x), rtol=1e-5, atol=1e-5)
 
 
+UPSAMPLE_CASES = [((1, 2, 2), (1, 3, 3)),   # Thick-slice decoders: in-plane upsampling.
+                  ((2, 2, 2), (3, 3, 3)),   # Isotropic.
+                  ((1, 2, 2), (3, 4, 4)),   # Even kernel (SAME pads it unevenly).
+                  ((3, 1, 2), (1, 3, 1))]   # Stride 3, a stride-1 axis, a kernel of one tap.
+
+
+def _upsample_then_conv(x, w, strides):
+  for axis, s in zip((1, 2, 3), strides):
+    x = jnp.repeat(x, s, axis=axis)
+  return lax.conv_general_dilated(x, w, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
+
+@pytest.mark.parametrize("strides, kernel", UPSAMPLE_CASES)
+def test_upsampled_conv_is_upsampling_then_conv(strides, kernel):
+  """The phase decomposition equals nearest upsampling followed by XLA's SAME convolution: values, and
+  gradients batched and per example (DP-SGD), for the kernel and the input."""
+  x, w = _inputs((2, 3, 4, 5), kernel, cin=3, cout=4)
+  loss = lambda f: lambda w, x: jnp.sum(jnp.sin(f(x, w, strides)))
+
+  @jax.jit
+  def gradients(w, x):
+    return {side: (f(x, w, strides), jax.grad(loss(f), argnums=(0, 1))(w, x),
+                   jax.vmap(jax.grad(loss(f), argnums=(0, 1)), in_axes=(None, 0))(w, x[:, None]))
+            for side, f in (("ours", conv.upsampled_conv), ("plain", _upsample_then_conv))}
+
+  out = gradients(w, x)
+  assert out["ours"][0].shape == (2, 3 * strides[0], 4 * strides[1], 5 * strides[2], 4)
+  for a, b in zip(jax.tree_util.tree_leaves(out["ours"]), jax.tree_util.tree_leaves(out["plain"])):
+    np.testing.assert_allclose(a, b, **TOL)
+
+
+def test_upsample_module_keeps_nn_conv_parameters():
+  """On the CPU route `Upsample` computes phase by phase; its parameters (names, shapes, initial values)
+  are those of the nn.Conv it replaced, and it gives the same output as the written-out form."""
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 4, 4, 5))
+  module = layers.Upsample(6, (1, 2, 2), (1, 3, 3))
+  with conv.weight_grad("native"):  # Upsampling then a convolution, as written.
+    plain = module.init(jax.random.PRNGKey(0), x)
+    want = jax.jit(module.apply)(plain, x)
+    upsampled_copy = "f32[2,3,8,8,5]"
+    assert upsampled_copy in str(jax.make_jaxpr(module.apply)(plain, x))
+  with conv.weight_grad("slices"):
+    ours = module.init(jax.random.PRNGKey(0), x)
+    got = jax.jit(module.apply)(ours, x)
+    jaxpr = str(jax.make_jaxpr(module.apply)(ours, x))
+  assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(plain)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, ours, plain)
+  np.testing.assert_allclose(got, want, **TOL)
+  assert upsampled_copy not in jaxpr  # The upsampled input is never written.
+
+
 def test_weight_grad_setting_is_validated_and_restored():
   before = conv.resolved_weight_grad()
   with conv.weight_grad("native"):
