@@ -130,9 +130,9 @@ class _UpsampledConv(nn.Module):
 class Upsample(nn.Module):
   """Nearest-neighbour upsampling by `stride` then a convolution (no checkerboard artefacts).
 
-  On the CPU convolution route the two are computed as one phase-decomposed convolution of the
-  low-resolution input (`conv.upsampled_conv`: same parameters, same result to float rounding, ~2x
-  faster); with XLA's own convolutions (other backends, not measured there) as written."""
+  On the CPU convolution route the two are computed as convolutions of the low-resolution input, one
+  per output phase (`conv.upsampled_conv`: same parameters, same result to float rounding, ~2x faster
+  per layer); with XLA's own convolutions (other backends, not measured there) as written."""
   features: int
   stride: Triple = (2, 2, 2)
   kernel: Triple = (3, 3, 3)
