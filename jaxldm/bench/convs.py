@@ -25,6 +25,11 @@ weighted by count say how much of the model's private-step overhead (`jaxldm ben
 convolutions explain, and which kernel gradient to pick per backend. Measured on an H200
 (2026-12-04) the paper models' private step cost 3-6x the non-private one (`benchmarks/RESULTS.md`,
 "GPU"); this is the measurement that locates it.
+
+The layers are those of the native trace. On the CPU route an upsampling layer (nearest upsampling
+then a convolution) runs as one smaller convolution per output phase of the low-resolution input
+(`jaxldm.models.conv.upsampled_conv`, ~2x less work); its row here times the convolution of the
+upsampled input, as XLA's native route runs it.
 """
 
 from __future__ import annotations
