@@ -311,15 +311,15 @@ def rows_markdown(summary: dict) -> str:
   from jaxldm.bench import convs as convs_lib
 
   conv_ok = [r for r in summary.get("conv_layers", []) if "step_s" in r]
-  per_example = [v for v in convs_lib.VARIANTS if not v.startswith("batched")]
+  per_example = [v for v in convs_lib.JAX_VARIANTS if not v.startswith("batched")]
   if conv_ok:
     lines += ["", f"Convolution layers (`jaxldm bench convs`, {conv_ok[0]['dtype']}, batch {conv_ok[0]['batch']}; "
               f"backward of one layer, ms; {'/'.join(per_example)}: per-example kernel gradients):", "",
-              "| model | layer | count | " + " | ".join(v.replace("_", " ") for v in convs_lib.VARIANTS)
+              "| model | layer | count | " + " | ".join(v.replace("_", " ") for v in convs_lib.JAX_VARIANTS)
               + " | " + " | ".join(f"{v} / batched" for v in per_example) + " |",
-              "|---|---|---|" + "---|" * (len(convs_lib.VARIANTS) + len(per_example))]
+              "|---|---|---|" + "---|" * (len(convs_lib.JAX_VARIANTS) + len(per_example))]
     for r in conv_ok:
-      ms = [f"{r['step_s'][v] * 1e3:,.2f}" if v in r["step_s"] else "-" for v in convs_lib.VARIANTS]
+      ms = [f"{r['step_s'][v] * 1e3:,.2f}" if v in r["step_s"] else "-" for v in convs_lib.JAX_VARIANTS]
       ratio = [f"{r['ratio_to_batched'][v]:.2f}" if v in r.get("ratio_to_batched", {}) else "-"
                for v in per_example]
       lines.append(f"| {r['model']} | {r['layer']} | {r['count']} | " + " | ".join(ms + ratio) + " |")

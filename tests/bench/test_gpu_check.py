@@ -52,6 +52,8 @@ def test_tiny_check_end_to_end(tmp_path, capsys):
   assert len(rows) == 8 and all(line.endswith("| ok |") for line in rows)
   assert "x nonprivate" in section and "useful TFLOP/s" in section
   assert f"| autoencoder | {conv[0]['layer']} | {conv[0]['count']} |" in section
+  (layer_row,) = [line for line in section.splitlines() if line.startswith(f"| autoencoder | {conv[0]['layer']} |")]
+  assert layer_row.count("|") == 1 + 3 + 6 + 3  # model, layer, count; six JAX variants; three per-example ratios.
   assert "autoencoder" in capsys.readouterr().out
 
 
