@@ -16,9 +16,10 @@ gradient and kernel gradient of `sum(conv(x, w) * dy)`):
                   (the private step with `--conv native`, the default on GPUs/TPUs);
   slices          the same on the CPU route, one 2D kernel gradient per example (the private step on CPUs);
   taps            the same with per-tap GEMM kernel gradients.
-  pytorch         the batched work in PyTorch (`torch.nn.functional.conv{1,2,3}d`, channels-first, all
-                  cores as `jaxldm bench compare` runs it; the bench extra): which layers the non-private
-                  step loses to PyTorch's, layer by layer. Not in the default set.
+  pytorch         the batched work in PyTorch on the CPU (`torch.nn.functional.conv{1,2,3}d`, float32,
+                  channels-first, all cores as `jaxldm bench compare` runs it; the bench extra): which
+                  layers the non-private step loses to PyTorch's, layer by layer. Not in the default set;
+                  only where JAX runs on the CPU too.
 
 Each record gives the medians, the ratios to `batched`, and the layer's count, so the sums
 weighted by count say how much of the model's private-step overhead (`jaxldm bench grads`) the
@@ -192,7 +193,8 @@ def to_channels_last(dx, dw) -> tuple[np.ndarray, np.ndarray]:
 
 def time_layer(layer: Layer, batch: int, *, variants: Sequence[str] = JAX_VARIANTS, repeats: int = 10,
                warmup: int = 2, seed: int = 0) -> dict:
-  """Median seconds per variant (the variants alternate in every repeat), and compile seconds."""
+  """Median seconds per variant (the JAX variants alternate in every repeat; PyTorch's run after them), and
+  compile seconds."""
   from jaxldm.bench.grads import _block
 
   dtype = jnp.dtype(layer.dtype)
@@ -258,6 +260,11 @@ def run(target, batch: int, *, variants: Sequence[str] = JAX_VARIANTS, repeats: 
   if "pytorch" in variants:
     import torch
 
+    from jaxldm.config import ConfigError
+
+    if jax.default_backend() != "cpu":
+      raise ConfigError(f"--variants pytorch times PyTorch on the CPU, but JAX runs on {jax.default_backend()} "
+                        "here: compare on one device with `jaxldm bench compare --device ...`")
     torch.set_num_threads(os.cpu_count() or 1)  # As `jaxldm bench compare` runs the twin: all cores.
   records = []
   for i, (layer, count) in enumerate(layers):

@@ -131,3 +131,14 @@ def test_pytorch_variant_without_torch_names_the_install(monkeypatch, tmp_path, 
                    "--variants", "batched,pytorch", "--json", str(out)])
   assert code == 2 and not out.exists()
   assert "--variants pytorch needs torch" in capsys.readouterr().err and "[bench]" in compare.INSTALL_HINT
+
+
+def test_pytorch_variant_refuses_a_jax_accelerator(monkeypatch):
+  """PyTorch's column is CPU time: against JAX on a GPU it would compare two devices."""
+  pytest.importorskip("torch")
+  from jaxldm.config import ConfigError
+
+  target = grads.build_target("autoencoder", "autoencoder:tiny", AE_TINY)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with pytest.raises(ConfigError, match="PyTorch on the CPU, but JAX runs on gpu"):
+    convs.run(target, 2, variants=("batched", "pytorch"), max_layers=1, repeats=1, warmup=0)
