@@ -233,7 +233,7 @@ def apply_override(config: ml_collections.ConfigDict, key: str, value: Any) -> N
 
 _ELEMENT_NAMES = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
-               "off": False}  # As a single boolean field takes them.
+               "off": False}  # What a boolean field, or an element of a tuple of booleans, takes.
 
 
 def _element(value: Any, kind: type) -> Any:
@@ -262,12 +262,10 @@ def parse_value(text: str, current: Any, key: str) -> Any:
     return ConfigError(f"config key {key!r} expects {kind}, got {text!r}")
 
   if isinstance(current, bool):
-    low = text.strip().lower()
-    if low in ("true", "1", "yes", "on"):
-      return True
-    if low in ("false", "0", "no", "off"):
-      return False
-    raise fail("true or false")
+    value = _BOOL_WORDS.get(text.strip().lower())
+    if value is None:
+      raise fail("true or false")
+    return value
   if isinstance(current, int):
     try:
       return int(text)
