@@ -64,6 +64,13 @@ def test_config_is_locked(tmp_path):
     c.model.widht = 3
 
 
+@pytest.mark.parametrize("word, value", [("yes", True), ("On", True), ("1", True), ("off", False), ("NO", False),
+                                         ("0", False), ("false", False)])
+def test_boolean_words(tmp_path, word, value):
+  c = load_config(str(_write(tmp_path, SAMPLE)), [f"model.attention={word}"])
+  assert c.model.attention is value
+
+
 def test_bad_values_name_the_key(tmp_path):
   path = _write(tmp_path, SAMPLE)
   with pytest.raises(ConfigError, match="'model.width' expects an integer"):
