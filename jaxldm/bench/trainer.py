@@ -43,7 +43,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxldm import fitting, hostmem
@@ -70,16 +69,11 @@ def _latent_shape(spec: str, config) -> tuple[int, ...]:
 
 def _state(config, private: bool, latent_shape, num_attributes: int, mesh):
   from jaxldm.infer.ldm import build_unet
-  from jaxldm.train import common, partition
+  from jaxldm.train import common, ldm
 
   unet = build_unet(config.model, num_attributes, latent_shape[-1])
-  dummy = (jnp.zeros((1,) + tuple(latent_shape)), jnp.zeros((1,), jnp.int32),
-           jnp.zeros((1, num_attributes)), jnp.ones((1, num_attributes)))
-  params = layers.init_params(unet, jax.random.PRNGKey(config.seed), *dummy)
-  trainable, _ = partition.split(params, config.train.trainable)
-  tx = fitting.make_optimizer(config.optim, config.train.steps, private=private)
-  state = fitting.new_state(params, tx, trainable=trainable)
-  return common.replicate(state, mesh), common.count_params(params)
+  params = layers.init_params(unet, jax.random.PRNGKey(config.seed), *ldm.unet_inputs(latent_shape, num_attributes))
+  return common.replicate(ldm.initial_state(config, params, private), mesh), common.count_params(params)
 
 
 @dataclasses.dataclass
@@ -117,9 +111,8 @@ def _autoencoder_trainer(config, n: int, mesh) -> _Trainer:
   volumes = np.random.default_rng(config.seed).standard_normal((n, *shape)).astype(np.float32)
 
   def state(cfg, private):
-    params = layers.init_params(model, jax.random.PRNGKey(cfg.seed), jnp.zeros((1, *shape, 1)))
-    tx = fitting.make_optimizer(cfg.optim, cfg.train.steps, private=private)
-    return common.replicate(fitting.new_state(params, tx), mesh), common.count_params(params)
+    initial = autoencoder.initial_state(cfg, model, shape, private)
+    return common.replicate(initial, mesh), common.count_params(initial.params)
 
   return _Trainer(examples={"volume": volumes}, nonprivate_examples=volumes, k=1, state=state,
                   step=autoencoder.jitted_step, info={"volume_shape": list(shape)})

@@ -166,6 +166,24 @@ def jitted_step(config: ml_collections.ConfigDict, private: bool):
   return common.cached(key, build)
 
 
+def initial_state(config: ml_collections.ConfigDict, model, volume_shape, private: bool) -> fitting.TrainState:
+  """Step 0 of a run: the model's parameters drawn from `config.seed`, the optimizer's state, the EMA
+  copy and, with an adversarial term, the critic's parameters (key folded with 1) and optimizer state.
+  The trainer and `jaxldm bench trainer` start from this same state."""
+  init_key = jax.random.PRNGKey(config.seed)
+  dummy = jnp.zeros((1, *volume_shape, 1), jnp.float32)
+  params = layers.init_params(model, init_key, dummy)
+  if private:
+    clipping.check_no_batch_stats(params)  # Batch statistics would couple examples (invariant 1).
+  extra = None
+  if config.loss.adversarial_weight > 0:
+    disc_params = layers.init_params(make_critic(config), jax.random.fold_in(init_key, 1), dummy)
+    disc_tx = fitting.make_optimizer(config.optim, config.train.steps)
+    extra = {"disc_params": disc_params, "disc_opt_state": disc_tx.init(disc_params)}
+  tx = fitting.make_optimizer(config.optim, config.train.steps, private=private)
+  return fitting.new_state(params, tx, extra=extra)
+
+
 def make_critic(config: ml_collections.ConfigDict) -> PatchDiscriminator3D:
   return PatchDiscriminator3D(channels=tuple(config.disc.channels), kernel=as_triple(config.disc.kernel),
                               stride=as_triple(config.disc.stride))
@@ -219,21 +237,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   # --- model --------------------------------------------------------------------------------
   model = build_model(config.model)
   check_divisible(volumes.shape[1:], model)
-  init_key = jax.random.PRNGKey(config.seed)
-  dummy = jnp.zeros((1,) + volumes.shape[1:] + (1,), jnp.float32)
-  params = layers.init_params(model, init_key, dummy)
-  if private:
-    clipping.check_no_batch_stats(params)  # Batch statistics would couple examples (invariant 1).
-  disc = disc_tx = None
-  extra = None
-  if config.loss.adversarial_weight > 0:
-    disc = make_critic(config)
-    disc_params = layers.init_params(disc, jax.random.fold_in(init_key, 1), dummy)
-    disc_tx = fitting.make_optimizer(config.optim, config.train.steps)
-    extra = {"disc_params": disc_params, "disc_opt_state": disc_tx.init(disc_params)}
-  tx = fitting.make_optimizer(config.optim, config.train.steps, private=private)
-  state = fitting.new_state(params, tx, extra=extra)
-  console.print(f"autoencoder: {common.count_params(params):,} parameters")
+  state = initial_state(config, model, volumes.shape[1:], private)
+  console.print(f"autoencoder: {common.count_params(state.params):,} parameters")
 
   # --- privacy ------------------------------------------------------------------------------
   steps, bs = config.train.steps, config.train.batch_size
@@ -265,7 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   # --- latent scale -------------------------------------------------------------------------
   ema_params = checkpoints.fetch(state.ema_params)
   latent_shape = list(jax.eval_shape(lambda p, x: model.apply(p, x, method=AutoencoderKL.encode).mean,
-                                     ema_params, dummy).shape[1:])
+                                     ema_params, jnp.zeros((1, *volumes.shape[1:], 1))).shape[1:])
   if config.get("scale_factor", 0.0) > 0:
     scale = float(config.scale_factor)
   else:

@@ -185,6 +185,21 @@ class Prepared:
   data_fingerprint: str = ""  # Of the training data (docs/privacy.md, "Stages compose").
 
 
+def unet_inputs(latent_shape, num_attributes: int) -> tuple:
+  """One example's worth of the UNet's inputs (latent, timestep, attributes, attribute mask), for
+  initialising or shaping its parameters."""
+  return (jnp.zeros((1, *latent_shape)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, num_attributes)),
+          jnp.ones((1, num_attributes)))
+
+
+def initial_state(config: ml_collections.ConfigDict, params, private: bool) -> fitting.TrainState:
+  """Step 0 from `params` (drawn or pretrained): the optimizer's state for the `train.trainable` part
+  and the EMA copy. The trainer and `jaxldm bench trainer` start from this same state."""
+  trainable, _ = partition.split(params, config.train.trainable)
+  tx = fitting.make_optimizer(config.optim, config.train.steps, private=private)
+  return fitting.new_state(params, tx, trainable=trainable)
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Prepared:
   """Setup, data, model, privacy, state and checkpoint of one run (the sections before the loop)."""
   # --- autoencoder (frozen); a missing one is refused before anything is written -----------
@@ -220,8 +235,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> P
   # --- model --------------------------------------------------------------------------------
   unet = build_unet(config.model, len(columns), latents.shape[-1])
   init_key = jax.random.PRNGKey(config.seed)
-  dummy = (jnp.zeros((1,) + latents.shape[1:]), jnp.zeros((1,), jnp.int32),
-           jnp.zeros((1, len(columns))), jnp.ones((1, len(columns))))
+  dummy = unet_inputs(latents.shape[1:], len(columns))
   if config.pretrained_workdir:  # Restored over the init's shapes: no init program to compile.
     params, _ = checkpoints.restore_params(pathlib.Path(config.pretrained_workdir) / "checkpoints",
                                            layers.abstract_params(unet, *dummy))
@@ -252,8 +266,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> P
     dp_run = dp.setup(config.dp, workdir, n, steps, console, mesh.devices.size, pinned=pinned, upstream=upstream)
 
   # --- state and checkpoint -----------------------------------------------------------------
-  tx = fitting.make_optimizer(config.optim, steps, private=private)
-  state = fitting.new_state(params, tx, trainable=trainable)
+  state = initial_state(config, params, private)
   decode = latent_decoder(ae_model, scale)
   sampler = jax.jit(functools.partial(
       sample, unet_apply(unet), schedule=schedule, prediction=config.diffusion.prediction,
