@@ -211,6 +211,11 @@ def _kernel_grad(x, dy, kernel_shape, strides, pads, dilation, dtype):
   return grad.reshape(kernel_shape).astype(dtype)
 
 
+# The backward pass's pieces below are jitted with their geometry static: a jitted function is traced
+# once per signature (JAX caches its jaxpr), so the many calls with one signature in a step (a layer's
+# input gradient, each pair of examples' kernel gradient, repeated layers) trace once instead of running
+# `jax.vjp` again each time. XLA inlines the calls: the compiled step is the same.
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
 def _kernel_grad_conv(x, dy, kernel_shape, strides, pads, dilation, dtype):
   """The kernel gradient summed over x's examples: XLA's backprop-filter of the route's 2D conv."""
   _, kernel_vjp = jax.vjp(lambda k: _forward(x, k, strides, pads, dilation), jnp.zeros(kernel_shape, dtype))
@@ -316,12 +321,17 @@ def _conv_taps_fwd(x, kernel, strides, pads, dilation, kernel_grad):
   return conv_taps(x, kernel, strides, pads, dilation, kernel_grad), (x, kernel)
 
 
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _input_grad(x, kernel, dy, strides, pads, dilation):
+  """The transpose of the forward formulation (2D transposed convolutions for 5-D inputs); the
+  forward value computed by vjp is unused and removed by XLA. Jitted: see `_kernel_grad_conv`."""
+  _, input_vjp = jax.vjp(lambda a: _forward(a, kernel, strides, pads, dilation), x)
+  return input_vjp(dy)[0]
+
+
 def _conv_taps_bwd(strides, pads, dilation, kernel_grad, residuals, dy):
   x, kernel = residuals
-  # The transpose of the forward formulation (2D transposed convolutions for 5-D inputs); the
-  # forward value computed by vjp is unused and removed by XLA.
-  _, input_vjp = jax.vjp(lambda a: _forward(a, kernel, strides, pads, dilation), x)
-  (dx,) = input_vjp(dy)
+  dx = _input_grad(x, kernel, dy, strides, pads, dilation)
   if kernel_grad == "slices":
     summed, _ = _kernel_grads(kernel.shape, strides, pads, dilation, kernel.dtype, _setting["unroll"])
     return dx, summed(x, dy)
