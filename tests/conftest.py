@@ -64,7 +64,9 @@ def mini_demo(tmp_path_factory):
 
   plan = demo.Plan(n_public=8, n_private=8, n_heldout=6, n_samples=4, autoencoder_steps=2, ssl_steps=1,
                    ldm_steps=2, dp_steps=2, sample_steps=2)
-  small_ldm = {"model.base_channels": 8, "model.context_dim": 8, "train.sample_every": 0, "train.batch_size": 4}
+  # One attention block (the middle one: cross-attention to the attributes included), not four.
+  small_ldm = {"model.base_channels": 8, "model.context_dim": 8, "model.attention_levels": (), "train.sample_every": 0,
+               "train.batch_size": 4}
   overrides = {
       "autoencoder": {"train.sample_every": 0, "train.batch_size": 4},
       "ssl": {"train.batch_size": 8, "train.num_devices": 1},

@@ -108,7 +108,7 @@ def ldm_dir(tiny_nifti_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("sg_ldm")
   config = load_config("ldm:tiny", {
       **DATA, "data.root": str(tiny_nifti_dir), "autoencoder_workdir": str(ae),
-      "model.base_channels": 8, "model.context_dim": 8, "sampling.num_steps": 2, "train.log_every": 1,
+      "model.base_channels": 8, "model.context_dim": 8, "model.attention_levels": (), "sampling.num_steps": 2, "train.log_every": 1,
       "train.sample_every": 0, "train.checkpoint_every": 1, "train.steps": 1, "train.batch_size": 4})
   ldm.train_and_evaluate(config, workdir)
   return workdir
@@ -209,7 +209,7 @@ def conditional_ldm_dir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("cond_ldm")
   config = load_config("ldm:tiny", {
       **DATA, "data.root": str(data), "data.attributes": ("edv", "sex"), "data.categories": ("sex=F|M",),
-      "autoencoder_workdir": str(ae), "model.base_channels": 8, "model.context_dim": 8,
+      "autoencoder_workdir": str(ae), "model.base_channels": 8, "model.context_dim": 8, "model.attention_levels": (),
       "sampling.num_steps": 3, "sampling.guidance_scale": 1.5, "train.log_every": 1, "train.sample_every": 0,
       "train.checkpoint_every": 1, "train.steps": 1, "train.batch_size": 4})
   ldm.train_and_evaluate(config, workdir)
