@@ -25,7 +25,8 @@ import platform
 import sys
 from collections.abc import Mapping
 
-TUNABLE = "glibc.malloc.hugetlb=1"
+TUNABLE_NAME = "glibc.malloc.hugetlb"
+TUNABLE = f"{TUNABLE_NAME}=1"
 OPT_OUT = "JAXLDM_NO_HUGE_PAGES"
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 
@@ -54,7 +55,7 @@ def glibc_version() -> tuple[int, ...] | None:
 
 def tunable_set(environ: Mapping[str, str]) -> bool:
   """Whether GLIBC_TUNABLES already says something about malloc's huge pages."""
-  return "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", "")
+  return TUNABLE_NAME in environ.get("GLIBC_TUNABLES", "")
 
 
 def would_help(environ: Mapping[str, str], *, mode: str | None, glibc: tuple[int, ...] | None,
@@ -75,7 +76,7 @@ def with_tunable(environ: Mapping[str, str]) -> dict[str, str]:
 def status(environ: Mapping[str, str] | None = None) -> str:
   """One line for benchmark records: the THP mode and whether this process asked for huge pages."""
   environ = os.environ if environ is None else environ
-  asked = "glibc.malloc.hugetlb" + (" set" if tunable_set(environ) else " not set")
+  asked = TUNABLE_NAME + (" set" if tunable_set(environ) else " not set")
   return f"THP {thp_mode() or 'unknown'}, {asked}"
 
 
