@@ -3,6 +3,8 @@ Opacus's clipped gradient is the plain gradient when nothing clips, the clip ste
 records are complete."""
 
 import copy
+import importlib
+import importlib.util
 import pathlib
 import subprocess
 import sys
@@ -10,12 +12,25 @@ import sys
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("opacus")
+from jaxldm.bench import report
 
-from jaxldm.bench import report  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+class _OnFirstUse:
+  """`torch`, imported when a test first uses it: importing torch and Opacus costs ~4 s (~10 s where
+  Python writes no bytecode), which every pytest worker paid at collection whether or not it ran these."""
+
+  def __getattr__(self, name):
+    if name.startswith("__"):  # pytest's collection looks for markers and fixtures on module attributes.
+      raise AttributeError(name)
+    return getattr(importlib.import_module("torch"), name)
+
+
+torch = _OnFirstUse()
+pytestmark = [
+    pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("torch", "opacus")),
+                       reason="needs the bench extra: pip install -e '.[bench]'"),
+    pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
+]
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "bench_opacus.py"
 TINY_AE = ["--config.data.shape=(2,8,8)", "--config.model.channels=(4,8)"]
