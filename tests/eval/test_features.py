@@ -81,9 +81,9 @@ def test_pretrained_extractors_need_a_weight_file(name, tmp_path):
 
 
 def _torch_models():
-  """The PyTorch MedicalNet/torchvision ResNets built in tests/models/test_resnet3d.py."""
+  """The PyTorch MedicalNet/torchvision ResNets of tests/models/torch_resnets.py."""
   pytest.importorskip("torch")
-  spec = importlib.util.spec_from_file_location("_torch_resnets", ROOT / "tests/models/test_resnet3d.py")
+  spec = importlib.util.spec_from_file_location("_torch_resnets", ROOT / "tests/models/torch_resnets.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
