@@ -66,18 +66,28 @@ def check_arg(name: str, value: Any, interval: str, *, integer: bool = False) ->
       non-integer where one is required, or something that is not a number.
   """
   low, high, low_closed, high_closed = _parse(interval)
-  shown = repr(value) if isinstance(value, str) else value
-  fail = ValueError(f"{name} must be {_describe(interval, integer)}, got {shown}.")
+
+  def fail() -> ValueError:  # Built only when raised: a message costs more than the check.
+    shown = repr(value) if isinstance(value, str) else value
+    return ValueError(f"{name} must be {_describe(interval, integer)}, got {shown}.")
+
+  if type(value) in (int, float):  # A Python number (e.g. a step, once per training step): no array work.
+    v = float(value)
+    if not (((v >= low) if low_closed else (v > low)) and ((v <= high) if high_closed else (v < high))):
+      raise fail()  # NaN fails both comparisons.
+    if integer and not math.isinf(v) and v != math.floor(v):
+      raise fail()
+    return np.asarray(v)
   if isinstance(value, (bool, np.bool_, str, bytes)) or (isinstance(value, np.ndarray) and value.dtype.kind in "bUS"):
-    raise fail
+    raise fail()
   try:
     x = np.asarray(value, dtype=np.float64)
   except (TypeError, ValueError):
-    raise fail from None
+    raise fail() from None
   above = (x >= low) if low_closed else (x > low)
   below = (x <= high) if high_closed else (x < high)
   if not np.all(above & below):  # NaN fails both comparisons.
-    raise fail
+    raise fail()
   if integer and not np.all(x == np.floor(x)):
-    raise fail
+    raise fail()
   return x

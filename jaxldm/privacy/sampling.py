@@ -48,6 +48,11 @@ def poisson_sample(rng: np.random.Generator, num_examples: int,
   """Indices (sorted, int64) of a Poisson sample: each example kept independently w.p. q."""
   check_arg('sampling_rate', sampling_rate, '(0, 1]')
   check_arg('num_examples', num_examples, '[0, inf)', integer=True)
+  return _poisson_indices(rng, num_examples, sampling_rate)
+
+
+def _poisson_indices(rng: np.random.Generator, num_examples: int, sampling_rate: float) -> np.ndarray:
+  """`poisson_sample` without the checks, for arguments checked once (a batcher's, every step)."""
   return np.flatnonzero(rng.random(num_examples) < sampling_rate).astype(np.int64)
 
 
@@ -166,7 +171,7 @@ class PoissonBatcher:
     """The batch of step `step`, reproducible from (seed, step) alone."""
     check_arg('step', step, '[0, inf)', integer=True)
     rng = np.random.default_rng([self.seed, step])
-    indices = poisson_sample(rng, self.num_examples, self.sampling_rate)
+    indices = _poisson_indices(rng, self.num_examples, self.sampling_rate)
     n, m = len(indices), self.microbatch_size
     size = next((s for s in self.sizes if s >= n), None)
     if size is None:
