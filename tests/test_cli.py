@@ -81,19 +81,21 @@ def test_prepare_fills_the_cache(tmp_path, capsys):
     (["data", "prepare", "--config", "configs/data.py", "--config.data.root={tmp}"], "{tmp}"),
     (["config", "--config", "configs/nope.py"], "configs/nope.py does not exist"),
 ])
-def test_user_errors_are_one_line_and_nonzero(tmp_path, args, message):
-  result = _run(*[a.format(tmp=tmp_path) for a in args])
-  assert result.returncode == 2, result.stderr
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("jaxldm: error: "), result.stderr
+def test_user_errors_are_one_line_and_nonzero(tmp_path, args, message, capsys, monkeypatch):
+  # In-process: `cli.main` is what the command runs (`sys.exit(main())`); the test below runs a process.
+  monkeypatch.chdir(ROOT)
+  assert cli.main([a.format(tmp=tmp_path) for a in args]) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("jaxldm: error: "), lines
   assert message.format(tmp=tmp_path) in lines[0]
 
 
-def test_phantoms_refuses_nonempty_output(tmp_path):
+def test_the_command_exits_2_with_one_line_and_keeps_a_nonempty_output(tmp_path):
   (tmp_path / "keep.txt").write_text("precious")
   result = _run("data", "phantoms", "--out", str(tmp_path), "--n", "2", "--quiet", *TINY)
-  assert result.returncode == 2
-  assert str(tmp_path) in result.stderr
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("jaxldm: error: ") and str(tmp_path) in lines[0], result.stderr
   assert (tmp_path / "keep.txt").read_text() == "precious"
 
 

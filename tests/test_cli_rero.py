@@ -24,18 +24,18 @@ def _bounds(stdout: str) -> dict[float, float]:
           re.findall(r"kappa (\S+)\s+-> attack success <= (\S+)", stdout)}
 
 
-def test_flags_print_bounds_method_and_epsilon():
-  r = _run("--noise-multiplier", "1.5", "--sampling-rate", "0.02", "--steps", "200",
-           "--kappa", "0.01,0.1")
-  assert r.returncode == 0, r.stderr
-  assert "PLD" in r.stdout and "sigma 1.5, q 0.02, 200 steps [flags]" in r.stdout
-  bounds = _bounds(r.stdout)
+def test_flags_print_bounds_method_and_epsilon(capsys):
+  assert cli.main(["privacy", "rero", "--noise-multiplier", "1.5", "--sampling-rate", "0.02", "--steps", "200",
+                   "--kappa", "0.01,0.1"]) == 0
+  out = capsys.readouterr().out
+  assert "PLD" in out and "sigma 1.5, q 0.02, 200 steps [flags]" in out
+  bounds = _bounds(out)
   expected = reconstruction.rero_bound(noise_multiplier=1.5, sampling_rate=0.02, steps=200,
                                        kappa=[0.01, 0.1])
   assert bounds == {0.01: pytest.approx(expected[0], abs=1e-4),
                     0.1: pytest.approx(expected[1], abs=1e-4)}
   assert 0.01 < bounds[0.01] < bounds[0.1] < 1.0
-  assert re.search(r"epsilon = \d+\.\d+ at delta 1e-05", r.stdout)
+  assert re.search(r"epsilon = \d+\.\d+ at delta 1e-05", out)
 
 
 def test_plot_is_written_atomically(tmp_path, capsys):
@@ -63,13 +63,13 @@ def test_workdir_reads_the_ledger(tmp_path, capsys):
   ledger = PrivacyLedger.load_or_create(str(tmp_path), sampling_rate=0.05, noise_multiplier=2.0,
                                         l2_clip_norm=1.0, delta=1e-6, dataset_size=10000)
   ledger.record_steps(40)
-  r = _run("--workdir", str(tmp_path), "--kappa", "0.1")
-  assert r.returncode == 0, r.stderr
-  assert "sigma 2, q 0.05, 40 steps" in r.stdout and "privacy_ledger.json" in r.stdout
-  assert "at delta 1e-06" in r.stdout
+  assert cli.main(["privacy", "rero", "--workdir", str(tmp_path), "--kappa", "0.1"]) == 0
+  out = capsys.readouterr().out
+  assert "sigma 2, q 0.05, 40 steps" in out and "privacy_ledger.json" in out
+  assert "at delta 1e-06" in out
   expected = reconstruction.rero_bound(noise_multiplier=2.0, sampling_rate=0.05, steps=40,
                                        kappa=0.1)
-  assert _bounds(r.stdout)[0.1] == pytest.approx(expected, abs=1e-4)
+  assert _bounds(out)[0.1] == pytest.approx(expected, abs=1e-4)
   # Flags that would contradict the ledger are refused, not silently ignored.
   assert cli.main(["privacy", "rero", "--workdir", str(tmp_path), "--steps", "100"]) == 2
   err = capsys.readouterr().err
