@@ -63,6 +63,23 @@ def test_installed_models_load_and_sample(installed):
   assert volumes.shape == (2, 6, 32, 32) and np.isfinite(volumes).all()
 
 
+def test_a_second_generate_with_the_same_settings_reuses_the_sampler(installed, monkeypatch):
+  from jaxldm.diffusion import samplers
+  from jaxldm.infer import generate
+
+  _, dirs = installed
+  traced = []
+  sample = samplers.sample
+  monkeypatch.setattr(generate, "sample", lambda *a, **k: traced.append(1) or sample(*a, **k))
+  generate._jitted_sampler.cache_clear()  # The sampler above was built before the counter.
+  draw = lambda **kw: generate.generate(dirs["ldm"], 2, num_steps=2, batch_size=2, **kw)[0]
+  first, again = draw(seed=1), draw(seed=1)
+  assert len(traced) == 1  # Traced once: the second call ran the same jitted sampler.
+  np.testing.assert_array_equal(first, again)
+  draw(seed=1, guidance_scale=2.0)
+  assert len(traced) == 2  # Other settings: another sampler.
+
+
 def test_a_checkpoint_is_not_loaded_into_another_model(installed):
   """Parameters are matched by name: a model configured unlike the run that wrote it is refused."""
   import jax

@@ -28,7 +28,7 @@ from jaxldm.eval import safeguard
 from jaxldm.infer import checkpoints
 from jaxldm.infer.autoencoder import latent_decoder, load_autoencoder
 from jaxldm.infer.ldm import build_unet, unet_apply
-from jaxldm.models import layers
+from jaxldm.models import conv, layers
 from jaxldm.privacy.ledger import LEDGER_FILENAME, PrivacyLedger
 
 
@@ -166,6 +166,30 @@ def synthetic_descrip(workdir) -> str:
   return f"{head}{name}{tail}"
 
 
+def sampler(unet, schedule: tuple, prediction: str, **settings):
+  """The jitted sampler (params, shape, key, **conditioning) -> latents of a UNet, schedule
+  (name, T, beta_start, beta_end) and sampler settings (`diffusion.sample`'s keywords).
+
+  Built once per process for the same arguments and convolution route, so that a second `generate`
+  with the same settings (an evaluation after the demo's figures, the runs of an ablation grid) reuses
+  its trace and compiled program instead of tracing the UNet's sampling loop again.
+  """
+  key = (unet, tuple(schedule), prediction, tuple(sorted(settings.items())), conv.resolved_weight_grad())
+  try:
+    hash(key)
+  except TypeError:  # A module with an unhashable field: built every time.
+    return _jitted_sampler.__wrapped__(*key)
+  return _jitted_sampler(*key)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_sampler(unet, schedule: tuple, prediction: str, settings: tuple, route: str):
+  del route  # Part of the key only: the convolution route is read when the sampler is traced.
+  return jax.jit(functools.partial(sample, unet_apply(unet), schedule=make_schedule(*schedule), prediction=prediction,
+                                   **dict(settings)),
+                 static_argnums=(1,))
+
+
 def generate(workdir, n: int, *, seed: int = 0, guidance_scale: float = 1.0, method: str = "ddim",
              num_steps: int | None = 50, csv_path=None, fixed=None, batch_size: int = 8,
              return_latents: bool = False, shared_noise: bool = False):
@@ -180,14 +204,11 @@ def generate(workdir, n: int, *, seed: int = 0, guidance_scale: float = 1.0, met
   unet, params, info, config = load_ldm(workdir)
   ae_model, ae_params, _ = load_autoencoder(info["autoencoder_workdir"])
   d = info["diffusion"]
-  schedule = make_schedule(d["schedule"], d["num_timesteps"], d["beta_start"], d["beta_end"])
   values, mask, standardised = conditioning(info, n, csv_path=csv_path, fixed=fixed,
                                             categories=run_categories(config))
   has_attrs = len(info["attributes"]) > 0
-  draw = jax.jit(functools.partial(sample, unet_apply(unet), schedule=schedule, prediction=d["prediction"],
-                                   guidance_scale=guidance_scale, method=method, num_steps=num_steps,
-                                   shared_noise=shared_noise),
-                 static_argnums=(1,))
+  draw = sampler(unet, (d["schedule"], d["num_timesteps"], d["beta_start"], d["beta_end"]), d["prediction"],
+                 guidance_scale=float(guidance_scale), method=method, num_steps=num_steps, shared_noise=shared_noise)
   scale = info["scale_factor"]
   decode = latent_decoder(ae_model, scale)
   out, latents = [], []
