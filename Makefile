@@ -11,7 +11,7 @@ TEST_GLIBC_TUNABLES := $(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):,)glibc.malloc.h
 # module would ever be compiled once and kept (pip installs with --no-compile, below), and every Python
 # process would compile jax, flax, orbax, ... from source again: ~3.5 s per process, ~6 s more with
 # torch. A test run starts dozens (two pytest workers, the CLI and benchmark subprocesses).
-RUN_ENV := PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$(CURDIR)/$(VENV)/pycache
+RUN_ENV := PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX="$(CURDIR)/$(VENV)/pycache"
 
 .PHONY: demo test install install-test clean
 
