@@ -85,7 +85,7 @@ def pytest_collection_modifyitems(config, items):
   """Tests of one module that share a module-scoped fixture run on one xdist worker.
 
   Why: `--dist loadgroup` otherwise spreads a module's tests over both workers, and each worker then
-  builds the module's expensive fixtures (a trained autoencoder + LDM, 200 phantoms) again. Runs
+  builds the module's expensive fixtures (a trained autoencoder + LDM, 120 phantoms) again. Runs
   before xdist's own hook, which turns the marker into the `@group` suffix it schedules by.
   """
   for item in items:

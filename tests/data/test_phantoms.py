@@ -31,8 +31,8 @@ def _pearson(a, b):
 
 
 @pytest.fixture(scope="module")
-def private200():
-  volumes, attrs, labels = phantoms.generate(200, seed=0, return_labels=True)
+def private120():
+  volumes, attrs, labels = phantoms.generate(120, seed=0, return_labels=True)
   return volumes, attrs, labels, _measure_all(volumes, DEFAULT_SPACING)
 
 
@@ -47,8 +47,8 @@ def public60():
 # --------------------------------------------------------------------------
 
 
-def test_measure_recovers_private_attributes(private200):
-  _, attrs, _, meas = private200
+def test_measure_recovers_private_attributes(private120):
+  _, attrs, _, meas = private120
   for key in phantoms.MEASURED:
     assert np.all(np.isfinite(meas[key])), key
   assert _pearson(meas["lv_volume_ml"], attrs["lv_volume_ml"]) >= 0.95
@@ -74,8 +74,8 @@ def test_measure_recovers_tiny_thick_slice_attributes():
   assert _pearson(meas["myo_thickness_mm"], attrs["myo_thickness_mm"]) >= 0.95
 
 
-def test_measure_is_invariant_to_linear_rescaling(private200):
-  volumes, attrs, _, meas = private200
+def test_measure_is_invariant_to_linear_rescaling(private120):
+  volumes, attrs, _, meas = private120
   n = 50
   rescaled = [2.0 * (v - v.min()) / (v.max() - v.min()) - 1.0 for v in volumes[:n]]
   meas2 = _measure_all(rescaled, DEFAULT_SPACING)
@@ -121,13 +121,13 @@ def test_measure_rejects_bad_rank_spacing_and_dtype():
 # --------------------------------------------------------------------------
 
 
-def test_label_volumes_match_attributes(private200):
+def test_label_volumes_match_attributes(private120):
   """Hard (argmax) labels of 10 mm slices: a few % per volume, nearly unbiased for the LV.
 
   The exact check is on the fractions (next test); the thin RV crescent tips
   lose to background in the argmax, hence its small negative bias.
   """
-  _, attrs, labels, _ = private200
+  _, attrs, labels, _ = private120
   voxel_ml = float(np.prod(DEFAULT_SPACING)) / 1e3
   for label, key, median_tol, max_tol, bias_tol in ((1, "lv_volume_ml", 0.04, 0.12, 0.02),
                                                     (3, "rv_volume_ml", 0.06, 0.20, 0.06)):
@@ -176,8 +176,8 @@ def _placed(domain, index, shape, sp, es):
                         anatomy._draw_layout(rng_layout, dp), shape, sp, es)
 
 
-def test_physiological_consistency(private200, public60):
-  for attrs in (private200[1], public60[1]):
+def test_physiological_consistency(private120, public60):
+  for attrs in (private120[1], public60[1]):
     assert np.all(attrs["myo_thickness_es_mm"] > attrs["myo_thickness_ed_mm"])
     ef = (attrs["lv_edv_ml"] - attrs["lv_esv_ml"]) / attrs["lv_edv_ml"]
     np.testing.assert_allclose(attrs["lv_ef"], ef, rtol=1e-12)
@@ -205,15 +205,15 @@ def test_same_subject_conserves_myocardium_across_phases():
   np.testing.assert_allclose(ed["myo_volume_ml"], es["myo_volume_ml"], rtol=1e-9)
 
 
-def test_domain_shift_is_real(private200, public60):
-  priv, pub = private200[1], public60[1]
+def test_domain_shift_is_real(private120, public60):
+  priv, pub = private120[1], public60[1]
   assert pub["lv_ef"].std() > 1.8 * priv["lv_ef"].std()
   assert pub["lv_ef"].min() < priv["lv_ef"].min()
   assert pub["age"].min() < 45.0 <= priv["age"].min()
   assert pub["tilt_deg"].mean() > 1.4 * priv["tilt_deg"].mean()
   assert pub["myo_thickness_ed_mm"].max() > priv["myo_thickness_ed_mm"].max()
   noise = {name: np.median([measurement._noise_sd(v) for v in vols[:30]])
-           for name, vols in (("private", private200[0]), ("public", public60[0]))}
+           for name, vols in (("private", private120[0]), ("public", public60[0]))}
   assert noise["public"] > 1.5 * noise["private"]
   assert phantoms.DOMAIN_PARAMS["public"] != phantoms.DOMAIN_PARAMS["private"]
 
