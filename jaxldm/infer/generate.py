@@ -311,10 +311,8 @@ def _candidate_sampler(unet, params, info, standardised, mask, *, seed, guidance
   """
   ae_model, ae_params, _ = load_autoencoder(info["autoencoder_workdir"])
   d = info["diffusion"]
-  schedule = make_schedule(d["schedule"], d["num_timesteps"], d["beta_start"], d["beta_end"])
-  draw = jax.jit(functools.partial(sample, unet_apply(unet), schedule=schedule, prediction=d["prediction"],
-                                   guidance_scale=guidance_scale, method=method, num_steps=num_steps),
-                 static_argnums=(1,))
+  draw = sampler(unet, (d["schedule"], d["num_timesteps"], d["beta_start"], d["beta_end"]), d["prediction"],
+                 guidance_scale=float(guidance_scale), method=method, num_steps=num_steps, shared_noise=False)
   scale = info["scale_factor"]
   decode = latent_decoder(ae_model, scale)
   has_attrs = len(info["attributes"]) > 0

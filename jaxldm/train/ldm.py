@@ -14,7 +14,6 @@ budget would be exceeded. The autoencoder is frozen (trained on public data).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import pathlib
 from typing import Any
@@ -28,8 +27,8 @@ from jaxldm import fitting
 from jaxldm.config import ConfigError, to_dict
 from jaxldm.data.dataset import read_attributes
 from jaxldm.data.defaults import build_dataset
-from jaxldm.diffusion import diffusion_loss, make_schedule, sample
-from jaxldm.infer import checkpoints
+from jaxldm.diffusion import diffusion_loss, make_schedule
+from jaxldm.infer import checkpoints, generate
 from jaxldm.infer.autoencoder import encode_latents, latent_decoder, load_autoencoder
 from jaxldm.infer.ldm import build_unet, unet_apply
 from jaxldm.infer.pictures import save_mid_slices
@@ -268,10 +267,10 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> P
   # --- state and checkpoint -----------------------------------------------------------------
   state = initial_state(config, params, private)
   decode = latent_decoder(ae_model, scale)
-  sampler = jax.jit(functools.partial(
-      sample, unet_apply(unet), schedule=schedule, prediction=config.diffusion.prediction,
-      guidance_scale=config.sampling.guidance_scale, method="ddim", num_steps=config.sampling.num_steps),
-      static_argnums=(1,))
+  d = config.diffusion
+  sampler = generate.sampler(unet, (d.schedule, d.num_timesteps, d.beta_start, d.beta_end), d.prediction,
+                             guidance_scale=float(config.sampling.guidance_scale), method="ddim",
+                             num_steps=config.sampling.num_steps, shared_noise=False)
 
   def sample_hook(state, done):  # From the EMA parameters only: nothing private is decoded.
     _sample_grid(sampler, decode, checkpoints.fetch(state.ema_params), ae_params, latents.shape[1:], len(columns),
