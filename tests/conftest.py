@@ -52,6 +52,28 @@ def _all_devices_when_marked(request):
   _ALL_DEVICES_MEANS["devices"] = 1
 
 
+@pytest.fixture
+def programs_built():
+  """`with programs_built() as built:` lists the programs JAX lowers within the block: one per compiled
+  (or cache-loaded) program, including each op run eagerly on shapes it has not run on before."""
+  import contextlib
+
+  import jax
+
+  @contextlib.contextmanager
+  def counting():
+    built = []
+    listener = lambda event, duration, **kw: built.append(kw.get("fun_name", "")) if event.endswith(
+        "/jaxpr_to_mlir_module_duration") else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+      yield built
+    finally:
+      jax.monitoring.unregister_event_duration_listener(listener)
+
+  return counting
+
+
 @pytest.fixture(scope="session")
 def mini_demo(tmp_path_factory):
   """`jaxldm demo` with a miniature plan: phantoms, AE, SSL encoder, LDM, DP LDM, evaluation.

@@ -148,7 +148,7 @@ def resnet_variables(state: dict[str, np.ndarray], model: ResNet, source: str = 
       if value.shape != tuple(target.shape):
         raise ConfigError(f"{source}: {key!r} has shape {state[key].shape}, the model expects "
                           f"{tuple(target.shape)} (after the layout change)")
-      flat[names] = jnp.asarray(value)
+      flat[names] = jax.device_put(value)  # A transfer; jnp.asarray compiles a program per shape.
     out[collection] = _unflatten(flat)
   return out
 

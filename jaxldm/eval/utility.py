@@ -408,7 +408,7 @@ def denoising_utility(synthetic_volumes, real_volumes, test_volumes, *, noise_st
     noisy_scores["ssim"].append(ssim(test, noisy, data_range))
     for src, vols in sets.items():
       params = init_params(model, jax.random.PRNGKey(seed), jnp.zeros((1, *vols.shape[1:], 1), jnp.float32))
-      opt_state = tx.init(params)
+      opt_state = fitting.init_optimizer(tx, params)
       bar, task = fitting.progress_bar(steps, 0, f"denoiser {src} seed {seed}")
       with fitting.maybe_progress(bar, progress):
         for step in range(steps):

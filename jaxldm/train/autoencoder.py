@@ -179,7 +179,7 @@ def initial_state(config: ml_collections.ConfigDict, model, volume_shape, privat
   if config.loss.adversarial_weight > 0:
     disc_params = layers.init_params(make_critic(config), jax.random.fold_in(init_key, 1), dummy)
     disc_tx = fitting.make_optimizer(config.optim, config.train.steps)
-    extra = {"disc_params": disc_params, "disc_opt_state": disc_tx.init(disc_params)}
+    extra = {"disc_params": disc_params, "disc_opt_state": fitting.init_optimizer(disc_tx, disc_params)}
   tx = fitting.make_optimizer(config.optim, config.train.steps, private=private)
   return fitting.new_state(params, tx, extra=extra)
 

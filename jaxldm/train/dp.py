@@ -570,7 +570,9 @@ class AccumulatedStep:
     if rows % c:
       raise ValueError(f"the batch's {rows} rows are not a multiple of microbatch x devices = {c}")
     sharding = getattr(mask, "sharding", None)
-    take = lambda a, lo: jax.lax.slice_in_dim(a, lo, lo + c, axis=axis)
+    # The offset as an operand: one program per leaf shape, not one per (offset, shape) (a Poisson batch
+    # larger than any before would otherwise compile new slices in the middle of a run).
+    take = lambda a, lo: jax.lax.dynamic_slice_in_dim(a, np.int32(lo), c, axis=axis)
     acc = None
     for lo in range(0, rows, c):
       chunk, chunk_mask = jax.tree_util.tree_map(lambda a: take(a, lo), (batch, mask))

@@ -131,3 +131,28 @@ def test_vmapped_accumulated_step_is_each_seeds_own_step():
   for i, r in enumerate(runs):
     alone = _steps(_sgd_step("host")[0], r, examples, mesh, [s])[0][0]
     np.testing.assert_allclose(np.asarray(state["w"][i]), alone, rtol=1e-5, atol=1e-6)
+
+
+
+def test_a_new_poisson_size_builds_one_slice_per_input_not_one_per_chunk(programs_built):
+  """A step of a Poisson size not seen before reuses the two programs; cutting its chunks builds one slice
+  per batch input (an offset operand), not one per (chunk, input): a size of many chunks mid-run compiled
+  a slice for every offset before."""
+  examples = {"x": np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)}
+  mesh = common.make_mesh(1)
+  run = _run(True, q=0.5)  # Batches of ~20 rows: sizes of 3 to 7 chunks of 4.
+  acc, _ = _sgd_step("accumulate")
+  _steps(acc, run, examples, mesh, [0])
+  seen = {run.rows_needed(0)}
+  checked = 0
+  for s in range(1, 12):
+    rows = run.rows_needed(s)
+    with programs_built() as built:
+      _steps(acc, run, examples, mesh, [s])
+    if rows in seen:
+      assert built == [], (s, built)
+    else:
+      assert len(built) <= 2, (rows, built)  # The examples' one input and the mask.
+      checked += rows // 4 > 1  # Sizes of several chunks are what the offsets would have multiplied.
+    seen.add(rows)
+  assert checked >= 2
