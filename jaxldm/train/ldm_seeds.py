@@ -37,7 +37,9 @@ def _without_seeds(config: ml_collections.ConfigDict) -> dict:
   return d
 
 
+@jax.jit
 def _stack(trees):
+  """The runs' trees stacked leaf by leaf; one compiled program (op by op, a stack per new leaf shape)."""
   return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
 
 
@@ -87,7 +89,9 @@ def train_seeds(configs: list[ml_collections.ConfigDict], workdirs: list[str | p
   return records
 
 
-def _row(i: int, tree):
+@jax.jit
+def _row(i, tree):
+  """Run i's leaves of the stacked tree; i is traced: one program for every run."""
   return jax.tree_util.tree_map(lambda x: x[i], tree)
 
 
