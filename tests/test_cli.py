@@ -259,3 +259,16 @@ def test_prepare_lists_every_bad_volume_and_can_exclude_them(tmp_path, capsys):
   config = load_config(str(ROOT / "configs/data.py:tiny"), [f"--config.data.root={data}",
                                                              f"--config.data.exclude={listing}"])
   assert build_dataset(config.data).subject_ids == [f"private-{i:05d}" for i in range(1, 4)]
+
+
+def test_help_starts_without_jax_scipy_or_nibabel():
+  """`jaxldm --help` (and every command's parsing) imports none of the heavy libraries: the data package
+  loads its modules on first use (its `errors` pulled nibabel and scipy in: ~0.7 s of every command)."""
+  code = ("import sys, contextlib, io\nfrom jaxldm import cli\n"
+          "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+          "  try:\n    cli.main(['--help'])\n  except SystemExit:\n    pass\n"
+          "assert 'train' in out.getvalue()\n"
+          "print(sorted(m for m in ('jax', 'scipy', 'nibabel', 'flax', 'orbax') if m in sys.modules))")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == "[]"
