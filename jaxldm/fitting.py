@@ -87,14 +87,16 @@ def optim_config(lr: float = 1e-4, steps: int = 1000, warmup: int = 0) -> ml_col
 def make_optimizer(c: ml_collections.ConfigDict, total_steps: int, *, private: bool = False):
   """The optimizer of the optim group `c` (see `optim_config`). Runs with the same settings get the same
   (stateless) optimizer object, so what is compiled for it (`init_optimizer`) is reused."""
-  return _optimizer(json.dumps(optimizer_key(c, total_steps), sort_keys=True), private)
+  key = (json.dumps(optimizer_key(c, total_steps), sort_keys=True, default=str), bool(private))
+  if key not in _OPTIMIZERS:
+    _OPTIMIZERS[key] = _build_optimizer(c, total_steps, private)
+  return _OPTIMIZERS[key]
 
 
-@functools.lru_cache(maxsize=32)
-def _optimizer(key: str, private: bool):
-  settings = json.loads(key)
-  total_steps = settings.pop("total_steps")  # None unless the schedule decays over the run.
-  c = ml_collections.ConfigDict(settings)
+_OPTIMIZERS: dict = {}
+
+
+def _build_optimizer(c: ml_collections.ConfigDict, total_steps: int, private: bool):
   if c.schedule == "constant":
     lr = optax.constant_schedule(c.learning_rate)
   elif c.schedule == "cosine":
