@@ -43,7 +43,8 @@ def new_state(params, tx, *, trainable=None, extra=None) -> TrainState:
 
   The optimizer's state and the EMA copy come from compiled programs (`init_optimizer`, `_copy_tree`):
   op by op, every zeros / copy of a new leaf shape compiled a program of its own (~270 in the tests'
-  runs; the tiny LDM's state took 3-4 s in a fresh process without a compilation cache, 1.3 s jitted).
+  runs; the tiny LDM's first state took 1.9-2.2 s in a fresh process without a compilation cache,
+  0.6-0.8 s now: benchmarks/NOTES.md, session 19).
   """
   return TrainState(step=jnp.array(0, jnp.int32), params=params,
                     opt_state=init_optimizer(tx, params if trainable is None else trainable),
