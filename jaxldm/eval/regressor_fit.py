@@ -106,6 +106,24 @@ def make_private_step(model, spec: TargetSpec, tx, *, microbatch_size: int, clas
   return private_step
 
 
+# The jitted steps, shared by every Fitter of the same model, targets and optimizer settings in a process
+# (an evaluation fits the same regressor for several seeds and datasets, `dp_pretraining_utility` builds
+# new Fitters per call): each is traced once, not once per Fitter. The convolution route is part of the
+# key: it is read when the step is traced.
+@functools.lru_cache(maxsize=16)
+def _jitted_step(model, spec, tx, ema_decay: float, classification_weight: float, route: str):
+  del route
+  return jax.jit(make_train_step(model, spec, tx, ema_decay=ema_decay, classification_weight=classification_weight),
+                 donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_private_step(model, spec, tx, microbatch_size: int, classification_weight: float, route: str):
+  del route
+  return jax.jit(make_private_step(model, spec, tx, microbatch_size=microbatch_size,
+                                   classification_weight=classification_weight), donate_argnums=0)
+
+
 @dataclasses.dataclass
 class Fitter:
   """Trains one architecture on in-memory arrays, many times (seeds, datasets) with one compilation.
@@ -125,10 +143,8 @@ class Fitter:
 
   def __post_init__(self):
     self.tx = fitting.make_optimizer(self.optim, self.steps)
-    self._step = jax.jit(make_train_step(self.model, self.spec, self.tx, ema_decay=self.optim.ema_decay,
-                                         classification_weight=self.classification_weight),
-                         donate_argnums=0)
-    self._private_steps: dict[tuple, Any] = {}
+    self._step = _jitted_step(self.model, self.spec, self.tx, float(self.optim.ema_decay),
+                              float(self.classification_weight), conv.resolved_weight_grad())
     # What the last `fit_private` ran: its mechanism and the provenance of its seeds ("noise_seed":
     # ledger.OS_ENTROPY or ledger.FIXED_SEED), for the caller's records.
     self.last_private_fit: dict[str, Any] | None = None
@@ -176,13 +192,10 @@ class Fitter:
     # Traced in the step, so checked here (a traced value is the caller's to validate).
     clipping.check_l2_clip_norm(l2_clip_norm)
     check_arg("noise_multiplier", noise_multiplier, "[0, inf)")
-    key = int(microbatch_size)  # Everything else about the mechanism is a traced argument.
-    if key not in self._private_steps:
-      tx = fitting.make_optimizer(self.optim, self.steps, private=True)
-      step_fn = make_private_step(self.model, self.spec, tx, microbatch_size=microbatch_size,
-                                  classification_weight=self.classification_weight)
-      self._private_steps[key] = (tx, jax.jit(step_fn, donate_argnums=0))
-    tx, step_fn = self._private_steps[key]
+    # Everything else about the mechanism is a traced argument: one program per microbatch size.
+    tx = fitting.make_optimizer(self.optim, self.steps, private=True)
+    step_fn = _jitted_private_step(self.model, self.spec, tx, int(microbatch_size),
+                                   float(self.classification_weight), conv.resolved_weight_grad())
     mechanism = (np.float32(noise_multiplier), np.float32(l2_clip_norm), np.float32(batcher.expected_batch_size))
     params = self.init(volumes.shape[1:], seed) if params is None else params
     state = fitting.new_state(params, tx)

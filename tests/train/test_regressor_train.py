@@ -8,12 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxldm import fitting
 from jaxldm.config import ConfigError, load_config
 from jaxldm.data import phantoms
 from jaxldm.data.defaults import SIZES
 from jaxldm.eval import controllability as ctl
+from jaxldm.eval import regressor_fit
 from jaxldm.eval.regressor_fit import Fitter, example_loss
 from jaxldm.infer.regressor import init_params, load_regressor
+from jaxldm.models import conv
 from jaxldm.models.regressor import AttributeRegressor, TargetSpec, attributes_from_dict
 from jaxldm.privacy.ledger import FIXED_SEED, OS_ENTROPY
 from jaxldm.train import regressor
@@ -142,10 +145,17 @@ def test_fitter_learns_and_dp_step_runs():
   assert not np.array_equal(fixed, flat(fitter.fit_private(vols, enc, 0, noise_seed=6, **dp)))
 
   # Sigma and C are traced arguments of one compiled step, and each reaches it (same seeds).
-  (_, step_fn), = fitter._private_steps.values()
+  step_fn = regressor_fit._jitted_private_step(model, spec, fitting.make_optimizer(optim, 3, private=True), 4, 1.0,
+                                               conv.resolved_weight_grad())  # The one fit_private ran.
   for change in ({"noise_multiplier": 3.0}, {"l2_clip_norm": 1e-3}):
     assert not np.array_equal(fixed, flat(fitter.fit_private(vols, enc, 0, noise_seed=5, **{**dp, **change})))
-  assert len(fitter._private_steps) == 1 and step_fn._cache_size() == 1
+  assert step_fn._cache_size() == 1
+  # Another Fitter of the same model, targets and settings (a second seed or dataset of an evaluation)
+  # runs the same jitted steps: nothing is traced again.
+  other = Fitter(model, spec, optim, steps=3, batch_size=8)
+  assert other._step is fitter._step
+  other.fit_private(vols, enc, 1, **dp)
+  assert step_fn._cache_size() == 1
   for bad in ({"noise_multiplier": -1.0}, {"l2_clip_norm": 0.0}):
     with pytest.raises(ValueError, match=next(iter(bad))):
       fitter.fit_private(vols, enc, 0, **{**dp, **bad})
