@@ -6,6 +6,7 @@ name exactly which encoder computed it; encoder.json in a finished run records t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import jax
@@ -15,6 +16,7 @@ import numpy as np
 
 from jaxldm.config import ConfigError
 from jaxldm.infer import checkpoints
+from jaxldm.models import conv
 from jaxldm.models.layers import as_triple
 from jaxldm.models.ssl_encoder import SSLEncoder
 
@@ -42,9 +44,17 @@ def params_version(params) -> str:
   return digest.hexdigest()[:16]
 
 
+# Jitted once per (model, convolution route): every evaluation and training record that embeds volumes
+# with the same encoder reuses the trace. The route is in the key only: it is read when tracing.
+@functools.lru_cache(maxsize=8)
+def _jitted_embed(model: SSLEncoder, route: str):
+  del route
+  return jax.jit(lambda p, x: model.apply(p, x[..., None], method=SSLEncoder.embed))
+
+
 def embed_volumes(model: SSLEncoder, params, volumes: np.ndarray, batch_size: int) -> np.ndarray:
   """(N, D, H, W) -> (N, F) embeddings, in fixed-size (padded) batches: one compilation."""
-  embed = jax.jit(lambda p, x: model.apply(p, x[..., None], method=SSLEncoder.embed))
+  embed = _jitted_embed(model, conv.resolved_weight_grad())
   out = [np.asarray(embed(params, jnp.asarray(chunk, jnp.float32)))[:valid]
          for valid, chunk in checkpoints.iterate_batches(np.asarray(volumes), batch_size)]
   return np.concatenate(out)

@@ -27,7 +27,7 @@ from jaxldm import fitting
 from jaxldm.config import ConfigError, to_dict
 from jaxldm.data.defaults import build_dataset
 from jaxldm.infer import checkpoints
-from jaxldm.infer.autoencoder import build_model
+from jaxldm.infer.autoencoder import build_model, encode_latents
 from jaxldm.infer.pictures import save_mid_slices
 from jaxldm.models import AutoencoderKL, PatchDiscriminator3D, conv, kl_divergence, layers
 from jaxldm.models.layers import as_triple
@@ -204,11 +204,11 @@ def check_private(config: ml_collections.ConfigDict) -> None:
 
 def estimate_scale_factor(model, params, volumes: np.ndarray, batch_size: int) -> tuple[float, list[int]]:
   """1 / std of the posterior means over the data (Rombach et al.), so latents have unit variance."""
-  encode = jax.jit(lambda p, x: model.apply(p, x, method=AutoencoderKL.encode).mean)
-  total, total_sq, count, latent_shape = 0.0, 0.0, 0, None
-  for valid, chunk in checkpoints.iterate_batches(volumes, batch_size):
-    z = np.asarray(encode(params, jnp.asarray(chunk)[..., None]), dtype=np.float64)[:valid]
-    latent_shape = list(z.shape[1:])
+  # The posterior means through the inference encoder (jitted once per model), summed batch by batch.
+  means = encode_latents(model, params, volumes, 1.0, batch_size)
+  total, total_sq, count, latent_shape = 0.0, 0.0, 0, list(means.shape[1:])
+  for start in range(0, len(means), batch_size):
+    z = np.asarray(means[start:start + batch_size], dtype=np.float64)
     total += z.sum()
     total_sq += np.square(z).sum()
     count += z.size
