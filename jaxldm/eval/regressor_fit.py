@@ -110,6 +110,12 @@ def make_private_step(model, spec: TargetSpec, tx, *, microbatch_size: int, clas
 # (an evaluation fits the same regressor for several seeds and datasets, `dp_pretraining_utility` builds
 # new Fitters per call): each is traced once, not once per Fitter. The convolution route is part of the
 # key: it is read when the step is traced.
+def jitted_train_step(model, spec: TargetSpec, tx, *, ema_decay: float, classification_weight: float):
+  """`make_train_step`, jitted (state donated) once per model, targets, optimizer and settings in this
+  process (the regressor trainer and every Fitter)."""
+  return _jitted_step(model, spec, tx, float(ema_decay), float(classification_weight), conv.resolved_weight_grad())
+
+
 @functools.lru_cache(maxsize=16)
 def _jitted_step(model, spec, tx, ema_decay: float, classification_weight: float, route: str):
   del route
@@ -143,8 +149,8 @@ class Fitter:
 
   def __post_init__(self):
     self.tx = fitting.make_optimizer(self.optim, self.steps)
-    self._step = _jitted_step(self.model, self.spec, self.tx, float(self.optim.ema_decay),
-                              float(self.classification_weight), conv.resolved_weight_grad())
+    self._step = jitted_train_step(self.model, self.spec, self.tx, ema_decay=self.optim.ema_decay,
+                                   classification_weight=self.classification_weight)
     # What the last `fit_private` ran: its mechanism and the provenance of its seeds ("noise_seed":
     # ledger.OS_ENTROPY or ledger.FIXED_SEED), for the caller's records.
     self.last_private_fit: dict[str, Any] | None = None

@@ -24,7 +24,7 @@ from jaxldm import fitting
 from jaxldm.config import ConfigError, to_dict
 from jaxldm.data.defaults import build_dataset
 from jaxldm.eval.controllability import compare_predictions
-from jaxldm.eval.regressor_fit import make_train_step
+from jaxldm.eval.regressor_fit import jitted_train_step
 from jaxldm.infer import checkpoints
 from jaxldm.infer.regressor import build_model, init_params, predict
 from jaxldm.models.regressor import TargetSpec, attributes_to_dict
@@ -89,9 +89,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   # --- step ---------------------------------------------------------------------------------
   mesh = common.make_mesh(config.train.num_devices)
-  train_step = jax.jit(make_train_step(model, spec, tx, ema_decay=config.optim.ema_decay,
-                                       classification_weight=config.targets.classification_weight),
-                       donate_argnums=0)
+  train_step = jitted_train_step(model, spec, tx, ema_decay=config.optim.ema_decay,
+                                 classification_weight=config.targets.classification_weight)
   step = loop.shuffled_step(train_step, train_data, seed=config.seed, batch_size=config.train.batch_size, mesh=mesh)
 
   # --- loop ---------------------------------------------------------------------------------
