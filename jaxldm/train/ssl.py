@@ -168,6 +168,15 @@ def make_train_step(model: SSLEncoder, tx, config: ml_collections.ConfigDict):
   return train_step
 
 
+def jitted_step(config: ml_collections.ConfigDict):
+  """The jitted train step, built once per process for the settings it closes over
+  (`common.cached_jit`): runs that differ only in seeds, data or length (constant schedule) share it."""
+  key = {"trainer": "ssl", "model": config.model.to_dict(), "augment": config.augment.to_dict(),
+         "loss": config.loss.to_dict(), "optim": fitting.optimizer_key(config.optim, config.train.steps)}
+  return common.cached_jit(key, lambda: make_train_step(build_model(config.model), fitting.make_optimizer(
+      config.optim, config.train.steps), config), donate_argnums=0)
+
+
 def retrieval_accuracy(model, params, volumes: np.ndarray, config, *, seed: int, max_volumes: int = 256) -> float:
   """Fraction of augmented copies whose nearest original (Pearson r of embeddings) is their source.
 
@@ -214,7 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   # --- step ---------------------------------------------------------------------------------
   mesh = common.make_mesh(config.train.num_devices)
-  train_step = jax.jit(make_train_step(model, tx, config), donate_argnums=0)
+  train_step = jitted_step(config)
   step = loop.shuffled_step(train_step, volumes, seed=config.seed, batch_size=config.train.batch_size, mesh=mesh)
 
   # --- loop ---------------------------------------------------------------------------------

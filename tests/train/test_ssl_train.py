@@ -128,3 +128,15 @@ def test_training_separates_augmented_copies_from_other_volumes(tiny_nifti_dir):
   before, after = margins(params), margins(state.params)
   assert np.all(after > 0), after
   assert after.mean() > before.mean() and after.mean() > 0.1, (before, after)
+
+
+def test_runs_of_the_same_settings_share_one_jitted_step(tiny_nifti_dir, tmp_path):
+  """Seeds and data are arguments, not part of the step: runs of the same settings get one jitted step
+  (each run jitted its own before, and traced the encoder's step again)."""
+  settings = {"train.steps": 1, "augment.shift": 0.07}  # A setting no other test uses.
+  first = ssl.jitted_step(_config(tiny_nifti_dir, **settings))
+  assert ssl.jitted_step(_config(tiny_nifti_dir, **settings, seed=5)) is first
+  assert ssl.jitted_step(_config(tiny_nifti_dir, **{**settings, "augment.shift": 0.06})) is not first
+  assert first._cache_size() == 0
+  ssl.train_and_evaluate(_config(tiny_nifti_dir, **settings, seed=5), tmp_path)
+  assert first._cache_size() == 1  # The run trained with the shared step.
