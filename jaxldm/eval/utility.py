@@ -30,6 +30,7 @@ All outputs are aggregates over test sets: nothing per training example leaves t
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -46,6 +47,7 @@ from jaxldm.eval.controllability import auroc, compare_predictions
 from jaxldm.eval.regressor_fit import Fitter
 from jaxldm.infer import regressor as regressor_lib
 from jaxldm.infer.checkpoints import iterate_batches
+from jaxldm.models import conv
 from jaxldm.models.layers import init_params
 from jaxldm.models.regressor import TargetSpec, attributes_from_dict
 from jaxldm.privacy import accounting
@@ -343,6 +345,16 @@ def ssim(clean, estimate, data_range: float, sigma: float = 1.5) -> np.ndarray:
   return s.mean(axis=(1, 2, 3))
 
 
+@functools.lru_cache(maxsize=8)
+def _denoiser_programs(model: Denoiser3D, learning_rate: float, noise_std: float, route: str):
+  """(optimizer, jitted training step, jitted apply), once per process for these settings (and the
+  convolution route, read when tracing): repeated utility evaluations reuse the traces."""
+  del route
+  tx = optax.adam(learning_rate)
+  apply = jax.jit(lambda p, x: model.apply(p, x[..., None])[..., 0])
+  return tx, _denoiser_step(model, tx, noise_std), apply
+
+
 def _denoiser_step(model: Denoiser3D, tx, noise_std: float):
   def step(params, opt_state, clean, rng):
     # RNG: the noise of step s is drawn from rng = fold_in(PRNGKey(seed), s).
@@ -396,9 +408,7 @@ def denoising_utility(synthetic_volumes, real_volumes, test_volumes, *, noise_st
           "real": _check_volumes(real_volumes, "real_volumes")}
   test = _check_volumes(test_volumes, "test_volumes")
   model = Denoiser3D(features=features, layers=layers, kernel=tuple(kernel))
-  tx = optax.adam(learning_rate)
-  step_fn = _denoiser_step(model, tx, noise_std)
-  apply = jax.jit(lambda p, x: model.apply(p, x[..., None])[..., 0])
+  tx, step_fn, apply = _denoiser_programs(model, float(learning_rate), float(noise_std), conv.resolved_weight_grad())
   per_volume = {src: {"psnr": [], "ssim": []} for src in sets}
   noisy_scores = {"psnr": [], "ssim": []}
   per_seed = {src: [] for src in sets}

@@ -126,6 +126,18 @@ def test_denoiser_improves_psnr_over_the_noisy_input(data):
     assert w["n"] == 4 and 0 <= w["p_value"] <= 1
 
 
+def test_a_repeated_denoising_utility_builds_no_program(data, programs_built):
+  """Its optimizer, training step and apply are kept per settings: a second evaluation (another run of
+  an ablation, another seed set) traces and compiles nothing."""
+  (sv, _), (rv, _), (tv, _) = data["syn"], data["train"], data["test"]
+  run = lambda: ut.denoising_utility(sv, rv, tv[:2], noise_std=0.2, steps=1, batch_size=4, features=8, layers=3,
+                                     seeds=(0,), progress=False)
+  run()
+  with programs_built() as built:
+    run()
+  assert built == []
+
+
 def test_metrics_and_seed_summary():
   rng = np.random.default_rng(0)
   x = rng.uniform(-1, 1, size=(2, 3, 16, 16))
