@@ -113,19 +113,17 @@ def make_private_step(model, spec: TargetSpec, tx, *, microbatch_size: int, clas
 def jitted_train_step(model, spec: TargetSpec, tx, *, ema_decay: float, classification_weight: float):
   """`make_train_step`, jitted (state donated) once per model, targets, optimizer and settings in this
   process (the regressor trainer and every Fitter)."""
-  return _jitted_step(model, spec, tx, float(ema_decay), float(classification_weight), conv.resolved_weight_grad())
+  return _jitted_step(model, spec, tx, float(ema_decay), float(classification_weight))
 
 
-@functools.lru_cache(maxsize=16)
-def _jitted_step(model, spec, tx, ema_decay: float, classification_weight: float, route: str):
-  del route
+@conv.cached_per_route(maxsize=16)
+def _jitted_step(model, spec, tx, ema_decay: float, classification_weight: float):
   return jax.jit(make_train_step(model, spec, tx, ema_decay=ema_decay, classification_weight=classification_weight),
                  donate_argnums=0)
 
 
-@functools.lru_cache(maxsize=16)
-def _jitted_private_step(model, spec, tx, microbatch_size: int, classification_weight: float, route: str):
-  del route
+@conv.cached_per_route(maxsize=16)
+def _jitted_private_step(model, spec, tx, microbatch_size: int, classification_weight: float):
   return jax.jit(make_private_step(model, spec, tx, microbatch_size=microbatch_size,
                                    classification_weight=classification_weight), donate_argnums=0)
 
@@ -200,8 +198,7 @@ class Fitter:
     check_arg("noise_multiplier", noise_multiplier, "[0, inf)")
     # Everything else about the mechanism is a traced argument: one program per microbatch size.
     tx = fitting.make_optimizer(self.optim, self.steps, private=True)
-    step_fn = _jitted_private_step(self.model, self.spec, tx, int(microbatch_size),
-                                   float(self.classification_weight), conv.resolved_weight_grad())
+    step_fn = _jitted_private_step(self.model, self.spec, tx, int(microbatch_size), float(self.classification_weight))
     mechanism = (np.float32(noise_multiplier), np.float32(l2_clip_norm), np.float32(batcher.expected_batch_size))
     params = self.init(volumes.shape[1:], seed) if params is None else params
     state = fitting.new_state(params, tx)

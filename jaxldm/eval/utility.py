@@ -30,7 +30,6 @@ All outputs are aggregates over test sets: nothing per training example leaves t
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -345,11 +344,10 @@ def ssim(clean, estimate, data_range: float, sigma: float = 1.5) -> np.ndarray:
   return s.mean(axis=(1, 2, 3))
 
 
-@functools.lru_cache(maxsize=8)
-def _denoiser_programs(model: Denoiser3D, learning_rate: float, noise_std: float, route: str):
-  """(optimizer, jitted training step, jitted apply), once per process for these settings (and the
-  convolution route, read when tracing): repeated utility evaluations reuse the traces."""
-  del route
+@conv.cached_per_route(maxsize=8)
+def _denoiser_programs(model: Denoiser3D, learning_rate: float, noise_std: float):
+  """(optimizer, jitted training step, jitted apply), once per process for these settings and
+  convolution route: repeated utility evaluations reuse the traces."""
   tx = optax.adam(learning_rate)
   apply = jax.jit(lambda p, x: model.apply(p, x[..., None])[..., 0])
   return tx, _denoiser_step(model, tx, noise_std), apply
@@ -408,7 +406,7 @@ def denoising_utility(synthetic_volumes, real_volumes, test_volumes, *, noise_st
           "real": _check_volumes(real_volumes, "real_volumes")}
   test = _check_volumes(test_volumes, "test_volumes")
   model = Denoiser3D(features=features, layers=layers, kernel=tuple(kernel))
-  tx, step_fn, apply = _denoiser_programs(model, float(learning_rate), float(noise_std), conv.resolved_weight_grad())
+  tx, step_fn, apply = _denoiser_programs(model, float(learning_rate), float(noise_std))
   per_volume = {src: {"psnr": [], "ssim": []} for src in sets}
   noisy_scores = {"psnr": [], "ssim": []}
   per_seed = {src: [] for src in sets}

@@ -7,7 +7,6 @@ trained in; encode and decode run in fixed-size padded chunks, so each compiles 
 
 from __future__ import annotations
 
-import functools
 import pathlib
 
 import jax
@@ -42,21 +41,20 @@ def load_autoencoder(workdir: str | pathlib.Path):
   return model, params, info
 
 
-# Jitted once per (model, scale, convolution route); the route is in the key only: it is read when
-# the function is traced.
-@functools.lru_cache(maxsize=8)
-def _jitted_encoder(model, scale: float, route: str):
+# Jitted once per (model, scale, convolution route).
+@conv.cached_per_route(maxsize=8)
+def _jitted_encoder(model, scale: float):
   return jax.jit(lambda p, x: model.apply(p, x, method=AutoencoderKL.encode).mean * scale)
 
 
-@functools.lru_cache(maxsize=8)
-def _jitted_decoder(model, scale: float, route: str):
+@conv.cached_per_route(maxsize=8)
+def _jitted_decoder(model, scale: float):
   return jax.jit(lambda p, z: model.apply(p, z / scale, method=AutoencoderKL.decode))
 
 
 def encode_latents(model, params, volumes: np.ndarray, scale: float, batch_size: int) -> np.ndarray:
   """Posterior means times the scale factor; one example at a time in effect (no batch coupling)."""
-  encode = _jitted_encoder(model, float(scale), conv.resolved_weight_grad())  # Traced once per model.
+  encode = _jitted_encoder(model, float(scale))  # Traced once per model.
   out = []
   for valid, chunk in checkpoints.iterate_batches(volumes, batch_size):
     out.append(np.asarray(encode(params, jnp.asarray(chunk)[..., None]))[:valid])
@@ -65,7 +63,7 @@ def encode_latents(model, params, volumes: np.ndarray, scale: float, batch_size:
 
 def latent_decoder(model, scale: float):
   """Jitted (params, latents scaled as the UNet sees them) -> decoded volumes (B, D, H, W, 1)."""
-  return _jitted_decoder(model, float(scale), conv.resolved_weight_grad())
+  return _jitted_decoder(model, float(scale))
 
 
 def decode_latents(model, params, latents: np.ndarray, scale: float, batch_size: int) -> np.ndarray:

@@ -174,17 +174,11 @@ def sampler(unet, schedule: tuple, prediction: str, **settings):
   with the same settings (an evaluation after the demo's figures, the runs of an ablation grid) reuses
   its trace and compiled program instead of tracing the UNet's sampling loop again.
   """
-  key = (unet, tuple(schedule), prediction, tuple(sorted(settings.items())), conv.resolved_weight_grad())
-  try:
-    hash(key)
-  except TypeError:  # A module with an unhashable field: built every time.
-    return _jitted_sampler.__wrapped__(*key)
-  return _jitted_sampler(*key)
+  return _jitted_sampler(unet, tuple(schedule), prediction, tuple(sorted(settings.items())))
 
 
-@functools.lru_cache(maxsize=16)
-def _jitted_sampler(unet, schedule: tuple, prediction: str, settings: tuple, route: str):
-  del route  # Part of the key only: the convolution route is read when the sampler is traced.
+@conv.cached_per_route(maxsize=16)
+def _jitted_sampler(unet, schedule: tuple, prediction: str, settings: tuple):
   return jax.jit(functools.partial(sample, unet_apply(unet), schedule=make_schedule(*schedule), prediction=prediction,
                                    **dict(settings)),
                  static_argnums=(1,))

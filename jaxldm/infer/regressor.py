@@ -8,7 +8,6 @@ fixed-size chunks (one compilation per model).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
 from collections.abc import Mapping
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 
 from jaxldm.config import ConfigError
 from jaxldm.infer import checkpoints
-from jaxldm.models import layers
+from jaxldm.models import conv, layers
 from jaxldm.models.layers import as_triple
 from jaxldm.models.regressor import AttributeRegressor, TargetSpec
 
@@ -43,7 +42,7 @@ def init_params(model: AttributeRegressor, shape, seed: int):
   return layers.init_params(model, jax.random.PRNGKey(seed), jnp.zeros((1, *shape, 1), jnp.float32))
 
 
-@functools.lru_cache(maxsize=16)
+@conv.cached_per_route(maxsize=16)
 def _apply_fn(model: AttributeRegressor):
   return jax.jit(lambda p, x: model.apply(p, x[..., None]))
 

@@ -6,7 +6,6 @@ name exactly which encoder computed it; encoder.json in a finished run records t
 
 from __future__ import annotations
 
-import functools
 import hashlib
 
 import jax
@@ -45,16 +44,15 @@ def params_version(params) -> str:
 
 
 # Jitted once per (model, convolution route): every evaluation and training record that embeds volumes
-# with the same encoder reuses the trace. The route is in the key only: it is read when tracing.
-@functools.lru_cache(maxsize=8)
-def _jitted_embed(model: SSLEncoder, route: str):
-  del route
+# with the same encoder reuses the trace.
+@conv.cached_per_route(maxsize=8)
+def _jitted_embed(model: SSLEncoder):
   return jax.jit(lambda p, x: model.apply(p, x[..., None], method=SSLEncoder.embed))
 
 
 def embed_volumes(model: SSLEncoder, params, volumes: np.ndarray, batch_size: int) -> np.ndarray:
   """(N, D, H, W) -> (N, F) embeddings, in fixed-size (padded) batches: one compilation."""
-  embed = _jitted_embed(model, conv.resolved_weight_grad())
+  embed = _jitted_embed(model)
   out = [np.asarray(embed(params, jnp.asarray(chunk, jnp.float32)))[:valid]
          for valid, chunk in checkpoints.iterate_batches(np.asarray(volumes), batch_size)]
   return np.concatenate(out)

@@ -110,6 +110,29 @@ def resolved_weight_grad() -> str:
   return mode
 
 
+def cached_per_route(maxsize: int = 16):
+  """Decorates a builder of jitted functions: one build per (arguments, convolution route in force).
+
+  The route is read when a model is traced, so a function jitted under one route must not serve
+  another; keying the builder's cache on `resolved_weight_grad()` here keeps every caller from adding
+  it by hand. Arguments that cannot be hashed (a module with a list field) are built every time.
+  """
+  def decorate(build):
+    cached = functools.lru_cache(maxsize=maxsize)(lambda route, *args: build(*args))
+
+    @functools.wraps(build)
+    def builder(*args):
+      try:
+        hash(args)
+      except TypeError:  # Unhashable arguments: nothing to key a cache on.
+        return build(*args)
+      return cached(resolved_weight_grad(), *args)
+
+    builder.cache_clear = cached.cache_clear
+    return builder
+  return decorate
+
+
 def examples_merged() -> contextlib.AbstractContextManager:
   """Within it, a convolution traced under `jax.vmap` with an unbatched kernel runs on the whole batch.
 

@@ -353,3 +353,25 @@ def test_model_outputs_and_gradients_match_native(name):
     close(per_example(), want_pe)
     with conv.examples_merged():
       close(batch(), want_b)
+
+
+def test_cached_per_route_builds_once_per_arguments_and_route():
+  """The shared cache of jitted builders: the convolution route in force is part of the key (it is read
+  when tracing), and unhashable arguments are built every time rather than refused."""
+  builds = []
+
+  @conv.cached_per_route()
+  def build(*args):
+    builds.append(args)
+    return object()
+
+  with conv.weight_grad("taps"):
+    first = build(1, (2, 3))
+    assert build(1, (2, 3)) is first and len(builds) == 1
+    assert build(2, (2, 3)) is not first
+  with conv.weight_grad("native"):
+    assert build(1, (2, 3)) is not first and len(builds) == 3
+  assert build(1, [2, 3]) is not build(1, [2, 3]) and len(builds) == 5
+  build.cache_clear()
+  with conv.weight_grad("taps"):
+    assert build(1, (2, 3)) is not first
