@@ -152,9 +152,12 @@ class Attention(nn.Module):
   """Multi-head attention over a token axis with an optional key mask.
 
   `x` is (..., Tq, C); `context` (..., Tk, Ck) defaults to `x`; `mask` (..., Tk) with 1 = attend.
+  `token_axis=-3`: self-attention over the tokens of `x` (..., T, N, C) for each of its N positions,
+  without moving the token axis (no transposed copy of the input or output).
   """
   heads: int = 4
   dtype: jnp.dtype = jnp.float32
+  token_axis: int = -2
 
   @nn.compact
   def __call__(self, x, context=None, mask=None):
@@ -165,12 +168,15 @@ class Attention(nn.Module):
     q = nn.DenseGeneral((heads, head_dim), dtype=self.dtype, name="q")(x)
     k = nn.DenseGeneral((heads, head_dim), dtype=self.dtype, name="k")(context)
     v = nn.DenseGeneral((heads, head_dim), dtype=self.dtype, name="v")(context)
-    logits = jnp.einsum("...qhd,...khd->...hqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+    if self.token_axis not in (-2, -3) or (self.token_axis == -3 and (context is not x or mask is not None)):
+      raise ValueError(f"token_axis {self.token_axis}: -2, or -3 for self-attention without a mask")
+    n = "" if self.token_axis == -2 else "n"
+    logits = jnp.einsum(f"...q{n}hd,...k{n}hd->...{n}hqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
     if mask is not None:
       big_neg = jnp.finfo(logits.dtype).min
       logits = jnp.where(mask[..., None, None, :] > 0, logits, big_neg)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.einsum("...hqk,...khd->...qhd", weights, v)
+    out = jnp.einsum(f"...{n}hqk,...k{n}hd->...q{n}hd", weights, v)
     return nn.DenseGeneral(channels, axis=(-2, -1), dtype=self.dtype, kernel_init=nn.initializers.zeros,
                            name="out")(out)
 

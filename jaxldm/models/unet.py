@@ -81,10 +81,9 @@ class AttentionBlock3D(nn.Module):
     tokens = tokens + Attention(self.heads, dtype=self.dtype, name="spatial")(ln("ln_spatial")(tokens))
     # 2. Self-attention across slices, told which slice is which.
     slice_emb = nn.Dense(c, dtype=self.dtype, name="slice_emb")(sinusoidal_embedding(jnp.arange(d), c))
-    across = tokens.transpose(0, 2, 1, 3)  # (B, H*W, D, C)
-    across = across + Attention(self.heads, dtype=self.dtype, name="slices")(
-        ln("ln_slices")(across) + slice_emb.astype(across.dtype))
-    tokens = across.transpose(0, 2, 1, 3).reshape(b, d * h * w, c)
+    tokens = tokens + Attention(self.heads, dtype=self.dtype, token_axis=-3, name="slices")(
+        ln("ln_slices")(tokens) + slice_emb[:, None].astype(tokens.dtype))
+    tokens = tokens.reshape(b, d * h * w, c)
     # 3. MLP.
     hidden = nn.gelu(nn.Dense(4 * c, dtype=self.dtype, name="mlp_in")(ln("ln_mlp")(tokens)))
     tokens = tokens + nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="mlp_out")(hidden)

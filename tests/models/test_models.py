@@ -209,3 +209,23 @@ def test_swish_is_nn_swish_in_both_forms_and_the_merged_step_takes_the_division(
     # The form is the point: a division (its result materialised before the kernel gradient's
     # transpose) only where the step is non-private; nn.swish's logistic elsewhere.
     assert ("div" in text) == merged and ("logistic" in text) != merged
+
+
+def test_attention_across_an_inner_token_axis_is_attention_over_the_moved_axis():
+  # token_axis=-3 (the UNet's attention across slices) attends over axis -3 of (B, T, N, C) for each
+  # of the N positions, as attention over the moved axis (B, N, T, C) does: same parameters, same values,
+  # and the same parameter gradients (examples stay independent).
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 7, 8))
+  inner, moved = layers.Attention(2, token_axis=-3), layers.Attention(2)
+  params = moved.init(jax.random.PRNGKey(1), jnp.swapaxes(x, 1, 2))
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+  assert jax.tree.structure(inner.init(jax.random.PRNGKey(1), x)) == jax.tree.structure(params)
+  a = inner.apply(params, x)
+  b = jnp.swapaxes(moved.apply(params, jnp.swapaxes(x, 1, 2)), 1, 2)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(a[:, :, 0] - a[:, :, 1]).max()) > 1e-3  # Positions differ: not a broadcast.
+  ga = jax.grad(lambda p: (inner.apply(p, x) ** 2).sum())(params)
+  gb = jax.grad(lambda p: (jnp.swapaxes(moved.apply(p, jnp.swapaxes(x, 1, 2)), 1, 2) ** 2).sum())(params)
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6), ga, gb)
+  with pytest.raises(ValueError, match="token_axis"):
+    inner.apply(params, x, context=x[:, :2])
