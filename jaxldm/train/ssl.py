@@ -15,6 +15,7 @@ parameters, so every feature statistic can name exactly which encoder made it).
 
 from __future__ import annotations
 
+import functools
 import math
 import pathlib
 from typing import NamedTuple
@@ -177,6 +178,16 @@ def jitted_step(config: ml_collections.ConfigDict):
       config.optim, config.train.steps), config), donate_argnums=0)
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_copies(aug: Augment):
+  """volumes, seed -> one augmented copy of each (volume i keyed by fold_in(PRNGKey(seed), i)), one
+  program per augmentation settings (and volume shape): a run's evaluation does not trace it again."""
+  def copies(volumes, seed):
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.arange(volumes.shape[0]))
+    return jax.vmap(lambda v, k: augment(v, k, aug))(volumes, keys)
+  return jax.jit(copies)
+
+
 def retrieval_accuracy(model, params, volumes: np.ndarray, config, *, seed: int, max_volumes: int = 256) -> float:
   """Fraction of augmented copies whose nearest original (Pearson r of embeddings) is their source.
 
@@ -187,9 +198,7 @@ def retrieval_accuracy(model, params, volumes: np.ndarray, config, *, seed: int,
   volumes = np.asarray(volumes[:max_volumes])
   if len(volumes) < 2:
     return float("nan")
-  aug = Augment.from_config(config.augment)
-  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.arange(len(volumes)))
-  copies = np.asarray(jax.jit(jax.vmap(lambda v, k: augment(v, k, aug)))(jnp.asarray(volumes), keys))
+  copies = np.asarray(_jitted_copies(Augment.from_config(config.augment))(jnp.asarray(volumes), np.int32(seed)))
   bs = config.train.batch_size
   idx, _ = nearest_neighbours(embed_volumes(model, params, copies, bs), embed_volumes(model, params, volumes, bs))
   return float(np.mean(idx == np.arange(len(volumes))))
