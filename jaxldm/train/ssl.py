@@ -180,10 +180,10 @@ def jitted_step(config: ml_collections.ConfigDict):
 
 @functools.lru_cache(maxsize=8)
 def _jitted_copies(aug: Augment):
-  """volumes, seed -> one augmented copy of each (volume i keyed by fold_in(PRNGKey(seed), i)), one
-  program per augmentation settings (and volume shape): a run's evaluation does not trace it again."""
-  def copies(volumes, seed):
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.arange(volumes.shape[0]))
+  """volumes, key -> one augmented copy of each (volume i keyed by fold_in(key, i)), one program per
+  augmentation settings (and volume shape): a run's evaluation does not trace it again."""
+  def copies(volumes, key):
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(volumes.shape[0]))
     return jax.vmap(lambda v, k: augment(v, k, aug))(volumes, keys)
   return jax.jit(copies)
 
@@ -198,7 +198,8 @@ def retrieval_accuracy(model, params, volumes: np.ndarray, config, *, seed: int,
   volumes = np.asarray(volumes[:max_volumes])
   if len(volumes) < 2:
     return float("nan")
-  copies = np.asarray(_jitted_copies(Augment.from_config(config.augment))(jnp.asarray(volumes), np.int32(seed)))
+  copies = np.asarray(_jitted_copies(Augment.from_config(config.augment))(jnp.asarray(volumes),
+                                                                        jax.random.PRNGKey(seed)))
   bs = config.train.batch_size
   idx, _ = nearest_neighbours(embed_volumes(model, params, copies, bs), embed_volumes(model, params, volumes, bs))
   return float(np.mean(idx == np.arange(len(volumes))))

@@ -57,13 +57,14 @@ def test_retrieval_accuracy_keys_each_copy_by_seed_and_builds_nothing_the_second
   aug = ssl.Augment.from_config(config.augment)
   want = jax.vmap(lambda v, i: ssl.augment(v, jax.random.fold_in(jax.random.PRNGKey(5), i), aug))(
       jnp.asarray(volumes), jnp.arange(len(volumes)))
-  np.testing.assert_allclose(ssl._jitted_copies(aug)(jnp.asarray(volumes), np.int32(5)), want, atol=1e-6)
+  np.testing.assert_allclose(ssl._jitted_copies(aug)(jnp.asarray(volumes), jax.random.PRNGKey(5)), want, atol=1e-6)
   model = build_model(config.model)
   params = layers.init_params(model, jax.random.PRNGKey(0), jnp.zeros((1, *SHAPE, 1)))
   first = ssl.retrieval_accuracy(model, params, volumes, config, seed=5)
   with programs_built() as built:
     again = ssl.retrieval_accuracy(model, params, volumes, config, seed=5)
   assert again == first and 0.0 <= first <= 1.0
+  assert ssl.retrieval_accuracy(model, params, volumes, config, seed=2**40 + 5) >= 0.0  # A 64-bit seed.
   assert built == [], built  # The copies' program (and the embedding's) are kept per settings.
 
 
