@@ -453,6 +453,28 @@ def cmd_bench_convs(args, overrides) -> int:
   return 0
 
 
+def cmd_bench_profile(args, overrides) -> int:
+  from rich.console import Console
+
+  from jaxldm.bench import grads, profile, report
+
+  console = Console(stderr=True)
+  profile.check(args.mode, args.calls)  # Before the model is built.
+  target = grads.build_target(args.model, args.config, overrides)
+  if args.conv_weight_grad:
+    from jaxldm.models import conv
+    conv.set_weight_grad(args.conv_weight_grad)
+  with console.status(f"profiling {args.mode} at batch {args.batch}"):
+    result = profile.profile(target, args.batch, args.mode, calls=args.calls, microbatch=args.microbatch,
+                             trace_dir=args.trace_dir)
+  result["config"] = args.config
+  for table in profile.tables(result, top=args.top):
+    report.console().print(table)
+  if args.json:
+    report.save_json(args.json, result)
+  return 0
+
+
 def cmd_bench_compare(args, overrides) -> int:
   from jaxldm.bench import compare, report
 
@@ -882,6 +904,27 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--warmup", type=int, default=2, help="untimed calls after compiling (default 2)")
   p.add_argument("--json", metavar="OUT.json", help="write the records here")
   p.set_defaults(func=cmd_bench_convs, takes_overrides=True)
+  p = bench_sub.add_parser(
+      "profile", help="where one gradient step's time goes, operation by operation (XLA profiler)",
+      description="Runs one mode's compiled step (the program `bench grads` times) a few times under "
+                  "jax.profiler and sums each compiled operation's time per call, joined to its HLO: "
+                  "output shape, the JAX operation it came from, and a kind (convolution, matmul, "
+                  "reduction, copy, elementwise, control). Prints the totals per kind and the longest "
+                  "operations. The sums rank work; they are not a budget (operations overlap on the "
+                  "CPU's threads). Example: jaxldm bench profile --model unet --config ldm:tiny "
+                  "--batch 8 --mode nonprivate --json profile.json")
+  p.add_argument("--model", choices=("unet", "autoencoder"), required=True, help="which network")
+  p.add_argument("--config", required=True, help="its training config[:variant], e.g. ldm:tiny or autoencoder:paper")
+  p.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
+  p.add_argument("--mode", default="nonprivate", help="one of nonprivate,vmap,vmap_microbatch,loop (default nonprivate)")
+  p.add_argument("--microbatch", type=int, default=0, help="microbatch size of vmap_microbatch (default batch/4)")
+  p.add_argument("--calls", type=int, default=3, help="profiled calls, also the timed ones (default 3)")
+  p.add_argument("--top", type=int, default=25, help="operations listed (default 25; --json keeps all)")
+  p.add_argument("--conv-weight-grad", choices=("auto", "slices", "taps", "native"),
+                 help="convolution route (default auto: slices on CPU, native elsewhere)")
+  p.add_argument("--trace-dir", metavar="DIR", help="keep the profiler's trace here (Perfetto/TensorBoard)")
+  p.add_argument("--json", metavar="OUT.json", help="write the summary, every operation included, here")
+  p.set_defaults(func=cmd_bench_profile, takes_overrides=True)
   p = bench_sub.add_parser(
       "compare", help="jaxldm vs its PyTorch/Opacus twin, same model and batch, one command",
       description="Runs the PyTorch/Opacus twin (jaxldm/bench/torch_twin.py, in a subprocess) and jaxldm's "
