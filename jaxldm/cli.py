@@ -453,6 +453,13 @@ def cmd_bench_convs(args, overrides) -> int:
   return 0
 
 
+def _model_arguments(p) -> None:
+  """--model, --config and one --batch, as `bench convs` and `bench profile` take them."""
+  p.add_argument("--model", choices=("unet", "autoencoder"), required=True, help="which network")
+  p.add_argument("--config", required=True, help="its training config[:variant], e.g. ldm:tiny or autoencoder:paper")
+  p.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
+
+
 def cmd_bench_profile(args, overrides) -> int:
   from rich.console import Console
 
@@ -891,9 +898,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "extra), layer by layer against jaxldm's. The count-weighted totals say how much of "
                   "the private step's overhead the convolutions explain. Example: jaxldm bench convs "
                   "--model unet --config ldm:paper --batch 8 --json convs.json")
-  p.add_argument("--model", choices=("unet", "autoencoder"), required=True, help="which network")
-  p.add_argument("--config", required=True, help="its training config[:variant], e.g. ldm:tiny or autoencoder:paper")
-  p.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
+  _model_arguments(p)
   p.add_argument("--variants", type=lambda t: tuple(m.strip() for m in t.split(",") if m.strip()),
                  default=("batched", "batched_slices", "batched_taps", "native", "slices", "taps"),
                  help="comma-separated subset of batched,batched_slices,batched_taps,native,slices,taps,"
@@ -913,9 +918,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "operations. The sums rank work; they are not a budget (operations overlap on the "
                   "CPU's threads). Example: jaxldm bench profile --model unet --config ldm:tiny "
                   "--batch 8 --mode nonprivate --json profile.json")
-  p.add_argument("--model", choices=("unet", "autoencoder"), required=True, help="which network")
-  p.add_argument("--config", required=True, help="its training config[:variant], e.g. ldm:tiny or autoencoder:paper")
-  p.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
+  _model_arguments(p)
   p.add_argument("--mode", default="nonprivate", help="one of nonprivate,vmap,vmap_microbatch,loop (default nonprivate)")
   p.add_argument("--microbatch", type=int, default=0, help="microbatch size of vmap_microbatch (default batch/4)")
   p.add_argument("--calls", type=int, default=3, help="profiled calls, also the timed ones (default 3)")
