@@ -28,8 +28,9 @@ def test_profile_names_every_timed_operation_and_the_private_step_has_per_exampl
     assert abs(sum(r["ms"] for r in result["ops"]) - result["operation_ms_per_call"]) < 1e-6
     assert result["by_kind"]["convolution"]["ms"] > 0
     assert any("conv" in r["op_name"] for r in result["ops"] if r["kind"] == "convolution")
-  # 4 and 8 channels are too few to pair examples: each example's kernel gradient is a convolution of
-  # its own in the private step, one per layer for the whole batch in the non-private one.
+  # The 4-channel layers are too narrow to pair examples (conv.PAIR_MIN_CHANNELS): there each example's
+  # kernel gradient is a convolution of its own in the private step, one per layer for the whole batch
+  # in the non-private one.
   assert private["by_kind"]["convolution"]["count"] > plain["by_kind"]["convolution"]["count"]
 
 
