@@ -33,13 +33,13 @@ from jaxldm.config import ConfigError
 KINDS = ("convolution", "matmul", "reduction", "copy", "elementwise", "control")
 
 _INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%(\S+) = (\S+?) ([a-z][\w-]*)\((.*)$")
-_COMPUTATION = re.compile(r"^%?(\S+) \(.*\{$")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?(\S+) \(.*\{$")
 
 
 def hlo_instructions(text: str) -> dict[str, dict]:
   """{instruction name: {shape, opcode, op_name, kind}} of the entry-level instructions of an HLO
   module's text (`compiled.as_text()`), with fusions classified by what their computation holds."""
-  bodies, current, entry_lines = {}, None, []
+  bodies, current = {}, None
   for line in text.splitlines():
     m = _COMPUTATION.match(line)
     if m:

@@ -42,6 +42,31 @@ def test_hlo_instructions_are_classified_by_what_they_compute():
   assert {"matmul", "reduction"} <= kinds
 
 
+def test_the_entry_computation_is_not_read_as_the_body_of_the_one_before_it():
+  # The fused computation printed just before ENTRY holds an add only; the entry's own convolution must
+  # not make the fusion that calls it a convolution.
+  text = """HloModule m
+
+%fused_add (p0: f32[4], p1: f32[4]) -> f32[4] {
+  %p0 = f32[4]{0} parameter(0)
+  %p1 = f32[4]{0} parameter(1)
+  ROOT %add.1 = f32[4]{0} add(%p0, %p1), metadata={op_name="jit(f)/add"}
+}
+
+ENTRY %main.9 (a: f32[4], x: f32[1,4,4,1], k: f32[3,3,1,1]) -> (f32[4], f32[1,4,4,1]) {
+  %a = f32[4]{0} parameter(0)
+  %x = f32[1,4,4,1]{3,2,1,0} parameter(1)
+  %k = f32[3,3,1,1]{3,2,1,0} parameter(2)
+  %add_fusion = f32[4]{0} fusion(%a, %a), kind=kLoop, calls=%fused_add
+  %convolution.2 = f32[1,4,4,1]{3,2,1,0} convolution(%x, %k), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, metadata={op_name="jit(f)/conv"}
+  ROOT %tuple = (f32[4]{0}, f32[1,4,4,1]{3,2,1,0}) tuple(%add_fusion, %convolution.2)
+}
+"""
+  ops = profile.hlo_instructions(text)
+  assert ops["add_fusion"]["kind"] == "elementwise" and ops["add_fusion"]["op_name"] == "jit(f)/add"
+  assert ops["convolution.2"]["kind"] == "convolution" and ops["convolution.2"]["shape"] == "f32[1,4,4,1]"
+
+
 def test_a_wrong_mode_is_one_line_naming_the_flag(capsys):
   code = cli.main(["bench", "profile", "--model", "autoencoder", "--config", "configs/autoencoder.py:tiny", *TINY_AE,
                    "--mode", "vmapp"])
