@@ -37,8 +37,9 @@ _COMPUTATION = re.compile(r"^(?:ENTRY )?%?(\S+) \(.*\{$")
 
 
 def hlo_instructions(text: str) -> dict[str, dict]:
-  """{instruction name: {shape, opcode, op_name, kind}} of the entry-level instructions of an HLO
-  module's text (`compiled.as_text()`), with fusions classified by what their computation holds."""
+  """{instruction name: {shape, opcode, op_name, kind}} of every instruction in an HLO module's text
+  (`compiled.as_text()`; names are unique in a module), fusions classified by what their computation
+  holds. The profiler's events carry the names of the instructions that run as operations."""
   bodies, current = {}, None
   for line in text.splitlines():
     m = _COMPUTATION.match(line)
