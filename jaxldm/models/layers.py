@@ -161,6 +161,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, context=None, mask=None):
+    if self.token_axis not in (-2, -3) or (self.token_axis == -3 and (context is not None or mask is not None)):
+      raise ValueError(f"token_axis {self.token_axis}: -2, or -3 for self-attention without a mask")
     context = x if context is None else context
     channels = x.shape[-1]
     heads = math.gcd(self.heads, channels)
@@ -168,8 +170,6 @@ class Attention(nn.Module):
     q = nn.DenseGeneral((heads, head_dim), dtype=self.dtype, name="q")(x)
     k = nn.DenseGeneral((heads, head_dim), dtype=self.dtype, name="k")(context)
     v = nn.DenseGeneral((heads, head_dim), dtype=self.dtype, name="v")(context)
-    if self.token_axis not in (-2, -3) or (self.token_axis == -3 and (context is not x or mask is not None)):
-      raise ValueError(f"token_axis {self.token_axis}: -2, or -3 for self-attention without a mask")
     n = "" if self.token_axis == -2 else "n"
     logits = jnp.einsum(f"...q{n}hd,...k{n}hd->...{n}hqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
     if mask is not None:
