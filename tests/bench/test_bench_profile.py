@@ -67,8 +67,12 @@ ENTRY %main.9 (a: f32[4], x: f32[1,4,4,1], k: f32[3,3,1,1]) -> (f32[4], f32[1,4,
   assert ops["convolution.2"]["kind"] == "convolution" and ops["convolution.2"]["shape"] == "f32[1,4,4,1]"
 
 
-def test_a_wrong_mode_is_one_line_naming_the_flag(capsys):
+def test_a_wrong_mode_or_call_count_is_one_line_naming_the_flag(capsys):
   code = cli.main(["bench", "profile", "--model", "autoencoder", "--config", "configs/autoencoder.py:tiny", *TINY_AE,
                    "--mode", "vmapp"])
   assert code == 2
   assert "--mode" in capsys.readouterr().err
+  code = cli.main(["bench", "profile", "--model", "autoencoder", "--config", "configs/autoencoder.py:tiny", *TINY_AE,
+                   "--calls", "0"])
+  assert code == 2
+  assert "--calls 0" in capsys.readouterr().err
