@@ -119,18 +119,24 @@ def clip_gradient(grad: PyTree, *, l2_clip_norm: Any,
   """
   leaves, treedef = jax.tree_util.tree_flatten(grad)
   leaves = [g.astype(jnp.promote_types(g.dtype, jnp.float32)) for g in leaves]
+  scales, norm, was_clipped = _clip_scales(leaves, l2_clip_norm=l2_clip_norm, per_layer=per_layer)
+  return jax.tree_util.tree_unflatten(treedef, [g * s for g, s in zip(leaves, scales)]), norm, was_clipped
+
+
+def _clip_scales(leaves, *, l2_clip_norm, per_layer):
+  """Each leaf's clip scale (one scalar per leaf), the global norm and whether it was clipped."""
   sq_norms = [jnp.sum(g * g) for g in leaves]
   norm = jnp.sqrt(sum(sq_norms))
   if per_layer:
     leaf_clip = l2_clip_norm / math.sqrt(len(leaves))
     leaf_norms = [jnp.sqrt(s) for s in sq_norms]
-    clipped = [g * (leaf_clip / jnp.maximum(n, leaf_clip)) for g, n in zip(leaves, leaf_norms)]
+    scales = [leaf_clip / jnp.maximum(n, leaf_clip) for n in leaf_norms]
     was_clipped = jnp.any(jnp.stack([n > leaf_clip for n in leaf_norms]))
   else:
     scale = l2_clip_norm / jnp.maximum(norm, l2_clip_norm)
-    clipped = [g * scale for g in leaves]
+    scales = [scale] * len(leaves)
     was_clipped = norm > l2_clip_norm
-  return jax.tree_util.tree_unflatten(treedef, clipped), norm, was_clipped
+  return scales, norm, was_clipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,17 +183,24 @@ def _microbatch_sum(value_and_grad, params, batch, mask, index, rng, *, l2_clip_
 
   def one(example, example_index):
     (loss, aux), grad = value_and_grad(params, example, jax.random.fold_in(rng, example_index))
-    clipped, norm, was_clipped = clip_gradient(grad, l2_clip_norm=l2_clip_norm,
-                                               per_layer=per_layer)
-    return clipped, loss, norm, was_clipped, aux
+    leaves = [g.astype(jnp.promote_types(g.dtype, jnp.float32)) for g in jax.tree_util.tree_leaves(grad)]
+    scales, norm, was_clipped = _clip_scales(leaves, l2_clip_norm=l2_clip_norm, per_layer=per_layer)
+    return leaves, scales, loss, norm, was_clipped, aux
 
-  clipped, loss, norm, was_clipped, aux = jax.vmap(one)(batch, index)
+  treedef = jax.tree_util.tree_structure(params)
+  leaves, scales, loss, norm, was_clipped, aux = jax.vmap(one)(batch, index)
 
   def masked(x):  # `where`, not `* mask`: NaN/inf from padding must not leak (0 * NaN = NaN).
     m = mask.reshape(mask.shape + (1,) * (jnp.ndim(x) - 1))
     return jnp.where(m, x, jnp.zeros((), x.dtype))
 
-  grad_sum = jax.tree_util.tree_map(lambda g: jnp.sum(masked(g), axis=0), clipped)
+  # sum_i mask_i * scale_i * g_i as one (B,) x (B, ...) product per leaf: XLA:CPU ran the multiply-and-sum
+  # as two operations per leaf (the scale broadcast to the stacked gradient's shape, then a reduction);
+  # the product is one (benchmarks/NOTES.md, session 21). HIGHEST: no reduced-precision (TF32, bf16-pass)
+  # products on accelerators; the sum is the float32 sum of the clipped gradients the sensitivity bounds.
+  grad_sum = jax.tree_util.tree_unflatten(treedef, [
+      jnp.tensordot(masked(s), masked(g), axes=(0, 0), precision=lax.Precision.HIGHEST)
+      for g, s in zip(leaves, scales)])
   per_example = {
       'loss': masked(loss),
       'grad_norm': masked(norm),
