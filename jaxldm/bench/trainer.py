@@ -17,6 +17,8 @@ trainer's loop (`jaxldm.train.ldm` / `jaxldm.train.autoencoder`'s `train_and_eva
                autoencoder has no K (K = 1): its non-private step is `autoencoder.jitted_step(config,
                False)` at the expected batch size, the critic off as under DP.
 
+The timed steps are interleaved (step s of every variant back to back, the order rotating), so the
+machine's drift from minute to minute falls on each alike: the ratios compare like with like.
 `dp.setup` runs as in training (sigma given by --sigma so nothing is calibrated; ledger and secrets
 go to a temporary directory that is removed). Latents, attributes, masks and volumes are random; no
 model or data files are read. Reported: the MEAN step times (a Poisson step's cost varies with
@@ -145,7 +147,6 @@ def run(spec: str, overrides: Sequence[str] = (), *, steps: int = 30, warmup: in
   target = _ldm_trainer(spec, config, n, mesh) if kind == "ldm" else _autoencoder_trainer(config, n, mesh)
   k = target.k
   quiet = Console(quiet=True)
-  timings = {}
 
   # --- private: dp.setup as in training, in a throw-away workdir --------------------------------
   with config.unlocked():
@@ -165,7 +166,7 @@ def run(spec: str, overrides: Sequence[str] = (), *, steps: int = 30, warmup: in
     sizes[step], rows[step] = int(mask.sum()), int(mask.size)
     return step_fn(state, *inputs, *dp_run.mechanism())
 
-  timings["private"] = _time_loop(private_step, state, steps, warmup, progress, "private")
+  runs = {"private": _start(private_step, state, warmup, progress, "private")}
 
   # --- non-private: the trainer's own step at the expected batch size ---------------------------
   batch_size = max(num_devices, int(round(expected / num_devices)) * num_devices)
@@ -185,7 +186,9 @@ def run(spec: str, overrides: Sequence[str] = (), *, steps: int = 30, warmup: in
       batch = common.shard_batch(jax.tree_util.tree_map(lambda a: a[idx], target.nonprivate_examples), mesh)
       return np_fn(state, batch, fitting.step_key(np_config.seed, step))
 
-    timings[name] = _time_loop(nonprivate_step, np_state, steps, warmup, progress, name)
+    runs[name] = _start(nonprivate_step, np_state, warmup, progress, name)
+
+  timings = _time_interleaved(runs, steps, warmup, progress)
 
   mean = {name: statistics.fmean(t["times_s"]) for name, t in timings.items()}
   med = {name: statistics.median(t["times_s"]) for name, t in timings.items()}
@@ -211,9 +214,9 @@ def run(spec: str, overrides: Sequence[str] = (), *, steps: int = 30, warmup: in
   return record
 
 
-def _time_loop(step, state, steps: int, warmup: int, progress, name: str) -> dict:
-  """The first call (compile included), `warmup` untimed steps, then `steps` timed ones (state threads
-  through: the jitted steps donate it, as in training)."""
+def _start(step, state, warmup: int, progress, name: str) -> dict:
+  """The first call (compile included) and `warmup` untimed steps; the run's state threads on (the
+  jitted steps donate it, as in training)."""
   t0 = time.perf_counter()
   state, metrics = step(state, 0)
   _block(metrics)
@@ -223,16 +226,29 @@ def _time_loop(step, state, steps: int, warmup: int, progress, name: str) -> dic
   for s in range(1, 1 + warmup):
     state, metrics = step(state, s)
   _block((state, metrics))
-  times, timed = [], list(range(1 + warmup, 1 + warmup + steps))
-  for s in timed:
-    t0 = time.perf_counter()
-    state, metrics = step(state, s)
-    _block(metrics)
-    _block(state.step)
-    times.append(time.perf_counter() - t0)
+  return {"step": step, "state": state, "first_call_s": first}
+
+
+def _time_interleaved(runs: dict, steps: int, warmup: int, progress) -> dict:
+  """`steps` timed steps of every run, interleaved: step s of each run back to back, the order rotating
+  from step to step, so a slow stretch of the machine (this host's speed drifts by +-10% between
+  minutes) falls on every run alike and the ratios of means compare like with like."""
+  names = list(runs)
+  times = {name: [] for name in names}
+  timed = list(range(1 + warmup, 1 + warmup + steps))
+  for i, s in enumerate(timed):
+    for name in names[i % len(names):] + names[:i % len(names)]:
+      run = runs[name]
+      t0 = time.perf_counter()
+      run["state"], metrics = run["step"](run["state"], s)
+      _block(metrics)
+      _block(run["state"].step)
+      times[name].append(time.perf_counter() - t0)
   if progress:
-    progress(f"{name}: {statistics.fmean(times) * 1e3:.1f} ms/step (mean)")
-  return {"first_call_s": first, "times_s": times, "steps": timed}
+    for name in names:
+      progress(f"{name}: {statistics.fmean(times[name]) * 1e3:.1f} ms/step (mean)")
+  return {name: {"first_call_s": runs[name]["first_call_s"], "times_s": times[name], "steps": timed}
+          for name in names}
 
 
 def table(record: dict):

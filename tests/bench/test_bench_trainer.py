@@ -47,6 +47,31 @@ def test_trainer_steps_are_timed(tmp_path, capsys, monkeypatch):
   assert "DP / (2 x nonprivate)" in capsys.readouterr().out
 
 
+def test_timed_steps_are_interleaved():
+  """Step s of every variant back to back, the order rotating, each state threaded through its own run."""
+  import collections
+
+  import jax.numpy as jnp
+
+  from jaxldm.bench import trainer
+
+  State = collections.namedtuple("State", "step")
+  calls = []
+
+  def make(name):
+    def step(state, s):
+      calls.append((name, s))
+      return state._replace(step=state.step + 1), {"loss": jnp.zeros(())}
+    return step
+
+  runs = {n: {"step": make(n), "state": State(jnp.zeros((), jnp.int32)), "first_call_s": 0.5} for n in "abc"}
+  out = trainer._time_interleaved(runs, steps=3, warmup=1, progress=None)
+  assert calls == [("a", 2), ("b", 2), ("c", 2), ("b", 3), ("c", 3), ("a", 3), ("c", 4), ("a", 4), ("b", 4)]
+  assert {n: (r["steps"], len(r["times_s"]), r["first_call_s"]) for n, r in out.items()} == {
+      n: ([2, 3, 4], 3, 0.5) for n in "abc"}
+  assert all(int(runs[n]["state"].step) == 3 for n in "abc")
+
+
 def test_trainer_needs_a_dp_config(capsys):
   assert cli.main(["bench", "trainer", "--config", "configs/ldm.py:tiny"]) == 2
   assert "dp.enabled is False" in capsys.readouterr().err
