@@ -19,6 +19,7 @@ trainer's loop (`jaxldm.train.ldm` / `jaxldm.train.autoencoder`'s `train_and_eva
 
 The timed steps are interleaved (step s of every variant back to back, the order rotating), so the
 machine's drift from minute to minute falls on each alike: the ratios compare like with like.
+
 `dp.setup` runs as in training (sigma given by --sigma so nothing is calibrated; ledger and secrets
 go to a temporary directory that is removed). Latents, attributes, masks and volumes are random; no
 model or data files are read. Reported: the MEAN step times (a Poisson step's cost varies with
