@@ -412,6 +412,20 @@ def cmd_privacy_rero(args) -> int:
 # ---------------------------------------------------------------------------------------------
 # config, demo
 # ---------------------------------------------------------------------------------------------
+def _conv_route_argument(p) -> None:
+  """--conv-weight-grad, as `bench grads` and `bench profile` take it (applied by `_set_conv_route`)."""
+  p.add_argument("--conv-weight-grad", choices=("auto", "slices", "taps", "native"),
+                 help="convolution route (default auto: slices on CPU, native elsewhere; see "
+                      "jaxldm/models/conv.py)")
+
+
+def _set_conv_route(args) -> None:
+  """The convolution route --conv-weight-grad names, for every model traced after this call."""
+  if args.conv_weight_grad:
+    from jaxldm.models import conv
+    conv.set_weight_grad(args.conv_weight_grad)
+
+
 def cmd_bench_grads(args, overrides) -> int:
   from rich.console import Console
 
@@ -419,9 +433,7 @@ def cmd_bench_grads(args, overrides) -> int:
 
   console = Console(stderr=True)
   target = grads.build_target(args.model, args.config, overrides)
-  if args.conv_weight_grad:
-    from jaxldm.models import conv
-    conv.set_weight_grad(args.conv_weight_grad)
+  _set_conv_route(args)
   with console.status("benchmarking") as status:
     records = grads.run(target, batches=args.batch, modes=args.modes, microbatch=args.microbatch,
                         repeats=args.repeats, warmup=args.warmup,
@@ -468,9 +480,7 @@ def cmd_bench_profile(args, overrides) -> int:
   console = Console(stderr=True)
   profile.check(args.mode, args.calls)  # Before the model is built.
   target = grads.build_target(args.model, args.config, overrides)
-  if args.conv_weight_grad:
-    from jaxldm.models import conv
-    conv.set_weight_grad(args.conv_weight_grad)
+  _set_conv_route(args)
   with console.status(f"profiling {args.mode} at batch {args.batch}"):
     result = profile.profile(target, args.batch, args.mode, calls=args.calls, microbatch=args.microbatch,
                              trace_dir=args.trace_dir)
@@ -880,9 +890,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--microbatch", type=int, default=0, help="microbatch size of vmap_microbatch (default batch/4)")
   p.add_argument("--repeats", type=int, default=5, help="timed repeats per mode (default 5; the median is reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed calls after compiling (default 2)")
-  p.add_argument("--conv-weight-grad", choices=("auto", "slices", "taps", "native"),
-                 help="convolution route (default auto: slices on CPU, native elsewhere; see "
-                      "jaxldm/models/conv.py)")
+  _conv_route_argument(p)
   p.add_argument("--json", metavar="OUT.json", help="write the records here (and the plot next to it)")
   p.add_argument("--png", metavar="OUT.png", help="plot path (default: next to --json)")
   p.set_defaults(func=cmd_bench_grads, takes_overrides=True)
@@ -923,8 +931,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--microbatch", type=int, default=0, help="microbatch size of vmap_microbatch (default batch/4)")
   p.add_argument("--calls", type=int, default=3, help="profiled calls, also the timed ones (default 3)")
   p.add_argument("--top", type=int, default=25, help="operations listed (default 25; --json keeps all)")
-  p.add_argument("--conv-weight-grad", choices=("auto", "slices", "taps", "native"),
-                 help="convolution route (default auto: slices on CPU, native elsewhere)")
+  _conv_route_argument(p)
   p.add_argument("--trace-dir", metavar="DIR", help="keep the profiler's trace here (Perfetto/TensorBoard)")
   p.add_argument("--json", metavar="OUT.json", help="write the summary, every operation included, here")
   p.set_defaults(func=cmd_bench_profile, takes_overrides=True)

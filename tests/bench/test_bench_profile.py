@@ -4,6 +4,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from jaxldm import cli
 from jaxldm.bench import profile
@@ -76,3 +77,16 @@ def test_a_wrong_mode_or_call_count_is_one_line_naming_the_flag(capsys):
                    "--calls", "0"])
   assert code == 2
   assert "--calls 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["grads", "profile"])
+def test_conv_weight_grad_flag_sets_the_route(command, monkeypatch):
+  from jaxldm.models import conv
+
+  monkeypatch.setitem(conv._setting, "weight_grad", "auto")  # Restored after the test.
+  args = cli.build_parser().parse_args(["bench", command, "--model", "autoencoder", "--config",
+                                        "autoencoder:tiny", "--conv-weight-grad", "taps"])
+  cli._set_conv_route(args)
+  assert conv.resolved_weight_grad() == "taps"
+  cli._set_conv_route(cli.build_parser().parse_args(["bench", command, "--model", "unet", "--config", "ldm:tiny"]))
+  assert conv.resolved_weight_grad() == "taps"  # No flag: the route is left as it was.
