@@ -117,14 +117,15 @@ def clip_gradient(grad: PyTree, *, l2_clip_norm: Any,
   Returns:
     (clipped gradient in float32 or wider, pre-clipping global L2 norm, whether it was clipped).
   """
-  leaves, treedef = jax.tree_util.tree_flatten(grad)
-  leaves = [g.astype(jnp.promote_types(g.dtype, jnp.float32)) for g in leaves]
-  scales, norm, was_clipped = _clip_scales(leaves, l2_clip_norm=l2_clip_norm, per_layer=per_layer)
+  leaves, scales, norm, was_clipped = _clip_scales(grad, l2_clip_norm=l2_clip_norm, per_layer=per_layer)
+  treedef = jax.tree_util.tree_structure(grad)
   return jax.tree_util.tree_unflatten(treedef, [g * s for g, s in zip(leaves, scales)]), norm, was_clipped
 
 
-def _clip_scales(leaves, *, l2_clip_norm, per_layer):
-  """Each leaf's clip scale (one scalar per leaf), the global norm and whether it was clipped."""
+def _clip_scales(grad: PyTree, *, l2_clip_norm, per_layer):
+  """One example's gradient leaves in float32 or wider, each leaf's clip scale (a scalar), the global
+  norm and whether it was clipped."""
+  leaves = [g.astype(jnp.promote_types(g.dtype, jnp.float32)) for g in jax.tree_util.tree_leaves(grad)]
   sq_norms = [jnp.sum(g * g) for g in leaves]
   norm = jnp.sqrt(sum(sq_norms))
   if per_layer:
@@ -136,7 +137,7 @@ def _clip_scales(leaves, *, l2_clip_norm, per_layer):
     scale = l2_clip_norm / jnp.maximum(norm, l2_clip_norm)
     scales = [scale] * len(leaves)
     was_clipped = norm > l2_clip_norm
-  return scales, norm, was_clipped
+  return leaves, scales, norm, was_clipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,8 +184,7 @@ def _microbatch_sum(value_and_grad, params, batch, mask, index, rng, *, l2_clip_
 
   def one(example, example_index):
     (loss, aux), grad = value_and_grad(params, example, jax.random.fold_in(rng, example_index))
-    leaves = [g.astype(jnp.promote_types(g.dtype, jnp.float32)) for g in jax.tree_util.tree_leaves(grad)]
-    scales, norm, was_clipped = _clip_scales(leaves, l2_clip_norm=l2_clip_norm, per_layer=per_layer)
+    leaves, scales, norm, was_clipped = _clip_scales(grad, l2_clip_norm=l2_clip_norm, per_layer=per_layer)
     return leaves, scales, loss, norm, was_clipped, aux
 
   treedef = jax.tree_util.tree_structure(params)
