@@ -139,9 +139,9 @@ def export(run: str | pathlib.Path, size: str = "tiny", *, dest: str | pathlib.P
     src, dst = run / stage, dest / stage
     ckpt = common.Checkpointer(src / "checkpoints")
     step = ckpt.latest_step()
-    state, _ = ckpt.restore_untyped(step)
+    ema, _ = ckpt.restore_tree("ema_params", step)
     ckpt.close()
-    ema = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), state["ema_params"])
+    ema = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), ema)
     if dst.exists():
       shutil.rmtree(dst)
     dst.mkdir(parents=True)

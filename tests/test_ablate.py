@@ -55,9 +55,9 @@ def _overrides(root, **extra):
 
 def _params(workdir):
   ckpt = common.Checkpointer(workdir / "checkpoints")
-  leaves = jax.tree_util.tree_leaves(ckpt.restore_untyped()[0]["params"])
+  leaves = jax.tree_util.tree_leaves(ckpt.restore_tree("params")[0])
   ckpt.close()
-  return [np.asarray(x) for x in leaves]
+  return leaves
 
 
 def test_runs_are_named_by_their_settings(pipeline):

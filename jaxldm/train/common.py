@@ -145,6 +145,19 @@ class Checkpointer:
     """`target` restored from the latest checkpoint, or `target` itself when there is none."""
     return target if self.latest_step() is None else self.restore(target)[0]
 
+  def restore_tree(self, key: str, step: int | None = None) -> tuple[Any, dict]:
+    """One parameter tree of the saved state ("params" or "ema_params") as nested dicts of numpy arrays,
+    and the metadata. Reads only that tree where the checkpoint lists its parameter names
+    (`checkpoints.read_tree`: every trainer's checkpoints do), else the whole state."""
+    if key not in ("params", "ema_params"):
+      raise ValueError(f"restore_tree reads 'params' or 'ema_params', not {key!r}")
+    step = self.latest_step() if step is None else step
+    meta = checkpoints.read_meta(self.manager, step)
+    state = checkpoints.read_tree(self.directory, step, key, meta)
+    if state is None:
+      state, meta = self.restore_untyped(step)
+    return jax.tree_util.tree_map(np.asarray, state[key]), meta
+
   def restore_untyped(self, step: int | None = None) -> tuple[Any, dict]:
     """The saved state as nested dicts/arrays, without a target structure (for inspection)."""
     step = self.latest_step() if step is None else step

@@ -24,9 +24,9 @@ def _config(data_dir, **overrides):
 
 def _params(workdir):
   ckpt = common.Checkpointer(pathlib.Path(workdir) / "checkpoints")
-  restored, _ = ckpt.restore_untyped()
+  params, _ = ckpt.restore_tree("params")
   ckpt.close()
-  return jax.tree_util.tree_leaves(restored["params"])
+  return jax.tree_util.tree_leaves(params)
 
 
 def test_dp_autoencoder_ledger_and_resume(tiny_nifti_dir, tmp_path):

@@ -21,6 +21,13 @@ def _config(data_dir, **overrides):
   return load_config("autoencoder:tiny", base)
 
 
+def _final_tree(workdir, key):
+  ckpt = common.Checkpointer(pathlib.Path(workdir) / "checkpoints")
+  tree, _ = ckpt.restore_tree(key)
+  ckpt.close()
+  return tree
+
+
 def _final_params(workdir):
   ckpt = common.Checkpointer(pathlib.Path(workdir) / "checkpoints")
   step = ckpt.latest_step()
@@ -73,7 +80,6 @@ def test_one_and_four_devices_agree(tiny_nifti_dir, tmp_path):
     config = _config(tiny_nifti_dir, **{"train.num_devices": devices, "train.steps": 2, "optim.optimizer": "sgd",
                                         "optim.learning_rate": 0.1})
     autoencoder.train_and_evaluate(config, tmp_path / str(devices))
-  _, one = _final_params(tmp_path / "1")
-  _, four = _final_params(tmp_path / "4")
-  for x, y in zip(jax.tree_util.tree_leaves(one["params"]), jax.tree_util.tree_leaves(four["params"])):
+  one, four = (_final_tree(tmp_path / str(devices), "params") for devices in (1, 4))
+  for x, y in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(four)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)

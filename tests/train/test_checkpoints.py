@@ -93,3 +93,45 @@ def test_restored_parameters_compile_nothing(tmp_path, programs_built):
     params, _ = checkpoints.restore_params(tmp_path / "checkpoints", tree(0.0))
   assert built == []
   assert all(float(np.asarray(x).min()) == 2.0 for x in params["params"].values())
+
+
+@pytest.mark.parametrize("key, value", [("params", 1.0), ("ema_params", 2.0)])
+def test_one_saved_tree_is_read_alone(saved, full_reads, key, value):
+  """`Checkpointer.restore_tree`: the tree the metadata names, as numpy, without the rest of the state."""
+  ckpt = common.Checkpointer(saved)
+  tree, meta = ckpt.restore_tree(key)
+  assert full_reads == [] and meta["note"] == "kept"
+  np.testing.assert_array_equal(tree["params"]["dense"]["kernel"], np.full((3, 2), value, np.float32))
+  assert isinstance(tree["params"]["norm"]["scale"], np.ndarray)
+  # The same values as in the whole state, read untyped.
+  whole, _ = ckpt.restore_untyped()
+  for got, want in zip(*(sorted(checkpoints.parameter_shapes(t)) for t in (tree, whole[key]))):
+    assert got == want
+  np.testing.assert_array_equal(tree["params"]["norm"]["scale"], np.asarray(whole[key]["params"]["norm"]["scale"]))
+  with pytest.raises(ValueError, match="opt_state"):
+    ckpt.restore_tree("opt_state")
+  ckpt.close()
+
+
+def test_one_tree_of_a_checkpoint_without_the_names_comes_from_the_whole_state(saved, full_reads, monkeypatch):
+  monkeypatch.setattr(checkpoints, "PARAMETER_SHAPES", "not_written")
+  ckpt = common.Checkpointer(saved)
+  tree, _ = ckpt.restore_tree("ema_params")
+  ckpt.close()
+  assert full_reads == [1] and float(tree["params"]["dense"]["kernel"][0, 0]) == 2.0
+
+
+def test_a_partial_read_that_fails_falls_back_to_the_whole_state(tmp_path, full_reads):
+  # The metadata names `params`, which has a leaf the saved EMA tree lacks: reading the EMA tree by
+  # those names fails, and the whole state is read instead (then compared name by name).
+  params = _params(1.0)
+  params["params"]["extra"] = {"w": np.zeros((2,), np.float32)}
+  state = TrainState(step=jnp.asarray(1, jnp.int32), params=params, ema_params=_params(2.0), opt_state=(), extra=None)
+  ckpt = common.Checkpointer(tmp_path / "checkpoints")
+  ckpt.save(1, state)
+  tree, _ = ckpt.restore_tree("ema_params")
+  ckpt.close()
+  assert full_reads == [1] and "extra" not in tree["params"] and float(tree["params"]["dense"]["kernel"][0, 0]) == 2.0
+  with pytest.raises(ConfigError, match=r"unexpected 1 .*extra|missing 1 .*extra"):
+    checkpoints.restore_params(tmp_path / "checkpoints", params)
+  assert full_reads == [1, 1]

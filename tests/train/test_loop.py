@@ -67,9 +67,9 @@ def _lines(workdir):
 
 def _saved_params(workdir, step=None):
   ckpt = common.Checkpointer(pathlib.Path(workdir) / "checkpoints")
-  restored, _ = ckpt.restore_untyped(step)
+  params, _ = ckpt.restore_tree("params", step)
   ckpt.close()
-  return np.asarray(restored["params"]["w"])
+  return params["w"]
 
 
 def test_cadence_of_logs_samples_and_checkpoints(tmp_path):

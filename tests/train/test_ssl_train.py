@@ -91,12 +91,11 @@ def test_cli_trains_checkpoints_and_versions_the_encoder(tiny_nifti_dir, tmp_pat
   # The version names exactly the weights in the last checkpoint.
   ckpt = common.Checkpointer(workdir / "checkpoints")
   assert ckpt.latest_step() == 3
-  restored, _ = ckpt.restore_untyped()
+  saved_ema, _ = ckpt.restore_tree("ema_params")
   ckpt.close()
   model = build_model(info["model"])
   target = layers.init_params(model, jax.random.PRNGKey(0), jnp.zeros((1, *SHAPE, 1)))
-  ema = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target),
-                                     jax.tree_util.tree_leaves(restored["ema_params"]))
+  ema = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), jax.tree_util.tree_leaves(saved_ema))
   assert info["version"] == f"ssl3d-{params_version(ema)}"
   assert info["version"] != f"ssl3d-{params_version(target)}"
 
