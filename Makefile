@@ -1,5 +1,8 @@
 # The two commands a newcomer runs. Both create .venv on first use.
 PYTHON ?= python3
+# Only for creating .venv: `make test PYTHON=...` must not reach the recipes' environment, where
+# scripts/gpu_check.sh (run by a test) reads $PYTHON as the interpreter to use.
+unexport PYTHON
 VENV := .venv
 BIN := $(VENV)/bin
 # Several CPU "devices" so the sharding tests run on a laptop.

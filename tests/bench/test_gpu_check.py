@@ -1,6 +1,7 @@
 """`jaxldm bench gpu-check` end to end on the CPU (the --tiny run): records, memory, flops, RESULTS rows."""
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -105,7 +106,11 @@ def test_plan_is_the_issue_grid():
 def test_script_reaches_the_cli():
   if not shutil.which("bash"):
     pytest.skip("no bash")
-  proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--help"], capture_output=True, text=True, timeout=120)
+  # The script's own choice of interpreter (the repository's .venv here), whatever PYTHON the caller's
+  # shell may hold.
+  env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+  proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--help"], capture_output=True, text=True, timeout=120,
+                        env=env)
   assert proc.returncode == 0, proc.stderr
   assert "--tiny" in proc.stdout and "--budget-s" in proc.stdout
 
