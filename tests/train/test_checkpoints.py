@@ -131,6 +131,6 @@ def test_a_partial_read_that_fails_falls_back_to_the_whole_state(tmp_path, full_
   tree, _ = ckpt.restore_tree("ema_params")
   ckpt.close()
   assert full_reads == [1] and "extra" not in tree["params"] and float(tree["params"]["dense"]["kernel"][0, 0]) == 2.0
-  with pytest.raises(ConfigError, match=r"unexpected 1 .*extra|missing 1 .*extra"):
+  with pytest.raises(ConfigError, match=r"missing 1 .*extra"):  # The saved EMA tree lacks what params has.
     checkpoints.restore_params(tmp_path / "checkpoints", params)
   assert full_reads == [1, 1]
