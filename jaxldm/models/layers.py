@@ -203,7 +203,12 @@ def init_params(module: nn.Module, rng: jax.Array, *inputs):
 
 @functools.lru_cache(maxsize=32)
 def _abstract_params(module: nn.Module, specs: tuple) -> dict:
-  return jax.eval_shape(module.init, jax.random.PRNGKey(0), *(jax.ShapeDtypeStruct(s, d) for s, d in specs))
+  # Through the jitted init: its trace is then shared with `init_params` on the same module and shapes.
+  return _jitted_init(module).eval_shape(*_init_args(specs))
+
+
+def _init_args(specs: tuple) -> tuple:
+  return (jax.random.PRNGKey(0), *(jax.ShapeDtypeStruct(s, d) for s, d in specs))
 
 
 def abstract_params(module: nn.Module, *inputs) -> dict:
@@ -214,7 +219,7 @@ def abstract_params(module: nn.Module, *inputs) -> dict:
   try:
     hash(module)
   except TypeError:  # A module with an unhashable field (e.g. a list): traced every time.
-    return _abstract_params.__wrapped__(module, specs)
+    return jax.eval_shape(module.init, *_init_args(specs))
   return _abstract_params(module, specs)
 
 
