@@ -264,14 +264,22 @@ def _paired_kernel_grads(x, dy, kernel_shape, strides, pads, dilation, dtype):
   exactly a's and b's own gradients. An odd last example runs alone."""
   c, o = kernel_shape[-2], kernel_shape[-1]
   wide = tuple(kernel_shape[:-2]) + (2 * c, 2 * o)
+  xs, dys = _examples(x), _examples(dy)
+  lead = (0,) * (len(wide) - 2)
   grads = []
   for i in range(0, x.shape[0] - 1, 2):
-    pair = _kernel_grad_conv(jnp.concatenate([x[i], x[i + 1]], axis=-1),
-                             jnp.concatenate([dy[i], dy[i + 1]], axis=-1), wide, strides, pads, dilation, dtype)
-    grads += [pair[..., :c, :o], pair[..., c:, o:]]
+    pair = _kernel_grad_conv(jnp.concatenate(xs[i:i + 2], axis=-1), jnp.concatenate(dys[i:i + 2], axis=-1), wide,
+                             strides, pads, dilation, dtype)
+    grads += [lax.slice(pair, lead + (0, 0), wide[:-2] + (c, o)), lax.slice(pair, lead + (c, o), wide)]
   if x.shape[0] % 2:
-    grads.append(_kernel_grad_conv(x[-1], dy[-1], kernel_shape, strides, pads, dilation, dtype))
+    grads.append(_kernel_grad_conv(xs[-1], dys[-1], kernel_shape, strides, pads, dilation, dtype))
   return jnp.stack(grads)
+
+
+def _examples(x):
+  """[x[0], x[1], ...] as lax slices: jnp's `x[i]` parses its index each time it is traced, and the
+  unrolled per-example gradients index every example of every convolution."""
+  return [lax.index_in_dim(x, i, keepdims=False) for i in range(x.shape[0])]
 
 
 @functools.lru_cache(maxsize=None)
@@ -314,7 +322,7 @@ def _kernel_grads(kernel_shape, strides, pads, dilation, dtype, unroll=True):
     if unroll and x.shape[0] <= MAX_UNROLL:
       if x.shape[0] > 1 and _pairs_pay(kernel_shape, dy.shape[1:]):
         return _paired_kernel_grads(x, dy, *args)
-      return jnp.stack([plain_summed(x[i], dy[i]) for i in range(x.shape[0])])
+      return jnp.stack([plain_summed(a, b) for a, b in zip(_examples(x), _examples(dy))])
     return jax.vmap(lambda a, b: _kernel_grad(a, b, *args))(x, dy)
 
   @fast_stacked.def_vmap

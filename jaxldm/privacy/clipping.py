@@ -122,17 +122,28 @@ def clip_gradient(grad: PyTree, *, l2_clip_norm: Any,
   return jax.tree_util.tree_unflatten(treedef, [g * s for g, s in zip(leaves, scales)]), norm, was_clipped
 
 
-def _clip_scales(grad: PyTree, *, l2_clip_norm, per_layer):
+def _promoted_leaves(grad: PyTree) -> list[jax.Array]:
+  """The gradient's leaves in float32 or wider (the clipped sum's precision)."""
+  return [g.astype(jnp.promote_types(g.dtype, jnp.float32)) for g in jax.tree_util.tree_leaves(grad)]
+
+
+def _clip_scales(grad: PyTree, *, l2_clip_norm, per_layer, stacked: bool = False):
   """One example's gradient leaves in float32 or wider, each leaf's clip scale (a scalar), the global
-  norm and whether it was clipped."""
-  leaves = [g.astype(jnp.promote_types(g.dtype, jnp.float32)) for g in jax.tree_util.tree_leaves(grad)]
-  sq_norms = [jnp.sum(g * g) for g in leaves]
+  norm and whether it was clipped.
+
+  stacked: `grad`'s leaves are already promoted and hold one example per row of a leading axis; the
+  scales, norms and flags are then (B,) vectors, each row's the same as its example's alone. The DP
+  engine computes them so, after its vmap: the same operations, traced once for the stack instead of
+  through vmap's batching rules for each of hundreds of leaves."""
+  leaves = jax.tree_util.tree_leaves(grad) if stacked else _promoted_leaves(grad)
+  first = 1 if stacked else 0
+  sq_norms = [jnp.sum(g * g, axis=tuple(range(first, g.ndim))) for g in leaves]
   norm = jnp.sqrt(sum(sq_norms))
   if per_layer:
     leaf_clip = l2_clip_norm / math.sqrt(len(leaves))
     leaf_norms = [jnp.sqrt(s) for s in sq_norms]
     scales = [leaf_clip / jnp.maximum(n, leaf_clip) for n in leaf_norms]
-    was_clipped = jnp.any(jnp.stack([n > leaf_clip for n in leaf_norms]))
+    was_clipped = jnp.any(jnp.stack([n > leaf_clip for n in leaf_norms]), axis=0)
   else:
     scale = l2_clip_norm / jnp.maximum(norm, l2_clip_norm)
     scales = [scale] * len(leaves)
@@ -184,23 +195,26 @@ def _microbatch_sum(value_and_grad, params, batch, mask, index, rng, *, l2_clip_
 
   def one(example, example_index):
     (loss, aux), grad = value_and_grad(params, example, jax.random.fold_in(rng, example_index))
-    leaves, scales, norm, was_clipped = _clip_scales(grad, l2_clip_norm=l2_clip_norm, per_layer=per_layer)
-    return leaves, scales, loss, norm, was_clipped, aux
+    return _promoted_leaves(grad), loss, aux
 
   treedef = jax.tree_util.tree_structure(params)
-  leaves, scales, loss, norm, was_clipped, aux = jax.vmap(one)(batch, index)
+  leaves, loss, aux = jax.vmap(one)(batch, index)
+  leaves, scales, norm, was_clipped = _clip_scales(leaves, l2_clip_norm=l2_clip_norm, per_layer=per_layer,
+                                                   stacked=True)
+  # Flat clipping has one scale for every leaf: masked (below) once, not once per leaf.
+  scales = scales if per_layer else scales[:1]
 
-  def masked(x):  # `where`, not `* mask`: NaN/inf from padding must not leak (0 * NaN = NaN).
-    m = mask.reshape(mask.shape + (1,) * (jnp.ndim(x) - 1))
-    return jnp.where(m, x, jnp.zeros((), x.dtype))
+  def masked(x):  # A select, not `* mask`: NaN/inf from padding must not leak (0 * NaN = NaN).
+    # lax, not jnp.where: this runs for every parameter leaf (hundreds), and jnp.where is a nested jit
+    # with its own broadcasting and type promotion each time it is traced.
+    return lax.select(lax.broadcast_in_dim(mask, jnp.shape(x), (0,)), x, lax.full_like(x, 0))
 
+  weights = [masked(s) for s in scales] * (1 if per_layer else len(leaves))
   # sum_i mask_i * scale_i * g_i as one (B,) x (B, ...) product per leaf: XLA:CPU ran the multiply-and-sum
   # as two operations per leaf (the scale broadcast to the stacked gradient's shape, then a reduction);
   # the product is one (benchmarks/NOTES.md, session 21). HIGHEST: no reduced-precision (TF32, bf16-pass)
   # products on accelerators; the sum is the float32 sum of the clipped gradients the sensitivity bounds.
-  grad_sum = jax.tree_util.tree_unflatten(treedef, [
-      jnp.tensordot(masked(s), masked(g), axes=(0, 0), precision=lax.Precision.HIGHEST)
-      for g, s in zip(leaves, scales)])
+  grad_sum = jax.tree_util.tree_unflatten(treedef, [_weighted_sum(w, masked(g)) for g, w in zip(leaves, weights)])
   per_example = {
       'loss': masked(loss),
       'grad_norm': masked(norm),
@@ -208,6 +222,13 @@ def _microbatch_sum(value_and_grad, params, batch, mask, index, rng, *, l2_clip_
       'aux': jax.tree_util.tree_map(masked, aux),
   }
   return grad_sum, per_example
+
+
+def _weighted_sum(w: jax.Array, g: jax.Array) -> jax.Array:
+  """sum_i w_i g_i over the leading axis, in the wider of the two dtypes."""
+  if w.dtype != g.dtype:  # E.g. a float64 norm's scale on a float32 leaf (x64 mode): jnp promotes.
+    return jnp.tensordot(w, g, axes=(0, 0), precision=lax.Precision.HIGHEST)
+  return lax.dot_general(w, g, (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST)
 
 
 def clipped_grad_sum(loss_fn: LossFn,
@@ -315,6 +336,7 @@ def _microbatched_sum(value_and_grad, params, batch, mask, index, rng, microbatc
   take = lambda xs, j: jax.tree_util.tree_map(lambda x: lax.dynamic_index_in_dim(x, j, 0, False),
                                               xs)
 
+  @jax.jit
   def run(j):
     # The loop body: per-example convolution kernel gradients as GEMMs (`conv.in_traced_loop`: the
     # unrolled ones run slower inside XLA:CPU's while loop). Speed only; the gradients are the same.
@@ -322,14 +344,18 @@ def _microbatched_sum(value_and_grad, params, batch, mask, index, rng, microbatc
     with conv.in_traced_loop():
       return _microbatch_sum(value_and_grad, params, *take((batch, mask, index), j), rng, **kwargs)
 
-  sum_shape, example_shape = jax.eval_shape(run, 0)
+  # Jitted so that the shapes below and the loop's body share ONE trace of the model (the body's call
+  # has the same argument type, a non-weak int32, and hits jit's cache): tracing is most of what a
+  # microbatched step costs before it runs.
+  index_type = jax.ShapeDtypeStruct((), jnp.int32)
+  sum_shape, example_shape = jax.eval_shape(run, index_type)
   zeros = lambda s, lead=(): jnp.zeros(lead + s.shape, s.dtype)
   init = (jax.tree_util.tree_map(zeros, sum_shape),
           jax.tree_util.tree_map(lambda s: zeros(s, (n,)), example_shape))
 
   def body(j, carry):
     grad_sum, per_example = carry
-    mb_sum, mb_example = run(j)
+    mb_sum, mb_example = run(lax.convert_element_type(j, jnp.int32))
     grad_sum = jax.tree_util.tree_map(jnp.add, grad_sum, mb_sum)
     per_example = jax.tree_util.tree_map(
         lambda buf, x: lax.dynamic_update_index_in_dim(buf, x, j, 0), per_example, mb_example)
@@ -344,7 +370,7 @@ def _microbatched_sum(value_and_grad, params, batch, mask, index, rng, microbatc
   grad_sum, per_example = lax.fori_loop(0, count, body, init)
   if num_microbatches is not None:
     skipped_real = jnp.sum(jnp.where(jnp.arange(n) >= count, jnp.sum(mask, axis=1), 0))
-    grad_sum = jax.tree_util.tree_map(
-        lambda g: jnp.where(skipped_real > 0, jnp.full_like(g, jnp.nan), g), grad_sum)
+    poisoned = skipped_real > 0
+    grad_sum = jax.tree_util.tree_map(lambda g: lax.select(poisoned, lax.full_like(g, jnp.nan), g), grad_sum)
   unsplit = lambda x: x.reshape((batch_size,) + x.shape[2:])
   return grad_sum, jax.tree_util.tree_map(unsplit, per_example)

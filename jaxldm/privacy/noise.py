@@ -11,7 +11,7 @@ Key derivation inside `private_grad` (the trainer passes rng = fold_in(run_key, 
   example_rng = fold_in(rng, EXAMPLE_STREAM)          # per-example randomness (diffusion t, noise)
   rng_i       = fold_in(example_rng, i)               # i = global index of the example in the batch
   noise_rng   = fold_in(rng, NOISE_STREAM)            # DP noise, independent of every rng_i
-  leaf key j  = fold_in(noise_rng, j)                 # j = leaf index in tree_flatten order
+  noise       = normal(noise_rng, (total size,))      # ONE draw; leaf j (tree_flatten order) its own slice
 The global example index i subsumes (microbatch, position in microbatch), so keys do not depend on
 the microbatch size. Keeping the noise stream separate matters: if an example reused the noise key,
 the loss randomness would be correlated with the DP noise.
@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 
 from jaxldm.privacy import clipping
@@ -75,10 +76,12 @@ def add_noise(grad_sum: PyTree, rng: jax.Array, *, std: Any) -> PyTree:
   leaves, treedef = jax.tree_util.tree_flatten(grad_sum)
   sizes = [g.size for g in leaves]
   flat = jax.random.normal(rng, (sum(sizes),), jnp.float32)
+  stds = {dtype: jnp.asarray(std, dtype) for dtype in {g.dtype for g in leaves}}
   noisy, offset = [], 0
   for g, size in zip(leaves, sizes):
-    z = flat[offset:offset + size].reshape(g.shape).astype(g.dtype)
-    noisy.append(g + jnp.asarray(std, g.dtype) * z)
+    # lax.slice, not flat[a:b]: jnp indexing parses its index each time, for every leaf (hundreds).
+    z = lax.reshape(lax.slice(flat, (offset,), (offset + size,)), g.shape).astype(g.dtype)
+    noisy.append(g + stds[g.dtype] * z)
     offset += size
   return jax.tree_util.tree_unflatten(treedef, noisy)
 
@@ -188,6 +191,8 @@ def release(grad_sum: PyTree,
   else:
     std = noise_multiplier * sens
     noisy_sum = add_noise(grad_sum, noise_rng, std=std)
-  grad = jax.tree_util.tree_map(lambda x: x / jnp.asarray(expected_batch_size, x.dtype), noisy_sum)
+  divisors = {dtype: jnp.asarray(expected_batch_size, dtype) for dtype in
+              {x.dtype for x in jax.tree_util.tree_leaves(noisy_sum)}}
+  grad = jax.tree_util.tree_map(lambda x: x / divisors[x.dtype], noisy_sum)
   out['noise_std'] = std / expected_batch_size
   return grad, out
