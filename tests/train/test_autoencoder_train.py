@@ -59,8 +59,11 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_nifti_dir, tm
   exploding = _config(tiny_nifti_dir, **{"optim.learning_rate": 1e30, "train.steps": 12})
   with pytest.raises(fitting.TrainingError, match=r"became (nan|inf) at step ([3-9]|1[0-2])"):
     autoencoder.train_and_evaluate(exploding, tmp_path)
-  step, _ = _final_params(tmp_path)
-  assert step == 2  # The last good checkpoint stays; nothing non-finite was saved.
+  ckpt = common.Checkpointer(tmp_path / "checkpoints")
+  assert ckpt.latest_step() == 2  # The last good checkpoint stays ...
+  ckpt.close()
+  params = jax.tree_util.tree_leaves(_final_tree(tmp_path, "params"))
+  assert params and all(np.isfinite(p).all() for p in params)  # ... and nothing non-finite was saved.
 
 
 def test_adversarial_critic_switches_on_at_its_start_step(tiny_nifti_dir, tmp_path):
