@@ -127,8 +127,22 @@ def test_hlo_flops_count_a_convolution():
   conv = jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (1, 1, 1), "VALID",
                                                        dimension_numbers=("NDHWC", "DHWIO", "NDHWC")))
   out_voxels = 2 * 6 * 6  # (4-2) x (8-2) x (8-2) per example.
-  assert grads.hlo_flops(conv.lower(x, w)) == 2 * 2 * out_voxels * 3 * 5 * 27
+  want = 2 * 2 * out_voxels * 3 * 5 * 27
+  assert grads.hlo_flops(conv.lower(x, w)) == want
   assert grads.hlo_flops(object()) is None  # No cost analysis: None, not an error.
+
+  class PluginLowered:
+    """A Lowered as JAX gives it on a PJRT C API plugin (CUDA): no cost analysis before compiling."""
+    def __init__(self, lowered):
+      self.lowered = lowered
+
+    def cost_analysis(self):
+      raise NotImplementedError("Lowered.cost_analysis not implemented on platform 'cuda'")
+
+    def compiler_ir(self, dialect):
+      return self.lowered.compiler_ir(dialect)
+
+  assert grads.hlo_flops(PluginLowered(conv.lower(x, w))) == want  # The CPU client's count of the same HLO.
 
 
 def test_budget_does_not_wait_for_slow_compiles(tmp_path, monkeypatch):
