@@ -7,13 +7,15 @@ Grid (paper size): the paper autoencoder and UNet (autoencoder:paper, ldm:paper)
 at physical batch 8 and 32, float32 and bfloat16 compute (`model.dtype`), convolution kernel
 gradient native (XLA's) and taps (`jaxldm.models.conv`), modes nonprivate / vmap / vmap_microbatch
 (`jaxldm.bench.grads`). Per (model, batch, dtype, conv) every mode's program is compiled (XLA
-compiles run in a thread pool, ahead of the timing: `--compile-workers`), then the modes alternate
+compiles run in a thread pool, the next configuration's while this one's finish: `--compile-workers`),
+then, once no compile is running (on a GPU XLA's autotuner runs kernels on the same device; records
+carry `compiles_during_timing`, nonzero only where the budget's end cut the wait), the modes alternate
 in each repeat. Every record carries XLA's memory plan (`memory`: temp/argument/output bytes),
 the device's peak memory (`peak_bytes`, the process high-water mark so far: JAX cannot reset it),
 XLA's flop counts and the achieved TFLOP/s (`tflops_per_s`: the compiled program's own count,
 which on a GPU leaves out the convolutions XLA hands to cuDNN; `useful_tflops_per_s`: the
 non-private program's count before compilation (`hlo_flops`, convolutions included, the same work
-for every mode); XLA counts a loop body once, so a microbatched program's own count is a lower
+for every mode; on a GPU the CPU client analyses that HLO); XLA counts a loop body once, so a microbatched program's own count is a lower
 bound), and each program's compile time (trace + compile; on an H200 the paper-size programs took
 50-210 s each, 2026-12-04, which is what bounds how much of the grid a budget covers).
 
@@ -188,7 +190,8 @@ def run(out_dir: str | pathlib.Path, *, size: str = "paper", models: Sequence[st
       if isinstance(low, Exception):
         records += [_failure(base(item), m, low, "oom" if is_oom(low) else "error") for m in modes]
       else:
-        records += _measure_item(grads, base(item), low, futures, modes, repeats, warmup, jax_deadline)
+        others = lambda: [f for f in list(unfinished) if f not in futures.values()]
+        records += _measure_item(grads, base(item), low, futures, modes, repeats, warmup, jax_deadline, others)
       del low, futures
       _save(jax_path, records)
     for item in queue:  # Not started within the budget.
@@ -223,18 +226,27 @@ def run(out_dir: str | pathlib.Path, *, size: str = "paper", models: Sequence[st
   return summary
 
 
-def _measure_item(grads, base: dict, low, futures: dict, modes, repeats, warmup, deadline) -> list[dict]:
+def _measure_item(grads, base: dict, low, futures: dict, modes, repeats, warmup, deadline,
+                  others=lambda: []) -> list[dict]:
+  """Waits for the item's compiles, then for the other configurations' (`others()`: the one compiled
+  ahead), then times it: a compile running beside the timed steps takes CPU threads, and on a GPU XLA's
+  autotuner runs its candidate kernels and allocates memory on the same device. Neither wait goes past
+  the deadline; the compiles still running when the timing starts are each record's `compiles_during_timing`."""
+  left = lambda: None if deadline == float("inf") else max(0.0, deadline - time.perf_counter())
   compiled, compile_s, failed = {}, {}, []
   for m in modes:
     try:  # Waits for the compile only until the deadline (paper-size compiles ran 50-210 s on an H200).
-      left = None if deadline == float("inf") else max(0.0, deadline - time.perf_counter())
-      compiled[m], compile_s[m] = futures[m].result(timeout=left)
+      compiled[m], compile_s[m] = futures[m].result(timeout=left())
     except concurrent.futures.TimeoutError:
       failed.append(dict(_failure(base, m, None, "skipped"), error="still compiling at the time budget's end"))
     except Exception as e:
       failed.append(_failure(base, m, e, "oom" if is_oom(e) else "error"))
   if not compiled:
     return failed
+  running = others()
+  if running:
+    concurrent.futures.wait(running, timeout=left())
+  base = dict(base, compiles_during_timing=sum(not f.done() for f in running))
   # Compiled in time: timing costs seconds (warm-up + repeats), so it is done even just past the deadline.
   try:
     recs = grads.measure(low, compiled, compile_s, repeats=repeats, warmup=warmup)

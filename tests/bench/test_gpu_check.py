@@ -173,6 +173,43 @@ def test_budget_does_not_wait_for_slow_compiles(tmp_path, monkeypatch):
   assert "1 compile(s) still running at the budget's end were abandoned" in (tmp_path / "R.md").read_text()
 
 
+def test_timing_waits_for_the_configuration_compiled_ahead(tmp_path, monkeypatch):
+  """No compile runs while a configuration is timed (one compiles ahead; on a GPU its autotuning would
+  share the device with the timed steps)."""
+  import threading
+  import time
+
+  from jaxldm.bench import grads
+
+  compiles, measures, starts, lock = [], [], [], threading.Lock()
+  real_compile, real_measure = grads.compile_timed, grads.measure
+
+  def slow_compile(lowered):
+    t0 = time.perf_counter()
+    with lock:
+      n = len(starts)
+      starts.append(t0)
+    time.sleep(0.3 if n == 0 else 2.0)  # The configuration compiled ahead is still compiling when the first is ready.
+    out = real_compile(lowered)
+    with lock:
+      compiles.append((t0, time.perf_counter()))
+    return out
+
+  def noted_measure(*args, **kwargs):
+    t0 = time.perf_counter()
+    out = real_measure(*args, **kwargs)
+    measures.append((t0, time.perf_counter()))
+    return out
+  monkeypatch.setattr(grads, "compile_timed", slow_compile)
+  monkeypatch.setattr(grads, "measure", noted_measure)
+  summary = gpu_check.run(tmp_path, size="tiny", models=("autoencoder",), batches=(2,), dtypes=("float32",),
+                          convs=("native", "taps"), modes=("nonprivate",), opacus=False, repeats=1, warmup=0,
+                          compile_workers=2, results=tmp_path / "R.md")
+  assert [r["status"] for r in summary["jaxldm"]] == ["ok", "ok"] and len(compiles) == 2 and len(measures) == 2
+  assert all(m1 <= a or b <= m0 for m0, m1 in measures for a, b in compiles)  # No timing overlaps a compile.
+  assert [r["compiles_during_timing"] for r in summary["jaxldm"]] == [0, 0]
+
+
 _SLOW_COMPILE_COMMAND = '''
 import sys, threading
 from jaxldm import cli
