@@ -707,8 +707,9 @@ def run(target: TorchTarget, *, batches: Sequence[int], modes: Sequence[str], re
         warmup: int = 2, seed: int = 0, progress=None) -> list[dict]:
   """Times every (mode, batch); one record per pair, keys as `jaxldm bench grads` writes them.
 
-  On a GPU every call is followed by `torch.cuda.synchronize` (inside the timed span) and the peak
-  is `torch.cuda.max_memory_allocated` of the whole batch size (all modes; reset per batch size).
+  On a GPU every call is followed by `torch.cuda.synchronize` (inside the timed span), the peak
+  is `torch.cuda.max_memory_allocated` of the whole batch size (all modes; reset per batch size), and
+  cuDNN benchmarks its convolution algorithms (the warm-up calls absorb that).
   """
   import opacus
 
@@ -718,6 +719,8 @@ def run(target: TorchTarget, *, batches: Sequence[int], modes: Sequence[str], re
   n_params, _ = count(target.module)
   dev = target.device
   gpu = dev.startswith("cuda")
+  if gpu:  # cuDNN picks each convolution's algorithm by timing them (in the warm-up), as XLA autotunes.
+    torch.backends.cudnn.benchmark = True
   device = device_name(dev)
   records = []
   for b in batches:
