@@ -15,9 +15,10 @@ the device's peak memory (`peak_bytes`, the process high-water mark so far: JAX 
 XLA's flop counts and the achieved TFLOP/s (`tflops_per_s`: the compiled program's own count,
 which on a GPU leaves out the convolutions XLA hands to cuDNN; `useful_tflops_per_s`: the
 non-private program's count before compilation (`hlo_flops`, convolutions included, the same work
-for every mode; on a GPU the CPU client analyses that HLO); XLA counts a loop body once, so a microbatched program's own count is a lower
-bound), and each program's compile time (trace + compile; on an H200 the paper-size programs took
-50-210 s each, 2026-12-04, which is what bounds how much of the grid a budget covers).
+for every mode; on a GPU the CPU client analyses that HLO); XLA counts a loop body once, so a
+microbatched program's own count is a lower bound), and each program's compile time (trace +
+compile; on an H200 the paper-size programs took 50-210 s each, 2026-12-04, which is what bounds how
+much of the grid a budget covers).
 
 A configuration that runs out of memory (or fails otherwise) is recorded with `status` "oom"
 (or "error") and the check goes on. A time budget (`--budget-s`, default 450 s with the twin's

@@ -76,7 +76,7 @@ def add_noise(grad_sum: PyTree, rng: jax.Array, *, std: Any) -> PyTree:
   leaves, treedef = jax.tree_util.tree_flatten(grad_sum)
   sizes = [g.size for g in leaves]
   flat = jax.random.normal(rng, (sum(sizes),), jnp.float32)
-  stds = {dtype: jnp.asarray(std, dtype) for dtype in {g.dtype for g in leaves}}
+  stds = {dtype: jnp.asarray(std, dtype) for dtype in dict.fromkeys(g.dtype for g in leaves)}  # Leaf order.
   noisy, offset = [], 0
   for g, size in zip(leaves, sizes):
     # lax.slice, not flat[a:b]: jnp indexing parses its index each time, for every leaf (hundreds).
@@ -191,8 +191,8 @@ def release(grad_sum: PyTree,
   else:
     std = noise_multiplier * sens
     noisy_sum = add_noise(grad_sum, noise_rng, std=std)
-  divisors = {dtype: jnp.asarray(expected_batch_size, dtype) for dtype in
-              {x.dtype for x in jax.tree_util.tree_leaves(noisy_sum)}}
+  divisors = {dtype: jnp.asarray(expected_batch_size, dtype)  # In leaf order: the same program every time.
+              for dtype in dict.fromkeys(x.dtype for x in jax.tree_util.tree_leaves(noisy_sum))}
   grad = jax.tree_util.tree_map(lambda x: x / divisors[x.dtype], noisy_sum)
   out['noise_std'] = std / expected_batch_size
   return grad, out
