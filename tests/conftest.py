@@ -120,25 +120,6 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(pytest.mark.xdist_group(name=item.nodeid.split("::")[0]))
 
 
-def pytest_collection_finish(session):
-  """Fewer full garbage collections in the test processes: what collection imported is frozen out of
-  them, and a full collection waits for 40 young ones instead of 10.
-
-  Why: tracing and compiling allocate millions of short-lived objects while JAX's caches keep the
-  jaxprs, modules and executables they build alive, so each full collection walked a heap of ~2 GB
-  (~0.2 s, 20-27 per worker in three large test files). Those three files (LDM trainer, DP
-  autoencoder, convolution routes; two workers): 86.4-87.6 s -> 71.3-76.8 s, peak RSS per worker
-  about the same (1.96-2.28 GB -> 2.13-2.27 GB); the whole suite, one back-to-back pair: 342.1 ->
-  336.5 s (inside run-to-run noise). Garbage is still collected; only less often.
-  """
-  import gc
-
-  gc.collect()
-  gc.freeze()
-  young, middle, _ = gc.get_threshold()
-  gc.set_threshold(young, middle, 40)
-
-
 def pytest_sessionfinish(session, exitstatus):
   """Drops JAX's garbage-collection callback before pytest's exit-time collections.
 
