@@ -59,7 +59,7 @@ def restore_params(directory: str | pathlib.Path, target_params, *, use_ema: boo
     if meta.get(PARAMETER_SHAPES) == parameter_shapes(target_params):
       state = read_tree(directory, step, key, meta)
     if state is None:  # No or other names and shapes: the full read, compared name by name below.
-      state = manager.restore(step, args=ocp.args.Composite(state=untyped_restore())).state
+      state = read_state(manager, step)
   finally:
     manager.close()
   params = state[key]
@@ -79,6 +79,11 @@ def restore_params(directory: str | pathlib.Path, target_params, *, use_ema: boo
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
   """The JSON metadata saved with checkpoint `step` (a trainer's `Checkpointer.save`), without its arrays."""
   return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta or {})
+
+
+def read_state(manager: ocp.CheckpointManager, step: int) -> Any:
+  """The whole saved state of checkpoint `step`, untyped (`untyped_restore`), without the metadata."""
+  return manager.restore(step, args=ocp.args.Composite(state=untyped_restore())).state
 
 
 def read_tree(directory: str | pathlib.Path, step: int, key: str, meta: dict) -> dict | None:

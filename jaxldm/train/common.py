@@ -154,8 +154,8 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     meta = checkpoints.read_meta(self.manager, step)
     state = checkpoints.read_tree(self.directory, step, key, meta)
-    if state is None:
-      state, meta = self.restore_untyped(step)
+    if state is None:  # The whole state; the metadata is already read.
+      state = checkpoints.read_state(self.manager, step)
     return jax.tree_util.tree_map(np.asarray, state[key]), meta
 
   def restore_untyped(self, step: int | None = None) -> tuple[Any, dict]:
