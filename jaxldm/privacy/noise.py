@@ -76,7 +76,7 @@ def add_noise(grad_sum: PyTree, rng: jax.Array, *, std: Any) -> PyTree:
   leaves, treedef = jax.tree_util.tree_flatten(grad_sum)
   sizes = [g.size for g in leaves]
   flat = jax.random.normal(rng, (sum(sizes),), jnp.float32)
-  stds = {dtype: jnp.asarray(std, dtype) for dtype in dict.fromkeys(g.dtype for g in leaves)}  # Leaf order.
+  stds = _by_dtype(std, leaves)
   noisy, offset = [], 0
   for g, size in zip(leaves, sizes):
     # lax.slice, not flat[a:b]: jnp indexing parses its index each time, for every leaf (hundreds).
@@ -84,6 +84,12 @@ def add_noise(grad_sum: PyTree, rng: jax.Array, *, std: Any) -> PyTree:
     noisy.append(g + stds[g.dtype] * z)
     offset += size
   return jax.tree_util.tree_unflatten(treedef, noisy)
+
+
+def _by_dtype(value: Any, leaves) -> dict:
+  """{dtype: value as that dtype} for the leaves' dtypes, converted once each (not once per leaf), in
+  leaf order (a set's order could change the traced program between processes)."""
+  return {dtype: jnp.asarray(value, dtype) for dtype in dict.fromkeys(x.dtype for x in leaves)}
 
 
 def _check_nonnegative_if_concrete(name: str, value: Any, strict: bool = False) -> None:
@@ -191,8 +197,7 @@ def release(grad_sum: PyTree,
   else:
     std = noise_multiplier * sens
     noisy_sum = add_noise(grad_sum, noise_rng, std=std)
-  divisors = {dtype: jnp.asarray(expected_batch_size, dtype)  # In leaf order: the same program every time.
-              for dtype in dict.fromkeys(x.dtype for x in jax.tree_util.tree_leaves(noisy_sum))}
+  divisors = _by_dtype(expected_batch_size, jax.tree_util.tree_leaves(noisy_sum))
   grad = jax.tree_util.tree_map(lambda x: x / divisors[x.dtype], noisy_sum)
   out['noise_std'] = std / expected_batch_size
   return grad, out
