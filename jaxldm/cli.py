@@ -1000,8 +1000,8 @@ def build_parser() -> argparse.ArgumentParser:
       "gpu-check", help="one-call GPU check: paper models, batch 8/32, fp32/bf16, native/taps, memory, TFLOP/s",
       description="The paper-size autoencoder and UNet at batch 8 and 32, float32 and bfloat16, conv kernel "
                   "gradient native and taps, modes nonprivate/vmap/vmap_microbatch: step times, XLA memory "
-                  "plan, device peak memory, achieved TFLOP/s; then the PyTorch/Opacus twin on the same "
-                  "device. Out-of-memory configurations are recorded, not fatal; a time budget bounds the "
+                  "plan, device peak memory, achieved TFLOP/s; first the PyTorch/Opacus twin on the same "
+                  "device (a fifth of the budget at most). Out-of-memory configurations are recorded, not fatal; a time budget bounds the "
                   "run (--budget-s, default 450 s: paper-size programs compile in 50-210 s each on an H200, so "
                   "the most wanted configurations run first and the rest are recorded as skipped). Writes <out>/<device>_<size>_*.json and appends rows to "
                   "the results file under '## GPU check'. --tiny: the same run on small models (CPU). "
@@ -1025,8 +1025,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="time budget in seconds, the twin included (default 450; --tiny none)")
   p.add_argument("--compile-workers", type=int, default=0, help="parallel XLA compiles (default cores/2, at most 8)")
   p.add_argument("--convs", type=int, default=0, metavar="N",
-                 help="first, each model's N largest convolution layers batched vs per-example, native and "
-                      "taps kernel gradients (jaxldm bench convs; default 0: off)")
+                 help="before the grid, each model's N largest convolution layers batched vs per-example, native and "
+                      "taps kernel gradients (jaxldm bench convs; a quarter of the budget at most; default 0: off)")
   p.add_argument("--no-opacus", action="store_true", help="skip the PyTorch/Opacus twin")
   p.set_defaults(func=cmd_bench_gpu_check)
 

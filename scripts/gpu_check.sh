@@ -46,7 +46,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-# JAX grows its GPU memory as needed instead of taking 75% up front: the Opacus twin runs after it.
+# JAX grows its GPU memory as needed instead of taking 75% up front: the Opacus twin runs in a second process.
 export XLA_PYTHON_CLIENT_PREALLOCATE="${XLA_PYTHON_CLIENT_PREALLOCATE:-false}"
 
 if ! "$py" -c "import jaxldm.bench.gpu_check" 2>/tmp/jaxldm_gpu_check_import.txt; then

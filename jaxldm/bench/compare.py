@@ -99,8 +99,15 @@ def run_jaxldm(model: str, spec: str, overrides: Sequence[str], *, batches: Sequ
 def _records_from(cmd, out: str, env, what: str, *, timeout: float | None = None, keep_going: bool = False) -> list[dict]:
   """Runs `cmd` (a benchmark that writes its records to `out`) and returns them; a failure raises
   RuntimeError naming `what`, the exit code and its last line of output (with keep_going, the records
-  written before a failure are returned instead: every configuration failed, they say how)."""
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+  written before a failure or before `timeout` stopped it are returned instead: a failure's say how it
+  failed, a timeout's lack the configurations not reached)."""
+  try:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    if not (keep_going and os.path.exists(out)):
+      raise
+    with open(out) as f:  # Stopped at the time limit: what it measured before (written after each batch).
+      return json.load(f)
   if proc.returncode != 0 and not (keep_going and os.path.exists(out)):
     tail = (proc.stderr or proc.stdout).strip().splitlines()
     raise RuntimeError(f"{what} failed (exit {proc.returncode}): " + (tail[-1] if tail else "no output"))

@@ -246,11 +246,12 @@ def check_variants(variants: Sequence[str]) -> None:
 
 
 def run(target, batch: int, *, variants: Sequence[str] = JAX_VARIANTS, repeats: int = 10, warmup: int = 2,
-        max_layers: int = 0, progress=None) -> list[dict]:
+        max_layers: int = 0, progress=None, deadline: float | None = None) -> list[dict]:
   """One record per distinct convolution of `target`'s model, largest first.
 
   `max_layers` > 0 times only that many, those with the most flops x count (the rest are listed in
-  no record; `totals` then covers the timed layers only).
+  no record; `totals` then covers the timed layers only). `deadline` (a `time.perf_counter()` value):
+  layers not started by then get a record with status "skipped" and no timings.
   """
   check_variants(variants)
   layers = sorted(model_layers(target).items(), key=lambda lc: -lc[0].flops() * lc[1])
@@ -268,6 +269,10 @@ def run(target, batch: int, *, variants: Sequence[str] = JAX_VARIANTS, repeats: 
     torch.set_num_threads(os.cpu_count() or 1)  # As `jaxldm bench compare` runs the twin: all cores.
   records = []
   for i, (layer, count) in enumerate(layers):
+    if deadline is not None and time.perf_counter() >= deadline:
+      records.append({"model": target.model, "batch": batch, "layer": layer.describe(), "count": count,
+                      "status": "skipped", "error": "not started within the time budget"})
+      continue
     if progress:
       progress(f"layer {i + 1}/{len(layers)}: {layer.describe()} (x{count})")
     t = time_layer(layer, batch, variants=variants, repeats=repeats, warmup=warmup)

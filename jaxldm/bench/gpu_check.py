@@ -20,18 +20,25 @@ microbatched program's own count is a lower bound), and each program's compile t
 compile; on an H200 the paper-size programs took 50-210 s each, 2026-12-04, which is what bounds how
 much of the grid a budget covers).
 
+First, when torch and opacus are installed (and see CUDA, on a GPU), the PyTorch/Opacus twin
+(float32; `jaxldm.bench.torch_twin`) times plain PyTorch and Opacus on the same device, in a
+subprocess, within a fifth of the budget (it writes its records after each batch; what it did not
+reach is named in the summary's `opacus_note`). It runs before JAX allocates on the device: JAX's
+allocator keeps the grid's peak memory until the process ends, which could leave the twin too little
+at batch 32.
+
 A configuration that runs out of memory (or fails otherwise) is recorded with `status` "oom"
-(or "error") and the check goes on. A time budget (`--budget-s`, default 450 s with the twin's
-share) bounds the run: configurations not compiled in time are recorded as "skipped". XLA cannot
+(or "error") and the check goes on. A time budget (`--budget-s`, default 450 s, the twin's time
+included) bounds the run: configurations not compiled in time are recorded as "skipped", and so is
+one whose compile, as long as the longest of its model's so far, would end past the budget (it is not
+lowered only to be abandoned; a later, smaller configuration may still fit). XLA cannot
 stop a compile once started: the summary counts those still running at the end
 (`abandoned_compiles`), and the `jaxldm` command then exits without waiting for them (Python joins
 a thread pool's threads at exit: a paper-size compile would hold a lent device minutes longer). The grid is
 ordered by priority (native kernel gradient before taps, bfloat16 before float32, batch 8 before
-32, then UNet and autoencoder) so both models' most wanted rows run first. Then the PyTorch/Opacus
-twin (float32; `jaxldm.bench.torch_twin`) times plain PyTorch and Opacus on the same device, in a
-subprocess, when torch and opacus are installed (and see CUDA, on a GPU).
+32, then UNet and autoencoder) so both models' most wanted rows run first.
 
-With `--convs N`, first (before the grid, inside the budget): each model's N largest distinct
+With `--convs N`, before the grid (within a quarter of the budget the twin left): each model's N largest distinct
 convolution layers timed batched vs per-example with XLA's and the CPU routes' kernel gradients
 (`jaxldm.bench.convs`, first dtype and batch), into `<out>/<device>_<size>_convs.json` (and the summary's `conv_layers`).
 
@@ -46,6 +53,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -69,7 +77,8 @@ SIZES = {
              "overrides": TINY_OVERRIDES, "batches": (2, 4), "repeats": 2, "warmup": 1, "budget_s": 0.0},
 }
 HEADING = "## GPU check"
-TWIN_SHARE = 0.2  # Of the budget, kept for the PyTorch/Opacus twin when it runs.
+TWIN_SHARE = 0.2  # Of the budget, the most the PyTorch/Opacus twin may take (it runs first).
+CONV_SHARE = 0.25  # Of what the twin left, the most `--convs N` may take (it runs before the grid).
 
 
 def is_oom(e: BaseException) -> bool:
@@ -101,6 +110,9 @@ def run(out_dir: str | pathlib.Path, *, size: str = "paper", models: Sequence[st
         results: str | pathlib.Path | None = None, compile_workers: int = 0, conv_layers: int = 0,
         progress=None) -> dict:
   """Runs the check; returns the summary (also written to `<out>/<device>_<size>_summary.json`)."""
+  # JAX takes 75% of a GPU's memory up front unless told otherwise (scripts/gpu_check.sh does): the twin's
+  # process needs it. Effective only when this process has not used the GPU yet.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   import jax
 
   from jaxldm.bench import grads
@@ -127,8 +139,22 @@ def run(out_dir: str | pathlib.Path, *, size: str = "paper", models: Sequence[st
                                                    else out_dir / "RESULTS.md")
   start = time.perf_counter()
   twin_ok = opacus and _twin_available()
-  jax_deadline = start + budget_s * (1 - (TWIN_SHARE if twin_ok else 0.0)) if budget_s > 0 else float("inf")
   workers = compile_workers or max(1, min(8, (os.cpu_count() or 2) // 2))
+
+  # The twin first, in its own process, before JAX allocates on the device: JAX's allocator keeps the
+  # grid's peak memory until this process ends, which could leave the twin too little at batch 32.
+  twin_records: list[dict] = []
+  twin_note = ""
+  if not opacus:
+    twin_note = "not asked for (--no-opacus)"
+  elif not twin_ok:
+    from jaxldm.bench.compare import INSTALL_HINT
+    twin_note = f"torch/opacus not installed ({INSTALL_HINT})"
+  else:
+    twin_records, twin_note = _run_twin(spec, models, batches, repeats, warmup, backend,
+                                        budget_s * TWIN_SHARE if budget_s > 0 else None, say)
+    _save(pathlib.Path(f"{prefix}_opacus.json"), twin_records)
+  jax_deadline = start + budget_s if budget_s > 0 else float("inf")
 
   items = plan(models, batches, dtypes, convs)
   targets: dict = {}
@@ -144,11 +170,14 @@ def run(out_dir: str | pathlib.Path, *, size: str = "paper", models: Sequence[st
   conv_records: list[dict] = []
   if conv_layers > 0:  # Per-layer breakdown first (`jaxldm bench convs`): where the private step's cost sits.
     from jaxldm.bench import convs as conv_bench  # (`convs` is this function's kernel-gradient list.)
+    now = time.perf_counter()
+    conv_deadline = now + (jax_deadline - now) * CONV_SHARE  # The grid keeps the rest.
     for model in models:
       say(f"{model}: the {conv_layers} largest convolution layers, batched vs per-example (native, slices, taps)")
       try:
         conv_records += conv_bench.run(target_for({"model": model, "dtype": dtypes[0]}), batches[0],
-                                       max_layers=conv_layers, repeats=repeats, warmup=warmup)
+                                       max_layers=conv_layers, repeats=repeats, warmup=warmup,
+                                       deadline=conv_deadline)
       except Exception as e:  # Recorded, not fatal: the grid still runs.
         conv_records.append({"model": model, "status": "oom" if is_oom(e) else "error",
                              "error": f"{type(e).__name__}: {str(e)[:300]}"})
@@ -160,6 +189,15 @@ def run(out_dir: str | pathlib.Path, *, size: str = "paper", models: Sequence[st
   pending: collections.deque = collections.deque()  # (item, Lowered or exception, {mode: future})
   queue = collections.deque(items)
   unfinished: set = set()  # Compile futures not done yet.
+  compile_seen: dict = {}  # model -> the longest compile of its programs so far (s).
+
+  def note_compile(model, future):
+    if not future.cancelled() and future.exception() is None:
+      compile_seen[model] = max(compile_seen.get(model, 0.0), future.result()[1])
+
+  def too_late(item) -> bool:
+    """Whether the item's compile, as long as its model's longest so far, would end past the deadline."""
+    return time.perf_counter() + compile_seen.get(item["model"], 0.0) >= jax_deadline
 
   def base(item):
     return {"model": item["model"], "batch": item["batch"], "dtype": item["dtype"],
@@ -176,6 +214,7 @@ def run(out_dir: str | pathlib.Path, *, size: str = "paper", models: Sequence[st
       for f in futures.values():  # Tracked until done (a done one holds a compiled program: not kept).
         unfinished.add(f)
         f.add_done_callback(unfinished.discard)
+        f.add_done_callback(functools.partial(note_compile, item["model"]))
       pending.append((item, low, futures))
     except Exception as e:  # Tracing failed (shapes, memory for the inputs): recorded, not fatal.
       pending.append((item, e, {}))
@@ -183,6 +222,12 @@ def run(out_dir: str | pathlib.Path, *, size: str = "paper", models: Sequence[st
   try:
     while queue or pending:
       while queue and len(pending) < 2 and time.perf_counter() < jax_deadline:  # One configuration ahead.
+        if too_late(queue[0]):  # Not lowered and compiled only to be abandoned: the next may fit.
+          item = queue.popleft()
+          records += [dict(_failure(base(item), m, None, "skipped"),
+                           error=f"not started: compiling it (~{compile_seen[item['model']]:.0f} s for this "
+                                 "model so far) would end past the time budget") for m in modes]
+          continue
         submit_next()
       if not pending:
         break
@@ -202,17 +247,6 @@ def run(out_dir: str | pathlib.Path, *, size: str = "paper", models: Sequence[st
     abandoned = sum(f.running() for f in list(unfinished))
   _save(jax_path, records)
   targets.clear()
-
-  twin_records: list[dict] = []
-  twin_note = ""
-  if not opacus:
-    twin_note = "not asked for (--no-opacus)"
-  elif not twin_ok:
-    from jaxldm.bench.compare import INSTALL_HINT
-    twin_note = f"torch/opacus not installed ({INSTALL_HINT})"
-  else:
-    twin_records, twin_note = _run_twin(spec, models, batches, repeats, warmup, backend, start, budget_s, say)
-    _save(pathlib.Path(f"{prefix}_opacus.json"), twin_records)
 
   summary = {"kind": "jaxldm_gpu_check", "size": size, "device_kind": device.device_kind, "backend": backend,
              "date": datetime.date.today().isoformat(), "jax": jax.__version__, "models": list(models),
@@ -269,13 +303,16 @@ def _twin_available() -> bool:
   return not torch_missing()
 
 
-def _run_twin(spec, models, batches, repeats, warmup, backend, start, budget_s, say) -> tuple[list, str]:
+def _run_twin(spec, models, batches, repeats, warmup, backend, budget_s, say) -> tuple[list, str]:
+  """The twin's records for each model, within `budget_s` seconds in all (None: no limit; each model
+may take an equal part of what is left), and a note on what it did not measure."""
   from jaxldm.bench.compare import run_twin
 
   device = "cuda" if backend == "gpu" else "cpu"
+  deadline = None if budget_s is None else time.perf_counter() + budget_s
   out, notes = [], []
-  for model in models:
-    left = start + budget_s - time.perf_counter() if budget_s > 0 else None
+  for i, model in enumerate(models):
+    left = None if deadline is None else (deadline - time.perf_counter()) / (len(models) - i)
     if left is not None and left < 10:
       notes.append(f"{model}: skipped (time budget)")
       continue
@@ -283,9 +320,13 @@ def _run_twin(spec, models, batches, repeats, warmup, backend, start, budget_s, 
     try:
       recs = run_twin(model, spec["configs"][model], spec["overrides"].get(model, ()), batches=batches,
                       repeats=repeats, warmup=warmup, device=device, timeout=left, keep_going=True)
-      out += [dict(r, size=spec["configs"][model].rsplit(":", 1)[-1], status=r.get("status", "ok")) for r in recs]
     except Exception as e:
       notes.append(f"{model}: {type(e).__name__}: {str(e)[:300]}")
+      continue
+    out += [dict(r, size=spec["configs"][model].rsplit(":", 1)[-1], status=r.get("status", "ok")) for r in recs]
+    missing = [b for b in batches if not any(r.get("batch") == b for r in recs)]
+    if missing:  # Stopped at its share of the budget (records are written after each batch).
+      notes.append(f"{model}: batch {', '.join(map(str, missing))} not reached in the time budget")
   return out, "; ".join(notes)
 
 

@@ -832,6 +832,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "device_kind": device_name(target.device)} for m in args.modes]
           if target.device.startswith("cuda"):
             torch.cuda.empty_cache()
+        if args.json:  # After each batch: a caller that stops this process at a time limit keeps what was measured.
+          report.save(args.json, records)
   records_ok = [r for r in records if "step_s" in r]
   if not records_ok:
     if args.json:

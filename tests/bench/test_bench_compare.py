@@ -114,3 +114,18 @@ def test_a_jaxldm_round_runs_in_a_fresh_process(tmp_path):
   with pytest.raises(RuntimeError, match="jaxldm bench grads failed .exit 2.: .*model.channels. expects a tuple of integers"):
     compare.run_jaxldm("autoencoder", "configs/autoencoder.py:tiny", ["--config.model.channels=oops"], batches=(2,),
                        modes=("nonprivate",), microbatch=0, repeats=1, warmup=0)
+
+
+def test_a_benchmark_stopped_at_its_time_limit_returns_what_it_wrote(tmp_path):
+  """With keep_going, a subprocess benchmark killed at `timeout` gives back the records it saved before
+  (`jaxldm bench gpu-check` bounds the PyTorch/Opacus twin this way); without, the timeout is raised."""
+  import subprocess
+  import sys
+
+  out = tmp_path / "records.json"
+  slow = [sys.executable, "-c", "import json, sys, time\n"
+          "json.dump([{'batch': 2, 'mode': 'nonprivate'}], open(sys.argv[1], 'w'))\ntime.sleep(60)", str(out)]
+  assert compare._records_from(slow, str(out), None, "slow", timeout=3, keep_going=True) == [
+      {"batch": 2, "mode": "nonprivate"}]
+  with pytest.raises(subprocess.TimeoutExpired):
+    compare._records_from(slow, str(out), None, "slow", timeout=3)

@@ -142,3 +142,25 @@ def test_pytorch_variant_refuses_a_jax_accelerator(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   with pytest.raises(ConfigError, match="PyTorch on the CPU, but JAX runs on gpu"):
     convs.run(target, 2, variants=("batched", "pytorch"), max_layers=1, repeats=1, warmup=0)
+
+
+def test_layers_not_started_by_the_deadline_are_recorded_skipped(monkeypatch):
+  """`deadline` (what `bench gpu-check --convs N` passes): the first layer is timed, the rest are not started."""
+  import time
+
+  target = grads.build_target("autoencoder", "autoencoder:tiny", AE_TINY)
+  timed = []
+  real = convs.time_layer
+
+  def time_layer(layer, batch, **kwargs):
+    timed.append(layer)
+    out = real(layer, batch, **kwargs)
+    time.sleep(max(0.0, deadline - time.perf_counter()))  # The budget ends while the first layer is timed.
+    return out
+  monkeypatch.setattr(convs, "time_layer", time_layer)
+  deadline = time.perf_counter() + 0.5
+  records = convs.run(target, 2, variants=("batched",), max_layers=3, repeats=1, warmup=0, deadline=deadline)
+  assert len(timed) == 1 and len(records) == 3
+  assert "step_s" in records[0] and records[0].get("status", "ok") == "ok"
+  assert [r["status"] for r in records[1:]] == ["skipped", "skipped"]
+  assert all("step_s" not in r and r["layer"] and r["count"] >= 1 for r in records[1:])

@@ -5,6 +5,7 @@ records are complete."""
 import copy
 import importlib
 import importlib.util
+import json
 import pathlib
 import subprocess
 import sys
@@ -300,3 +301,25 @@ def test_script_runs_the_twin():
   proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert "--device" in proc.stdout and "--keep-going" in proc.stdout
+
+
+def test_keep_going_writes_the_records_after_each_batch(bench, tmp_path, monkeypatch):
+  """With --keep-going the twin saves its records after every batch: a caller that stops it at a time
+  limit (`jaxldm bench gpu-check`) keeps the batches it finished. A batch that fails is recorded."""
+  out = tmp_path / "twin.json"
+  real_run, seen = bench.run, []
+
+  def run(target, batches, **kwargs):
+    if batches == (4,):  # By the second batch, the first one's records are on disk.
+      seen.extend((r["batch"], r["mode"]) for r in report.load(out))
+      raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return real_run(target, batches=batches, **kwargs)
+  monkeypatch.setattr(bench, "run", run)
+  code = bench.main(["--model", "autoencoder", "--config", "configs/autoencoder.py:tiny", "--batch", "2,4",
+                     "--modes", "nonprivate", "--repeats", "1", "--warmup", "0", "--keep-going", "--json", str(out),
+                     *TINY_AE])
+  assert code == 0
+  assert seen == [(2, "nonprivate")]
+  records = json.loads(out.read_text())  # (report.load would refuse the failed batch's record: no timings.)
+  assert [(r["batch"], r["mode"], r.get("status", "ok")) for r in records] == [(2, "nonprivate", "ok"),
+                                                                                (4, "nonprivate", "oom")]

@@ -239,3 +239,73 @@ def test_the_command_exits_without_joining_an_abandoned_compile(tmp_path):
   assert "1 compile(s) still running at the budget's end: exiting without waiting" in proc.stdout
   summary = json.loads((tmp_path / "gc" / "cpu_tiny_summary.json").read_text())
   assert summary["abandoned_compiles"] == 1 and summary["jaxldm"][0]["status"] == "skipped"
+
+
+def test_the_twin_runs_first_within_its_share_and_names_what_it_missed(tmp_path, monkeypatch):
+  """The PyTorch/Opacus twin runs before JAX builds anything (JAX's allocator would keep the grid's peak
+  memory from the twin's process), bounded by its share of the budget; batches it did not reach are named."""
+  import time
+
+  from jaxldm.bench import compare, grads
+
+  events = []
+  real_lower = grads.lower
+
+  def twin(model, spec, overrides, *, batches, timeout, keep_going, **kwargs):
+    events.append(("twin", model, timeout, keep_going))
+    time.sleep(0.2)
+    return [{"model": model, "batch": batches[0], "mode": "nonprivate", "step_s": 0.01}]  # Stopped after one.
+
+  def lower(*args, **kwargs):
+    events.append(("lower",))
+    return real_lower(*args, **kwargs)
+  monkeypatch.setattr(gpu_check, "_twin_available", lambda: True)
+  monkeypatch.setattr(compare, "run_twin", twin)
+  monkeypatch.setattr(grads, "lower", lower)
+  t0 = time.perf_counter()
+  summary = gpu_check.run(tmp_path, size="tiny", models=("autoencoder",), batches=(2, 4), dtypes=("float32",),
+                          convs=("native",), modes=("nonprivate",), budget_s=100.0, repeats=1, warmup=0,
+                          results=tmp_path / "R.md")
+  assert events[0][:2] == ("twin", "autoencoder") and events[0][3] is True
+  assert 100.0 * gpu_check.TWIN_SHARE - (time.perf_counter() - t0) <= events[0][2] <= 100.0 * gpu_check.TWIN_SHARE
+  assert [e[0] for e in events[1:]] == ["lower", "lower"]  # The grid (batch 2, batch 4) after the twin.
+  assert [r["status"] for r in summary["jaxldm"]] == ["ok", "ok"]
+  assert summary["opacus"][0]["status"] == "ok" and summary["opacus"][0]["size"] == "tiny"
+  assert "autoencoder: batch 4 not reached in the time budget" in summary["opacus_note"]
+  assert "batch 4 not reached" in (tmp_path / "R.md").read_text()
+
+  events.clear()  # Two models: the first may take half the twin's share, the second what is left of it.
+  gpu_check._run_twin(gpu_check.SIZES["tiny"], ("unet", "autoencoder"), (2,), 1, 0, "cpu", 40.0, lambda msg: None)
+  (_, first, t1, _), (_, second, t2, _) = events
+  assert (first, second) == ("unet", "autoencoder")
+  assert 19.0 < t1 <= 20.0 and 39.0 < t2 <= 39.8  # (The fake twin took 0.2 s.)
+
+
+def test_a_configuration_whose_compile_would_outlast_the_budget_is_not_started(tmp_path, monkeypatch):
+  """After a model's compiles took ~1000 s, none of its configurations is lowered with 60 s left: each is
+  recorded "skipped" with the reason, at once."""
+  import time
+
+  from jaxldm.bench import grads
+
+  lowered, real_lower = [], grads.lower
+
+  def lower(target, batch, modes):
+    lowered.append(batch)
+    return real_lower(target, batch, modes)
+
+  def long_compile(low):  # The compile itself is the tiny model's; the time it reports is a paper model's.
+    compiled, _ = real_compile(low)
+    return compiled, 1000.0
+  real_compile = grads.compile_timed
+  monkeypatch.setattr(grads, "lower", lower)
+  monkeypatch.setattr(grads, "compile_timed", long_compile)
+  t0 = time.perf_counter()
+  summary = gpu_check.run(tmp_path, size="tiny", models=("autoencoder",), batches=(2, 3, 4, 5), dtypes=("float32",),
+                          convs=("native",), modes=("nonprivate",), opacus=False, budget_s=60.0, repeats=1,
+                          warmup=0, results=tmp_path / "R.md")
+  assert time.perf_counter() - t0 < 55
+  assert lowered == [2, 3]  # The first two (one compiled ahead) before any compile time was known.
+  status = sorted((r["batch"], r["status"]) for r in summary["jaxldm"])  # (Records are in the order measured.)
+  assert status == [(2, "ok"), (3, "ok"), (4, "skipped"), (5, "skipped")]
+  assert all("~1000 s for this model so far" in r["error"] for r in summary["jaxldm"] if r["status"] == "skipped")
