@@ -31,7 +31,8 @@ A configuration that runs out of memory (or fails otherwise) is recorded with `s
 (or "error") and the check goes on. A time budget (`--budget-s`, default 450 s, the twin's time
 included) bounds the run: configurations not compiled in time are recorded as "skipped", and so is
 one whose compile, as long as the longest of its model's so far, would end past the budget (it is not
-lowered only to be abandoned; a later, smaller configuration may still fit). XLA cannot
+lowered only to be abandoned; a later, smaller configuration may still fit); one compiled in time but
+timed past the budget's end gets one warm-up call and one repeat per mode (`times_s`). XLA cannot
 stop a compile once started: the summary counts those still running at the end
 (`abandoned_compiles`), and the `jaxldm` command then exits without waiting for them (Python joins
 a thread pool's threads at exit: a paper-size compile would hold a lent device minutes longer). The grid is
@@ -282,16 +283,18 @@ def _measure_item(grads, base: dict, low, futures: dict, modes, repeats, warmup,
   if running:
     concurrent.futures.wait(running, timeout=left())
   base = dict(base, compiles_during_timing=sum(not f.done() for f in running))
-  # Compiled in time: timing costs seconds (warm-up + repeats), so it is done even just past the deadline.
+  # Compiled in time: timed even just past the deadline (on a GPU warm-up + repeats cost seconds), but
+  # past it with one warm-up call and one repeat per mode (on a CPU a paper-size step takes a minute).
+  until = None if deadline == float("inf") else deadline
   try:
-    recs = grads.measure(low, compiled, compile_s, repeats=repeats, warmup=warmup)
+    recs = grads.measure(low, compiled, compile_s, repeats=repeats, warmup=warmup, deadline=until)
   except Exception as e:
     if not is_oom(e) or len(compiled) == 1:
       return failed + [_failure(base, m, e, "oom" if is_oom(e) else "error") for m in compiled]
     recs = []  # Together they did not fit: each mode alone (the ratio is then across timings).
     for m in compiled:
       try:
-        recs += grads.measure(low, {m: compiled[m]}, compile_s, repeats=repeats, warmup=warmup)
+        recs += grads.measure(low, {m: compiled[m]}, compile_s, repeats=repeats, warmup=warmup, deadline=until)
       except Exception as e2:
         failed.append(_failure(base, m, e2, "oom" if is_oom(e2) else "error"))
     grads._add_ratios(recs)

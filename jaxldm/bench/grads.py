@@ -308,15 +308,24 @@ def compile_timed(lowered) -> tuple[Any, float]:
 
 
 def measure(low: Lowered, compiled: dict, compile_s: dict, *, repeats: int = 5, warmup: int = 2,
-            progress=None) -> list[dict]:
-  """Warm-up, then the modes alternate in every repeat; one record per mode."""
+            progress=None, deadline: float | None = None) -> list[dict]:
+  """Warm-up, then the modes alternate in every repeat; one record per mode.
+
+  `deadline` (a `time.perf_counter()` value, `jaxldm bench gpu-check`'s budget): past it, no further
+  warm-up call or repeat starts; the first of each is always run (`times_s` says how many were timed).
+  """
   target, b, params, batch, rng = low.target, low.batch_size, low.target.params, low.batch, low.rng
   modes = list(compiled)
+  past = lambda: deadline is not None and time.perf_counter() >= deadline
   for mode in modes:
-    for _ in range(warmup):
+    for i in range(warmup):
+      if i and past():
+        break
       _block(compiled[mode](params, batch, rng))
   times = {mode: [] for mode in modes}
   for r in range(repeats):
+    if r and past():
+      break
     for mode in modes:  # Alternate modes: load drift hits all of them.
       key = jax.random.fold_in(rng, r)
       t0 = time.perf_counter()

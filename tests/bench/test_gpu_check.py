@@ -309,3 +309,29 @@ def test_a_configuration_whose_compile_would_outlast_the_budget_is_not_started(t
   status = sorted((r["batch"], r["status"]) for r in summary["jaxldm"])  # (Records are in the order measured.)
   assert status == [(2, "ok"), (3, "ok"), (4, "skipped"), (5, "skipped")]
   assert all("~1000 s for this model so far" in r["error"] for r in summary["jaxldm"] if r["status"] == "skipped")
+
+
+def test_past_the_deadline_each_mode_is_timed_once():
+  """A configuration compiled in time but timed after the budget's end: one warm-up call and one repeat per
+  mode (a paper-size step on a CPU takes a minute); before the deadline, every repeat."""
+  import time
+
+  from jaxldm.bench import grads
+
+  target = grads.build_target("autoencoder", "autoencoder:tiny", gpu_check.TINY_OVERRIDES["autoencoder"])
+  low = grads.lower(target, 2, ("nonprivate", "vmap"))
+  compiled, compile_s = {}, {}
+  for m in low.lowered:
+    compiled[m], compile_s[m] = grads.compile_timed(low.lowered[m])
+  calls = {m: 0 for m in compiled}
+
+  def counted(m):
+    def call(*args):
+      calls[m] += 1
+      return compiled[m](*args)
+    return call
+  late = grads.measure(low, {m: counted(m) for m in compiled}, compile_s, repeats=4, warmup=3,
+                       deadline=time.perf_counter())
+  assert [len(r["times_s"]) for r in late] == [1, 1] and calls == {"nonprivate": 2, "vmap": 2}
+  in_time = grads.measure(low, compiled, compile_s, repeats=4, warmup=1, deadline=time.perf_counter() + 600)
+  assert [len(r["times_s"]) for r in in_time] == [4, 4]
