@@ -225,9 +225,10 @@ def run(out_dir: str | pathlib.Path, *, size: str = "paper", models: Sequence[st
       while queue and len(pending) < 2 and time.perf_counter() < jax_deadline:  # One configuration ahead.
         if too_late(queue[0]):  # Not lowered and compiled only to be abandoned: the next may fit.
           item = queue.popleft()
-          records += [dict(_failure(base(item), m, None, "skipped"),
-                           error=f"not started: compiling it (~{compile_seen[item['model']]:.0f} s for this "
-                                 "model so far) would end past the time budget") for m in modes]
+          why = (f"not started: compiling it (~{compile_seen[item['model']]:.0f} s for this model so far) "
+                 "would end past the time budget")
+          say(f"{item['model']} B={item['batch']} {item['dtype']} conv {item['conv']}: {why}")
+          records += [dict(_failure(base(item), m, None, "skipped"), error=why) for m in modes]
           continue
         submit_next()
       if not pending:

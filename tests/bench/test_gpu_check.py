@@ -300,15 +300,16 @@ def test_a_configuration_whose_compile_would_outlast_the_budget_is_not_started(t
   real_compile = grads.compile_timed
   monkeypatch.setattr(grads, "lower", lower)
   monkeypatch.setattr(grads, "compile_timed", long_compile)
-  t0 = time.perf_counter()
+  t0, said = time.perf_counter(), []
   summary = gpu_check.run(tmp_path, size="tiny", models=("autoencoder",), batches=(2, 3, 4, 5), dtypes=("float32",),
                           convs=("native",), modes=("nonprivate",), opacus=False, budget_s=60.0, repeats=1,
-                          warmup=0, results=tmp_path / "R.md")
+                          warmup=0, results=tmp_path / "R.md", progress=said.append)
   assert time.perf_counter() - t0 < 55
   assert lowered == [2, 3]  # The first two (one compiled ahead) before any compile time was known.
   status = sorted((r["batch"], r["status"]) for r in summary["jaxldm"])  # (Records are in the order measured.)
   assert status == [(2, "ok"), (3, "ok"), (4, "skipped"), (5, "skipped")]
   assert all("~1000 s for this model so far" in r["error"] for r in summary["jaxldm"] if r["status"] == "skipped")
+  assert sum("B=4 float32 conv native: not started" in m for m in said) == 1  # Said as it happens.
 
 
 def test_past_the_deadline_each_mode_is_timed_once():
