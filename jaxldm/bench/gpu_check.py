@@ -286,16 +286,15 @@ def _measure_item(grads, base: dict, low, futures: dict, modes, repeats, warmup,
   base = dict(base, compiles_during_timing=sum(not f.done() for f in running))
   # Compiled in time: timed even just past the deadline (on a GPU warm-up + repeats cost seconds), but
   # past it with one warm-up call and one repeat per mode (on a CPU a paper-size step takes a minute).
-  until = None if deadline == float("inf") else deadline
   try:
-    recs = grads.measure(low, compiled, compile_s, repeats=repeats, warmup=warmup, deadline=until)
+    recs = grads.measure(low, compiled, compile_s, repeats=repeats, warmup=warmup, deadline=deadline)
   except Exception as e:
     if not is_oom(e) or len(compiled) == 1:
       return failed + [_failure(base, m, e, "oom" if is_oom(e) else "error") for m in compiled]
     recs = []  # Together they did not fit: each mode alone (the ratio is then across timings).
     for m in compiled:
       try:
-        recs += grads.measure(low, {m: compiled[m]}, compile_s, repeats=repeats, warmup=warmup, deadline=until)
+        recs += grads.measure(low, {m: compiled[m]}, compile_s, repeats=repeats, warmup=warmup, deadline=deadline)
       except Exception as e2:
         failed.append(_failure(base, m, e2, "oom" if is_oom(e2) else "error"))
     grads._add_ratios(recs)
