@@ -103,14 +103,13 @@ def _records_from(cmd, out: str, env, what: str, *, timeout: float | None = None
   failed, a timeout's lack the configurations not reached)."""
   try:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-  except subprocess.TimeoutExpired:
+  except subprocess.TimeoutExpired:  # Stopped at the time limit: what it measured before (written after each batch).
     if not (keep_going and os.path.exists(out)):
       raise
-    with open(out) as f:  # Stopped at the time limit: what it measured before (written after each batch).
-      return json.load(f)
-  if proc.returncode != 0 and not (keep_going and os.path.exists(out)):
-    tail = (proc.stderr or proc.stdout).strip().splitlines()
-    raise RuntimeError(f"{what} failed (exit {proc.returncode}): " + (tail[-1] if tail else "no output"))
+  else:
+    if proc.returncode != 0 and not (keep_going and os.path.exists(out)):
+      tail = (proc.stderr or proc.stdout).strip().splitlines()
+      raise RuntimeError(f"{what} failed (exit {proc.returncode}): " + (tail[-1] if tail else "no output"))
   with open(out) as f:
     return json.load(f)
 
