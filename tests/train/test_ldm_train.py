@@ -169,17 +169,14 @@ def test_dp_programs_hold_no_private_data(tiny_nifti_dir, ae_dir, pretrained_dir
   from jax._src import compilation_cache
 
   keys = set()
-  get, put = compilation_cache.get_executable_and_time, compilation_cache.put_executable_and_time
 
-  def noted_get(cache_key, *args, **kwargs):
-    keys.add(cache_key)
-    return get(cache_key, *args, **kwargs)
-
-  def noted_put(cache_key, *args, **kwargs):
-    keys.add(cache_key)
-    return put(cache_key, *args, **kwargs)
-  monkeypatch.setattr(compilation_cache, "get_executable_and_time", noted_get)
-  monkeypatch.setattr(compilation_cache, "put_executable_and_time", noted_put)
+  def noting(cache_fn):  # The cache's own read or write, with the key noted.
+    def noted(cache_key, *args, **kwargs):
+      keys.add(cache_key)
+      return cache_fn(cache_key, *args, **kwargs)
+    return noted
+  for name in ("get_executable_and_time", "put_executable_and_time"):
+    monkeypatch.setattr(compilation_cache, name, noting(getattr(compilation_cache, name)))
   config = _dp(tiny_nifti_dir, ae_dir, pretrained_dir, **{"train.steps": 1, "dp.noise_multiplier": 1.0})
   latents = ldm.prepare(config, tmp_path / "probe").examples["latent"]  # The private examples as trained on.
   jax.clear_caches()
