@@ -25,8 +25,27 @@ import pytest  # noqa: E402  (after the environment above, before any test impor
 _ALL_DEVICES_MEANS = {"devices": 1}  # What num_devices = 0 resolves to in the running test.
 
 
+def _freeze_survivors(phase, info):
+  """After each full garbage collection, what survived it is moved out of the collector's view (gc.freeze).
+
+  Why: a test worker's heap grows to ~6 GB of Python objects (JAX's trace and executable caches, the
+  trainers' jitted steps), and each of its ~30 full collections walked all of it: 0.55 s each, 37 of the
+  45 s the two workers spent collecting garbage (gc callbacks, whole suite). Frozen, a full collection
+  walks only what was allocated since the last one: 3.8 s in all, 11.6 s of collecting in total. Cost:
+  a reference cycle among frozen objects that dies later is never freed (peak RSS per worker 6.4 / 5.9 GB
+  before, 7.1 / 6.0 GB with it).
+  """
+  if phase == "stop" and info["generation"] == 2:
+    import gc
+
+    gc.freeze()
+
+
 def pytest_configure(config):
   config.addinivalue_line("markers", "all_devices: num_devices = 0 means all 4 test devices (default: 1)")
+  import gc
+
+  gc.callbacks.append(_freeze_survivors)
 
 
 @pytest.fixture(scope="session", autouse=True)
