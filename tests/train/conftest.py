@@ -1,4 +1,8 @@
-"""A tiny NIfTI dataset (smooth random volumes) shared by the trainer tests."""
+"""A tiny NIfTI dataset (smooth random volumes) shared by the trainer tests, and the scan of a DP run's
+compiled programs for its private data."""
+
+import contextlib
+import pathlib
 
 import nibabel as nib
 import numpy as np
@@ -24,3 +28,59 @@ def tiny_nifti_dir(tmp_path_factory):
 def public_nifti_dir(tmp_path_factory):
   """Other volumes of the same shape: the 'public' data of the first stages of a DP pipeline."""
   return write_tiny_nifti(tmp_path_factory.mktemp("tiny_public"), seed=100)
+
+
+class ProgramScan:
+  """What a persistent XLA cache would store of a run: `with scan.recording() as keys:` notes the cache key
+  of every program built inside (JAX's in-memory caches are cleared first, so each goes through the
+  persistent cache: compiled and written, or read); `scan.holding(arrays, keys)` lists the entries whose
+  compiled program holds bytes of `arrays`: 16-byte windows (4 float32s, 8 per example) searched in each
+  decompressed executable. Uses the tests' own cache (tests/conftest.py) and JAX's private cache module."""
+
+  def __init__(self, monkeypatch):
+    from jax._src import compilation_cache
+
+    self._cache = compilation_cache
+    self._keys = set()
+
+    def noting(cache_fn):  # The cache's own read or write, with the key noted.
+      def noted(cache_key, *args, **kwargs):
+        self._keys.add(cache_key)
+        return cache_fn(cache_key, *args, **kwargs)
+      return noted
+    for name in ("get_executable_and_time", "put_executable_and_time"):
+      monkeypatch.setattr(compilation_cache, name, noting(getattr(compilation_cache, name)))
+
+  @contextlib.contextmanager
+  def recording(self):
+    import jax
+
+    jax.clear_caches()
+    before, keys = set(self._keys), set()
+    try:
+      yield keys
+    finally:
+      keys.update(self._keys - before)
+
+  def holding(self, arrays, keys) -> list[str]:
+    import jax
+
+    rng, windows = np.random.default_rng(0), []
+    for example in np.asarray(arrays, np.float32).reshape(len(arrays), -1):
+      for o in rng.integers(0, example.size - 4, 8):
+        if np.ptp(example[o:o + 4]) > 0:
+          windows.append(example[o:o + 4].tobytes())
+    cache_dir = pathlib.Path(jax.config.jax_compilation_cache_dir)
+    found = []
+    for key in sorted(keys):
+      data = self._cache.decompress_executable((cache_dir / f"{key}-cache").read_bytes())
+      if any(w in data for w in windows):
+        found.append(key)
+    return found
+
+
+@pytest.fixture
+def program_scan(monkeypatch):
+  """A ProgramScan. `jax.clear_caches()` makes every later test of the worker trace its programs again:
+  tests using this go last in their file."""
+  return ProgramScan(monkeypatch)

@@ -223,3 +223,26 @@ def test_resume_on_other_data_is_refused_and_leaves_the_config(tiny_nifti_dir, t
   assert (workdir / "config.json").read_text() == recorded  # Refused resumes rewrite nothing.
   info = autoencoder.train_and_evaluate(_config(tiny_nifti_dir, **{"train.steps": 2}), workdir)
   assert info["steps"] == 2 and json.loads((workdir / "privacy_ledger.json").read_text())["steps"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# What a persistent XLA cache would hold (last in this file: the scan clears JAX's caches)
+# ---------------------------------------------------------------------------------------------
+def test_dp_programs_hold_no_private_volumes(tiny_nifti_dir, tmp_path, program_scan):
+  """The DP autoencoder's programs, like the DP LDM's (test_ldm_train.py), take the private volumes as
+  arguments: no cached program holds their bytes; one that closes over two volumes is caught."""
+  from jaxldm.data.defaults import build_dataset
+
+  config = _config(tiny_nifti_dir, **{"train.steps": 1})
+  volumes, _, _ = build_dataset(config.data).arrays()  # The private examples as trained on.
+  with program_scan.recording() as run_keys:
+    autoencoder.train_and_evaluate(config, tmp_path / "run")
+  names = {k.split("-")[0] for k in run_keys}
+  assert "jit_release_fn" in names and len(run_keys) >= 5, sorted(names)
+  assert program_scan.holding(volumes, run_keys) == []
+
+  import jax.numpy as jnp
+
+  with program_scan.recording() as broken:
+    jax.jit(lambda x: x * jnp.asarray(volumes[:2]))(jnp.ones(volumes[:2].shape)).block_until_ready()
+  assert len(program_scan.holding(volumes, broken)) == 1

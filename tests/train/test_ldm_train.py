@@ -1,7 +1,6 @@
 """The LDM trainer at tiny size: non-private, DP with ledger, budget stop, resume."""
 
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -216,51 +215,22 @@ def test_missing_autoencoder_is_refused_before_anything_is_written(tiny_nifti_di
   assert not (tmp_path / "run").exists()
 
 
-# Last in this file: `jax.clear_caches()` below makes every later test of the worker trace its programs
+# Last in this file: the scan clears JAX's caches, and every later test of the worker traces its programs
 # again (the three tests above it paid ~8 s for that).
-def _programs_holding(arrays, keys) -> list[str]:
-  """The persistent-cache entries among `keys` whose compiled program holds bytes of `arrays`: 16-byte
-  windows (4 float32s, 8 per example) searched in each decompressed executable."""
-  from jax._src import compilation_cache
-
-  rng, windows = np.random.default_rng(0), []
-  for example in np.asarray(arrays, np.float32).reshape(len(arrays), -1):
-    for o in rng.integers(0, example.size - 4, 8):
-      if np.ptp(example[o:o + 4]) > 0:
-        windows.append(example[o:o + 4].tobytes())
-  cache_dir = pathlib.Path(jax.config.jax_compilation_cache_dir)
-  found = []
-  for key in sorted(keys):
-    data = compilation_cache.decompress_executable((cache_dir / f"{key}-cache").read_bytes())
-    if any(w in data for w in windows):
-      found.append(key)
-  return found
-
-
-def test_dp_programs_hold_no_private_data(tiny_nifti_dir, ae_dir, pretrained_dir, tmp_path, monkeypatch):
+def test_dp_programs_hold_no_private_data(tiny_nifti_dir, ae_dir, pretrained_dir, tmp_path, program_scan):
   """No program a DP run compiles holds its private examples (they are arguments, never closed-over
   constants), so a persistent XLA cache (`jaxldm ablate`'s WORKDIR/.xla_cache, JAX_COMPILATION_CACHE_DIR)
   stores none. Every program of the run goes through the cache here (jit caches cleared); a program that
-  closes over two private latents is caught by the same scan."""
-  from jax._src import compilation_cache
-
-  keys = set()
-
-  def noting(cache_fn):  # The cache's own read or write, with the key noted.
-    def noted(cache_key, *args, **kwargs):
-      keys.add(cache_key)
-      return cache_fn(cache_key, *args, **kwargs)
-    return noted
-  for name in ("get_executable_and_time", "put_executable_and_time"):
-    monkeypatch.setattr(compilation_cache, name, noting(getattr(compilation_cache, name)))
+  closes over two private latents is caught by the same scan. (The DP autoencoder's:
+  test_autoencoder_dp.py.)"""
   config = _dp(tiny_nifti_dir, ae_dir, pretrained_dir, **{"train.steps": 1, "dp.noise_multiplier": 1.0})
   latents = ldm.prepare(config, tmp_path / "probe").examples["latent"]  # The private examples as trained on.
-  jax.clear_caches()
-  ldm.train_and_evaluate(config, tmp_path / "run")
-  run_keys = set(keys)
+  with program_scan.recording() as run_keys:
+    ldm.train_and_evaluate(config, tmp_path / "run")
   names = {k.split("-")[0] for k in run_keys}  # The private step: clipped sums per chunk, then the release.
   assert "jit_release_fn" in names and "jit__lambda" in names and len(run_keys) >= 10, sorted(names)
-  assert _programs_holding(latents, run_keys) == []
+  assert program_scan.holding(latents, run_keys) == []
 
-  jax.jit(lambda x: x * jnp.asarray(latents[:2]))(jnp.ones(latents[:2].shape)).block_until_ready()  # Broken.
-  assert len(_programs_holding(latents, keys - run_keys)) == 1
+  with program_scan.recording() as broken:
+    jax.jit(lambda x: x * jnp.asarray(latents[:2]))(jnp.ones(latents[:2].shape)).block_until_ready()
+  assert len(program_scan.holding(latents, broken)) == 1
