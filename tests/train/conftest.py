@@ -41,11 +41,12 @@ class ProgramScan:
     from jax._src import compilation_cache
 
     self._cache = compilation_cache
-    self._keys = set()
+    self._recording = []  # The key sets of the open `recording()` blocks.
 
     def noting(cache_fn):  # The cache's own read or write, with the key noted.
       def noted(cache_key, *args, **kwargs):
-        self._keys.add(cache_key)
+        for keys in self._recording:
+          keys.add(cache_key)
         return cache_fn(cache_key, *args, **kwargs)
       return noted
     for name in ("get_executable_and_time", "put_executable_and_time"):
@@ -53,14 +54,16 @@ class ProgramScan:
 
   @contextlib.contextmanager
   def recording(self):
+    """Every program built in the block, also those built before it (the caches are cleared first)."""
     import jax
 
     jax.clear_caches()
-    before, keys = set(self._keys), set()
+    keys = set()
+    self._recording.append(keys)
     try:
       yield keys
     finally:
-      keys.update(self._keys - before)
+      self._recording.remove(keys)
 
   def holding(self, arrays, keys) -> list[str]:
     import jax
