@@ -54,7 +54,8 @@ class ProgramScan:
 
   @contextlib.contextmanager
   def recording(self):
-    """Every program built in the block, also those built before it (the caches are cleared first)."""
+    """The keys of every program the block runs, those built earlier in the process included (JAX's
+    in-memory caches are cleared first, so none is served from memory)."""
     import jax
 
     jax.clear_caches()

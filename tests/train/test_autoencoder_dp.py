@@ -4,6 +4,7 @@ import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -240,8 +241,6 @@ def test_dp_programs_hold_no_private_volumes(tiny_nifti_dir, tmp_path, program_s
   names = {k.split("-")[0] for k in run_keys}
   assert "jit_release_fn" in names and len(run_keys) >= 5, sorted(names)
   assert program_scan.holding(volumes, run_keys) == []
-
-  import jax.numpy as jnp
 
   with program_scan.recording() as broken:
     jax.jit(lambda x: x * jnp.asarray(volumes[:2]))(jnp.ones(volumes[:2].shape)).block_until_ready()
