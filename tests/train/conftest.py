@@ -82,6 +82,16 @@ class ProgramScan:
         found.append(key)
     return found
 
+  def closure_control(self, arrays) -> list[str]:
+    """The deliberately broken variant: the entries holding `arrays` among those of a program that closes
+    over two of them (its compiled constants); a scan with power finds exactly that one."""
+    import jax
+    import jax.numpy as jnp
+
+    with self.recording() as keys:
+      jax.jit(lambda x: x * jnp.asarray(arrays[:2]))(jnp.ones(arrays[:2].shape)).block_until_ready()
+    return self.holding(arrays, keys)
+
 
 @pytest.fixture
 def program_scan(monkeypatch):
